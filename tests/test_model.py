@@ -1,0 +1,313 @@
+"""FoveatedVLM and FoveatedEncoder behaviour on tiny random-weight models (no downloads)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Dinov2Config, Dinov2Model
+
+from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, tiny_model_kwargs
+from encoder import FoveatedEncoder
+from model import MODES, FoveatedVLM
+from pretrained import WEIGHTS_NAME
+
+ATOL = 1e-5
+
+
+def frames(B, T, size=56, seed=0):
+    return torch.randn(B, T, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def ids(B, S, seed=0):
+    return torch.randint(3, 2000, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- encoder
+@pytest.mark.parametrize("size", [(56, 56), (28, 42), (70, 56)])
+def test_patch_path_equals_dinov2(size):
+    torch.manual_seed(0)
+    dino = Dinov2Model(Dinov2Config(**{k: v for k, v in TINY_DINO.items() if k != "model_type"})).eval()
+    enc = FoveatedEncoder(dino, query_dim=24)
+    x = torch.randn(3, 3, *size)
+    kv = enc.encode_patches(x)
+    assert (kv.features - dino(x).last_hidden_state).abs().max() < ATOL
+    assert len(kv.keys) == TINY_DINO["num_hidden_layers"]
+
+
+def test_frame_size_must_divide_by_patch():
+    enc = FoveatedEncoder(Dinov2Model(Dinov2Config(**{k: v for k, v in TINY_DINO.items() if k != "model_type"})), 24)
+    with pytest.raises(ValueError, match="patch size 14"):
+        enc.encode_patches(torch.randn(1, 3, 50, 56))
+
+
+def test_grouped_queries_equal_one_query_per_frame(tiny_model):
+    enc = tiny_model.encoder
+    kv = enc.encode_patches(torch.randn(3, 3, 56, 56))
+    q = torch.randn(5, 24)
+    idx = torch.tensor([0, 2, 2, 1, 2])
+    z, maps = enc.query_attend(q, kv, idx, return_attention=True)
+    assert (z - enc.query_attend(q, kv, idx)).abs().max() < ATOL  # sdpa path == explicit-weights path
+    assert torch.allclose(maps[0].sum(-1), torch.ones(5, 2), atol=1e-5)
+    for m, f in enumerate(idx.tolist()):
+        one = type(kv)([k[f:f + 1] for k in kv.keys], [v[f:f + 1] for v in kv.values], kv.features[f:f + 1])
+        assert (enc.query_attend(q[m:m + 1], one)[0] - z[m]).abs().max() < ATOL
+
+
+def test_query_changes_the_token(tiny_model):
+    kv = tiny_model.encoder.encode_patches(torch.randn(1, 3, 56, 56))
+    a = tiny_model.encoder.query_attend(torch.randn(1, 24), kv)
+    b = tiny_model.encoder.query_attend(torch.randn(1, 24), kv)
+    assert (a - b).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- loss and modes
+def test_loss_is_masked_next_token_ce(tiny_model):
+    x, t = frames(1, 2), ids(1, 6)
+    loss_mask = torch.tensor([[1, 1, 0, 1, 1, 0]])
+    out = tiny_model(x, t, torch.ones_like(t), loss_mask=loss_mask, mode="coarse_only")
+    logp = torch.log_softmax(out["logits"][0, :-1], -1)
+    targets = [i for i in range(1, 6) if loss_mask[0, i]]  # token 0 is never a target
+    manual = -torch.stack([logp[i - 1, t[0, i]] for i in targets]).mean()
+    assert abs(out["loss"].item() - manual.item()) < 1e-5
+
+
+def test_modes_differ_and_bad_mode_is_rejected(tiny_model):
+    x, t = frames(1, 3), ids(1, 5)
+    losses = {m: tiny_model(x, t, mode=m)["loss"].item() for m in MODES}
+    assert len({round(v, 6) for v in losses.values()}) == 3
+    with pytest.raises(ValueError, match="mode must be one of"):
+        tiny_model(x, t, mode="fine")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_padded_batch_matches_each_sample_alone(tiny_model, mode):
+    # sample 0: 3 frames, 6 tokens; sample 1: 1 frame, 4 tokens (left-padded); sample 2: text only.
+    B, T, S = 3, 3, 6
+    x, t = frames(B, T), ids(B, S)
+    fmask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    amask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    x[~fmask] = 1e3  # padded frames hold garbage: nothing may read it
+    batched = tiny_model(x, t, amask, frame_mask=fmask, mode=mode)["logits"]
+    for b in range(B):
+        keep = amask[b].bool()
+        alone = tiny_model(x[b:b + 1, fmask[b]], t[b:b + 1, keep], mode=mode)["logits"][0]
+        assert (batched[b, keep] - alone).abs().max() < ATOL, f"sample {b}"
+
+
+def test_padded_frames_cost_no_dino_work(tiny_model):
+    fmask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    tiny_model.dedup_frames = False
+    before = tiny_model.encoder.frames_encoded
+    tiny_model(frames(2, 4), ids(2, 5), frame_mask=fmask)
+    assert tiny_model.encoder.frames_encoded - before == 3
+
+
+def test_text_only_batch(tiny_model):
+    out = tiny_model(torch.zeros(2, 0, 3, 56, 56), ids(2, 5), mode="coarse_fine")
+    assert torch.isfinite(out["loss"])
+
+
+def test_replicated_images_encode_once_with_the_same_loss(tiny_model):
+    img = frames(2, 1)
+    x = img.expand(2, 8, 3, 56, 56)  # two images replicated to 8 frames, no copy
+    t = ids(2, 6)
+    before = tiny_model.encoder.frames_encoded
+    deduped = tiny_model(x, t)["loss"]
+    assert tiny_model.encoder.frames_encoded - before == 2
+    tiny_model.dedup_frames = False
+    before = tiny_model.encoder.frames_encoded
+    full = tiny_model(x.contiguous(), t)["loss"]
+    assert tiny_model.encoder.frames_encoded - before == 16
+    assert abs(deduped.item() - full.item()) < ATOL
+
+
+def test_fine_loss_reaches_the_query_path():
+    torch.manual_seed(0)
+    model = FoveatedVLM(**tiny_model_kwargs())
+    model(frames(2, 3), ids(2, 6), mode="coarse_fine")["loss"].backward()
+    for name in ("q_init", "q_static", "llm_to_query.weight", "encoder.query_input_proj.weight",
+                 "encoder.output_proj.weight", "dino_to_llm.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_lambda_coarse_adds_the_coarse_loss():
+    torch.manual_seed(0)
+    base = FoveatedVLM(**tiny_model_kwargs()).eval()
+    x, t = frames(1, 3), ids(1, 6)
+    fine = base(x, t, mode="coarse_fine")["loss"]
+    coarse = base(x, t, mode="coarse_only")["loss"]
+    base.lambda_coarse = 0.5
+    both = base(x, t, mode="coarse_fine")["loss"]
+    assert abs(both.item() - (fine + 0.5 * coarse).item()) < ATOL
+
+
+def test_shallow_query_runs_and_differs():
+    torch.manual_seed(0)
+    deep = FoveatedVLM(**tiny_model_kwargs()).eval()
+    shallow = FoveatedVLM(**tiny_model_kwargs(deep_query=False)).eval()
+    shallow.load_state_dict(deep.state_dict())
+    x, t = frames(1, 2), ids(1, 5)
+    for mode in MODES:
+        a, b = deep(x, t, mode=mode)["loss"], shallow(x, t, mode=mode)["loss"]
+        assert torch.isfinite(b) and abs(a.item() - b.item()) > 1e-6
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = FoveatedVLM(**tiny_model_kwargs())
+    b = FoveatedVLM(**tiny_model_kwargs())
+    b.load_state_dict(a.state_dict())
+    b.enable_gradient_checkpointing()
+    x, t = frames(1, 2), ids(1, 5)
+    for m in (a, b):
+        m.train()
+        m(x, t)["loss"].backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is not None:
+            assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name
+
+
+def test_param_groups_and_freezing(tiny_model):
+    groups = tiny_model.param_groups()
+    counts = tiny_model.count_parameters()
+    assert sum(p.numel() for p in groups["dino"]) == counts["dino"]
+    assert counts["total"] == sum(p.numel() for p in tiny_model.parameters())
+    assert {id(p) for p in groups["connector"]} >= {id(tiny_model.q_init), id(tiny_model.dino_to_llm.weight)}
+    tiny_model.set_trainable(dino=False)
+    assert tiny_model.param_groups()["dino"] == [] and tiny_model.param_groups()["llm"]
+
+
+# ---------------------------------------------------------------- DPO
+def test_dpo_logps_match_forward_and_encode_once(tiny_model):
+    x = frames(2, 3)
+    fmask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    chosen, rejected = ids(2, 7, seed=1), ids(2, 5, seed=2)
+    cm, rm = torch.ones_like(chosen), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    clm, rlm = torch.zeros_like(chosen), torch.zeros_like(rejected)
+    clm[:, 4:] = 1
+    rlm[:, 2:] = 1
+    for mode in MODES:
+        before = tiny_model.encoder.frames_encoded
+        out = tiny_model.forward_dpo(x, fmask, chosen, cm, clm, rejected, rm, rlm, mode=mode)
+        assert tiny_model.encoder.frames_encoded - before == 5  # one encoding for both answers
+        for name, t, m, lm in (("chosen", chosen, cm, clm), ("rejected", rejected, rm, rlm)):
+            logits = tiny_model(x, t, m, frame_mask=fmask, mode=mode)["logits"]
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, t[:, 1:, None])[..., 0]
+            ref = (logp * (lm * m)[:, 1:]).sum(1)
+            assert torch.allclose(out[f"{name}_logps"], ref, atol=1e-4), (mode, name)
+
+
+# ---------------------------------------------------------------- generation and scoring
+def greedy_by_forward(model, x, prompt, n, mode):
+    seq = prompt
+    for _ in range(n):
+        nxt = model(x, seq, mode=mode)["logits"][:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return seq[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_generation_equals_uncached_argmax(tiny_model, mode):
+    x, prompt = frames(1, 3), ids(1, 4)
+    out = tiny_model.generate(x, prompt, max_new_tokens=6, mode=mode)
+    assert torch.equal(out, greedy_by_forward(tiny_model, x, prompt, 6, mode))
+
+
+def test_batched_generation_with_different_lengths(tiny_model):
+    x = frames(2, 3)
+    fmask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    prompt, amask = ids(2, 6), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    out = tiny_model.generate(x, prompt, amask, fmask, max_new_tokens=5)
+    for b in range(2):
+        alone = tiny_model.generate(x[b:b + 1, fmask[b]], prompt[b:b + 1, amask[b].bool()], max_new_tokens=5)
+        assert torch.equal(out[b], alone[0])
+
+
+def test_generation_stops_at_eos(tiny_model):
+    x, prompt = frames(1, 2), ids(1, 4)
+    first = tiny_model.generate(x, prompt, max_new_tokens=3)[0, 0].item()
+    out = tiny_model.generate(x, prompt, max_new_tokens=10, eos_token_id=first)
+    assert out.shape == (1, 1)
+    sampled = tiny_model.generate(x, prompt, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.9)
+    assert sampled.shape == (1, 4)
+
+
+def test_score_options_matches_forward_and_encodes_once(tiny_model):
+    x, prompt = frames(1, 4), [5, 6, 7, 8]
+    options = [[11, 12], [13], [14, 15, 16], [17, 18]]
+    before = tiny_model.encoder.frames_encoded
+    scores = tiny_model.score_options(x, prompt, options, modes=MODES)
+    assert tiny_model.encoder.frames_encoded - before == 4
+    for mode in MODES:
+        for i, opt in enumerate(options):
+            seq = torch.tensor([prompt + opt])
+            logits = tiny_model(x, seq, mode=mode)["logits"][0, len(prompt) - 1:-1]
+            ref = F.cross_entropy(logits, torch.tensor(opt))
+            assert abs(scores[mode][i].item() - ref.item()) < 1e-4, (mode, i)
+
+
+def test_attention_maps_are_distributions(tiny_model):
+    fmask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    maps = tiny_model.attention_maps(frames(1, 3), fmask)
+    for name in ("coarse", "fine"):
+        m = maps[name]  # [L, B, T, heads, 1+P]
+        assert m.shape == (2, 1, 3, 2, 17)
+        assert torch.allclose(m[:, 0, :2].sum(-1), torch.ones(2, 2, 2), atol=1e-5)
+        assert m[:, 0, 2].abs().sum() == 0
+    assert (maps["coarse"][:, 0, 1] - maps["fine"][:, 0, 1]).abs().max() > 1e-6  # the LLM moved the query
+
+
+# ---------------------------------------------------------------- checkpoints
+def outputs(model):
+    x, t = frames(1, 2), ids(1, 5)
+    return torch.stack([model(x, t, mode=m)["logits"] for m in MODES])
+
+
+def test_save_and_from_pretrained_round_trip(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    loaded = FoveatedVLM.from_pretrained(str(tmp_path))
+    assert loaded.query_dim == 24 and loaded.llm.config.hidden_size == TINY_LLM["hidden_size"]
+    assert torch.equal(outputs(loaded), outputs(tiny_model))
+
+
+def test_loads_original_transformers4_names(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    old = {}
+    for key, value in tiny_model.state_dict().items():
+        key = key.replace(".attention.q_proj.", ".attention.attention.query.")
+        key = key.replace(".attention.k_proj.", ".attention.attention.key.")
+        key = key.replace(".attention.v_proj.", ".attention.attention.value.")
+        key = key.replace(".attention.o_proj.", ".attention.output.dense.")
+        old[key] = value.clone()
+    assert any("attention.attention.query" in k for k in old)
+    for with_head in (True, False):
+        sd = dict(old)
+        if not with_head:
+            sd.pop("llm.lm_head.weight")
+        save_file(sd, str(tmp_path / WEIGHTS_NAME))  # a published checkpoint: weights only, no config
+        loaded = FoveatedVLM.from_pretrained(str(tmp_path), **tiny_model_kwargs())
+        assert torch.equal(outputs(loaded), outputs(tiny_model))
+
+
+def test_mismatched_checkpoint_is_an_error(tiny_model):
+    sd = tiny_model.state_dict()
+    sd.pop("q_init")
+    with pytest.raises(RuntimeError, match="q_init"):
+        tiny_model.load_state_dict(sd)
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_generates_text(tokenizer):
+    torch.manual_seed(0)
+    model = FoveatedVLM(SMOLLM2_GGUF, None, dino_config=dict(TINY_DINO), query_dim=24).eval()
+    assert model.llm.config.hidden_size == 576 and model.llm.config.num_hidden_layers == 30
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(torch.zeros(1, 0, 3, 56, 56), prompt["input_ids"], max_new_tokens=8,
+                         eos_token_id=tokenizer.eos_token_id, mode="coarse_only")
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    assert out.shape[1] >= 1 and text.strip(), text
+    # with a frame in front the model still produces real tokens
+    out = model.generate(frames(1, 2), prompt["input_ids"], max_new_tokens=4)
+    assert ((out >= 0) & (out < tokenizer.vocab_size + 100)).all()
