@@ -1,0 +1,290 @@
+"""Training configuration: one dataclass per section of a stage YAML (model, data, training, loss, checkpoint,
+eval, wandb), loaded and checked before any work starts.
+
+The defaults live only here. A YAML key the dataclass does not have, a value of the wrong type, or a required
+path that does not exist stops the run with a message naming the key and the file. `--set section.key=value`
+overrides a loaded value (the value is parsed as YAML, so `--set training.lr_llm=1e-5` is a float).
+"""
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import yaml
+
+Paths = Union[str, list]  # one glob, or a list of globs
+
+
+@dataclass
+class ModelConfig:
+    llm: Optional[str] = None  # hub id, folder or pkg://package/file.gguf
+    dino: Optional[str] = None
+    llm_config: Optional[dict] = None  # a transformers config as a dict -> random init (tests, quickstart)
+    dino_config: Optional[dict] = None
+    tokenizer: Optional[str] = None  # default: llm, else init_from
+    deep_query: bool = True
+    query_dim: int = 384
+    visual_scale: float = 0.14
+    lambda_coarse: float = 0.0
+    mode: str = "coarse_fine"  # forward mode for training and validation
+    gradient_checkpointing: bool = False
+    init_from: Optional[str] = None  # a checkpoint folder (save_pretrained layout) to start from
+    freeze_dino: bool = False
+    freeze_llm: bool = False
+    freeze_connector: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_shards: Optional[Paths] = None
+    val_shards: Optional[Paths] = None
+    text_shards: Optional[Paths] = None
+    text_ratio: float = 0.0  # fraction of batches that are text-only retention batches
+    max_frames: int = 64
+    frame_size: int = 224
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    replicate_image_frames: int = 1  # images become this many identical frames (8 in stages 2-3)
+    max_text_tokens: int = 1024
+    frame_sampling: str = "uniform"
+    prompt: Optional[str] = None  # user prompt for caption-only samples (stage 1); None = the data default
+
+
+@dataclass
+class TrainingConfig:
+    total_samples: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr_connector: float = 1e-4
+    lr_dino: float = 1e-5
+    lr_llm: float = 1e-5
+    target_lr: Optional[float] = None  # converging schedule: every group ends here
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.1  # cosine schedule floor, as a fraction of each group's peak LR
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    schedule: str = "cosine"  # cosine | constant | converging
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; the CPU always runs float32
+    compile: bool = False
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    max_nonfinite_steps: int = 5  # this many skipped (non-finite) steps in a row stop the run
+
+
+@dataclass
+class LossConfig:
+    type: str = "text_ce_all"  # text_ce_all | text_ce_answer_only | dpo
+    beta: float = 0.1  # DPO temperature
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str = "checkpoints/run"
+    save_every_steps: int = 1000
+    keep_last: int = 2
+    keep_best: int = 1
+    metric: str = "val_loss"  # val_loss | train_loss; lower is better
+    resume: str = "auto"  # auto (latest in save_dir, if any) | none | a checkpoint folder
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0 = no validation
+    max_samples: int = 1000
+
+
+@dataclass
+class WandbConfig:
+    project: str = "fvlm"
+    run_name: Optional[str] = None
+    mode: str = "disabled"  # online | offline | disabled
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    stage: Optional[int] = None  # informational
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.mode": ("coarse_fine", "coarse_only", "autoregressive"),
+    "training.schedule": ("cosine", "constant", "converging"),
+    "training.dtype": ("bfloat16", "float16", "float32"),
+    "training.device": ("auto", "cpu", "cuda"),
+    "loss.type": ("text_ce_all", "text_ce_answer_only", "dpo"),
+    "checkpoint.metric": ("val_loss", "train_loss"),
+    "wandb.mode": ("online", "offline", "disabled"),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _type_ok(value, tp):
+    if tp is typing.Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, tp)
+
+
+def _type_name(tp):
+    if typing.get_origin(tp) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {type(None): "null", list: "list of str"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _section(cls, values, name, source):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            known = ", ".join(hints)
+            raise ConfigError(f"{source}: unknown key '{name}.{key}' (known keys of '{name}': {known})")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{source}: '{name}.{key}' must be {_type_name(hints[key])}, "
+                              f"got {type(value).__name__} {value!r}")
+        choices = CHOICES.get(f"{name}.{key}")
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: '{name}.{key}' must be one of {choices}, got {value!r}")
+    floats = {k: float(v) for k, v in values.items() if type(v) is int and _type_ok(1.5, hints[k])}
+    return cls(**{**values, **floats})
+
+
+def from_dict(raw, source="<dict>"):
+    """Build a checked Config from a nested dict; `source` names the file in error messages."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of sections")
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(sections)})")
+        if name == "stage":
+            kwargs[name] = values
+        else:
+            kwargs[name] = _section(sections[name].default_factory, values or {}, name, source)
+    return Config(**kwargs)
+
+
+def apply_overrides(raw, overrides):
+    """`section.key=value` strings into the nested dict (values parsed as YAML)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        section = raw.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"--set {item!r}: '{parts[0]}' is not a section")
+        section[parts[1]] = yaml.load(value, Loader=_Loader)
+    return raw
+
+
+def _globs(value):
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def check_paths(cfg, source):
+    """Every configured shard glob must match a file and init_from must be a folder: fail before any work."""
+    for key in ("train_shards", "val_shards", "text_shards"):
+        for pattern in _globs(getattr(cfg.data, key)):
+            if not glob.glob(pattern):
+                raise ConfigError(f"{source}: 'data.{key}' matches no file: {pattern}")
+    init = cfg.model.init_from
+    if init is not None and not os.path.isdir(init):
+        raise ConfigError(f"{source}: 'model.init_from' does not exist: {init}")
+    if cfg.loss.type == "dpo" and init is None:
+        raise ConfigError(f"{source}: 'model.init_from' is required for loss.type dpo (the frozen reference)")
+    if not cfg.data.train_shards:
+        raise ConfigError(f"{source}: 'data.train_shards' is required")
+    if init is None and not (cfg.model.llm or cfg.model.llm_config):
+        raise ConfigError(f"{source}: 'model.llm' (or model.llm_config) is required without model.init_from")
+    if not tokenizer_name(cfg):
+        raise ConfigError(f"{source}: 'model.tokenizer' is required when neither model.llm nor model.init_from is set")
+
+
+def tokenizer_name(cfg):
+    """The tokenizer's source: model.tokenizer, else model.llm, else the init_from folder (saved with it)."""
+    return cfg.model.tokenizer or cfg.model.llm or cfg.model.init_from
+
+
+def load(path, overrides=(), check=True):
+    """Read a stage YAML, apply `--set` overrides, and return the checked Config."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            raw = yaml.load(f, Loader=_Loader) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    source = f"{path} (with --set {' '.join(overrides)})" if overrides else path
+    cfg = from_dict(apply_overrides(raw, overrides), source)
+    if check:
+        check_paths(cfg, source)
+    return cfg
+
+
+def save(cfg, path):
+    """Write the resolved config as YAML (or JSON when the path ends in .json)."""
+    data = cfg.to_dict()
+    with open(path, "w") as f:
+        if path.endswith(".json"):
+            json.dump(data, f, indent=2)
+        else:
+            yaml.safe_dump(data, f, sort_keys=False)
+
+
+def load_saved(path):
+    """Read a config written by `save` (YAML or JSON) without the path checks."""
+    with open(path) as f:
+        raw = json.load(f) if path.endswith(".json") else yaml.load(f, Loader=_Loader)
+    return from_dict(raw, path)
+
+
+def parse_args(argv=None, description="fVLM training"):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/stage1_135M.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set training.batch_size=4")
+    args = parser.parse_args(argv)
+    return load(args.config, args.set)

@@ -1,0 +1,70 @@
+"""config.py: an unknown key, a wrong type or a missing path stops the run naming the key and the file."""
+
+import pytest
+
+import config
+
+
+def write(tmp_path, text, name="stage.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def shard(tmp_path):
+    (tmp_path / "train-0.tar").write_bytes(b"")
+    return str(tmp_path / "train-*.tar")
+
+
+def test_loads_defaults_and_spec_number_forms(tmp_path):
+    path = write(tmp_path, f"model: {{llm: some/llm}}\ndata: {{train_shards: '{shard(tmp_path)}'}}\n"
+                           "training: {total_samples: 1_000_000, lr_connector: 1e-3, lr_llm: 1.0e-5, target_lr: 3}\n")
+    cfg = config.load(path)
+    assert cfg.training.total_samples == 1_000_000
+    assert cfg.training.lr_connector == 1e-3 and isinstance(cfg.training.target_lr, float)
+    assert cfg.checkpoint.keep_last == config.CheckpointConfig().keep_last  # defaults from the dataclass
+
+
+@pytest.mark.parametrize("text, key", [
+    ("training: {batchsize: 4}", "training.batchsize"),
+    ("trainig: {batch_size: 4}", "trainig"),
+    ("training: {batch_size: four}", "training.batch_size"),
+    ("training: {compile: 1}", "training.compile"),
+    ("loss: {type: ppo}", "loss.type"),
+    ("data: {train_shards: [1, 2]}", "data.train_shards"),
+])
+def test_bad_key_or_type_names_key_and_file(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert key in str(err.value) and path in str(err.value)
+
+
+def test_missing_paths_are_named(tmp_path):
+    base = f"model: {{llm: x}}\ndata: {{train_shards: '{shard(tmp_path)}'}}\n"
+    path = write(tmp_path, base + "model: {llm: x, init_from: nowhere/best}\n")
+    with pytest.raises(config.ConfigError, match="model.init_from.*nowhere/best"):
+        config.load(path)
+    path = write(tmp_path, "model: {llm: x}\ndata: {train_shards: data/missing/*.tar}\n")
+    with pytest.raises(config.ConfigError, match="data.train_shards.*data/missing"):
+        config.load(path)
+    path = write(tmp_path, base + "loss: {type: dpo}\n")
+    with pytest.raises(config.ConfigError, match="model.init_from"):
+        config.load(path)
+
+
+def test_set_overrides_are_typed_and_checked(tmp_path):
+    path = write(tmp_path, f"model: {{llm: x}}\ndata: {{train_shards: '{shard(tmp_path)}'}}\n")
+    cfg = config.load(path, ["training.lr_llm=2e-5", "training.compile=true", "wandb.run_name=abc"])
+    assert cfg.training.lr_llm == 2e-5 and cfg.training.compile is True and cfg.wandb.run_name == "abc"
+    with pytest.raises(config.ConfigError, match="training.lr_lllm"):
+        config.load(path, ["training.lr_lllm=2e-5"])
+    with pytest.raises(config.ConfigError, match="training.batch_size"):
+        config.load(path, ["training.batch_size=2.5"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = config.from_dict({"model": {"llm_config": {"hidden_size": 64}}, "training": {"lr_llm": 3e-5}})
+    for name in ("c.yaml", "c.json"):
+        config.save(cfg, str(tmp_path / name))
+        assert config.load_saved(str(tmp_path / name)) == cfg
