@@ -1,0 +1,73 @@
+"""checkpoint.py: atomic folders that from_pretrained loads, pruning, and a kill during a save."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import checkpoint
+import config
+from conftest import tiny_model_kwargs
+from model import FoveatedVLM
+
+
+def state(step):
+    return {"step": step, "samples_seen": 8 * step, "rng": checkpoint.rng_state(), "data": {"batches": step}}
+
+
+def test_save_prune_links_and_reload(tmp_path, tiny_model):
+    cfg = config.from_dict({"model": {"llm_config": {"hidden_size": 64}}})
+    save_dir = str(tmp_path / "run")
+    for step, metric in [(10, 3.0), (20, 1.0), (30, 2.0), (40, 2.5)]:
+        checkpoint.save(save_dir, step, tiny_model, state(step), cfg, metric=metric, keep_last=2, keep_best=1)
+    assert [s for s, _ in checkpoint.checkpoints(save_dir)] == [20, 30, 40]  # 2 newest + the best
+    assert os.path.realpath(os.path.join(save_dir, "best")).endswith("step_00000020")
+    assert checkpoint.find_resume(save_dir, "auto").endswith("step_00000040")
+    loaded = checkpoint.load_state(os.path.join(save_dir, "latest"))
+    assert loaded["step"] == 40 and loaded["data"] == {"batches": 40}
+    reloaded = FoveatedVLM.from_pretrained(os.path.join(save_dir, "best"))
+    for (name, a), b in zip(tiny_model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert config.load_saved(os.path.join(save_dir, "best", checkpoint.CONFIG_NAME)) == cfg
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    a = (torch.rand(3), random.random(), np.random.rand())
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+CHILD = """
+import json, os, signal, sys, torch
+import checkpoint, config
+from model import FoveatedVLM
+torch.manual_seed(0)
+model = FoveatedVLM(**json.loads(sys.argv[2]))
+cfg, save_dir = config.Config(), sys.argv[1]
+checkpoint.save(save_dir, 1, model, {"step": 1}, cfg)
+def dying_save(obj, path):  # half a file, then the process dies mid-save
+    open(path, "wb").write(b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dying_save
+checkpoint.save(save_dir, 2, model, {"step": 2}, cfg)
+"""
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
+    save_dir = str(tmp_path / "run")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", CHILD, save_dir, json.dumps(tiny_model_kwargs())], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    assert any(name.startswith(".tmp-") for name in os.listdir(save_dir))  # the interrupted save's folder
+    path = checkpoint.find_resume(save_dir, "auto")
+    assert path.endswith("step_00000001") and checkpoint.load_state(path)["step"] == 1
+    FoveatedVLM.from_pretrained(path)
+    checkpoint.clean_tmp(save_dir)
+    assert sorted(os.listdir(save_dir)) == ["latest", "step_00000001"]
