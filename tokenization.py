@@ -15,11 +15,10 @@ a prompt that leaves no room for an answer raises `PromptTooLong`. `prompt_ids` 
 generation and MCQ-scoring inputs tokenized exactly as in training.
 """
 
-import importlib.util
-import os
-
 import torch
 from transformers import AutoTokenizer
+
+from pretrained import resolve_source
 
 ROLES = ("system", "user", "assistant")
 MCQ_LETTERS = "ABCDEFGHIJ"
@@ -29,31 +28,9 @@ class PromptTooLong(ValueError):
     """The prompt alone fills `max_tokens`, so no answer token would remain."""
 
 
-def resolve_source(name):
-    """Turn a model/tokenizer name into (folder or hub id, gguf file name or None).
-
-    `pkg://package/file.gguf` is a file shipped inside an installed Python package; the package is located
-    with importlib without importing it. A path ending in `.gguf` is split into folder and file name.
-    Anything else (a folder or a hub id) is returned unchanged.
-    """
-    if name.startswith("pkg://"):
-        package, _, filename = name[len("pkg://"):].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"{name}: Python package {package!r} is not installed")
-        folder = os.path.dirname(spec.origin)
-        if not os.path.isfile(os.path.join(folder, filename)):
-            raise FileNotFoundError(f"{name}: {filename!r} not found in {folder}")
-        return folder, filename
-    if name.endswith(".gguf"):
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"tokenizer file not found: {name}")
-        return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
-    return name, None
-
-
 def load_tokenizer(name):
-    """Load the LLM's tokenizer from `pkg://package/file.gguf`, a .gguf path, a folder or a hub id."""
+    """Load the LLM's tokenizer from `pkg://package/file.gguf`, a .gguf path, a folder or a hub id
+    (names resolved by `pretrained.resolve_source`, which locates a package without importing it)."""
     source, gguf_file = resolve_source(name)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     if tokenizer.pad_token_id is None:

