@@ -1,0 +1,354 @@
+"""Readers for the evaluation benchmarks in their published layouts (see ../shared/FORMATS.md).
+
+Every reader turns one benchmark into a list of `MCQ` records: the user-turn text, the answer strings to
+score (one per option, written as the prompt shows them, e.g. "(A) red"), the index of the right one, the
+categories to break accuracy down by, and a `Media` that says where the frames come from. Frames are
+decoded only when the question is scored (`load_media`), so a missing or unreadable video becomes a skip
+with a reason instead of a crash.
+
+Layouts: MVBench (OpenGVLab/MVBench: json/<task>.json + video/<folder>/...), Video-MME (lmms-lab/Video-MME:
+videomme/test-*.parquet + data/{videoID}.mp4), ScienceQA (derek-thomas/ScienceQA test parquet, image subset),
+POPE (lmms-lab/POPE test parquet) and the original fVLM's eval shards (WebDataset, json user/assistant/source).
+"""
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+import numpy as np
+from decord import DECORDError, VideoReader
+from PIL import Image, UnidentifiedImageError
+
+from tokenization import MCQ_LETTERS, format_mcq, mcq_answer
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".MP4")
+REPLICATE_IMAGE_FRAMES = 8  # spec: "Images must be replicated to 8 frames"
+IMAGE_FIELDS = ("jpg", "jpeg", "png")
+FRAME_FOLDER_FPS = 3  # MVBench's pre-extracted frame folders (tvqa/frames_fps3_hq)
+
+# MVBench task -> video folder under <root>/video (the benchmark's own table). A task not listed here is
+# looked up in <root>/video/<task>, which is how a locally written set in this layout is read.
+MVBENCH_FOLDERS = {
+    "action_sequence": "star/Charades_v1_480", "action_prediction": "star/Charades_v1_480",
+    "object_interaction": "star/Charades_v1_480", "action_localization": "sta/sta_video",
+    "episodic_reasoning": "tvqa/frames_fps3_hq", "action_antonym": "ssv2_video",
+    "fine_grained_action": "Moments_in_Time_Raw/videos", "unexpected_action": "FunQA_test/test",
+    "object_existence": "clevrer/video_validation", "moving_direction": "clevrer/video_validation",
+    "moving_count": "clevrer/video_validation", "moving_attribute": "clevrer/video_validation",
+    "counterfactual_inference": "clevrer/video_validation", "object_shuffle": "perception/videos",
+    "action_count": "perception/videos", "state_change": "perception/videos",
+    "character_order": "perception/videos", "scene_transition": "scene_qa/video",
+    "fine_grained_pose": "nturgbd", "egocentric_navigation": "vlnqa",
+}
+POPE_INSTRUCTION = "Answer the question using a single word or phrase."
+
+
+class MediaError(Exception):
+    """A question's frames cannot be produced; `reason` is the short label skips are counted by."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class Media:
+    """Where a question's frames come from: a video file or frame folder (with an optional MVBench
+    (start, end) bound in seconds), an encoded image (replicated to 8 frames), or encoded frames."""
+
+    path: str = None
+    bound: tuple = None
+    image: bytes = None
+    images: list = None  # encoded frames in order (the eval shards' 000.jpg, 001.jpg, ...)
+
+
+@dataclass
+class MCQ:
+    """One multiple-choice question: `prompt` is the user turn, `options` the answer strings scored."""
+
+    qid: str
+    prompt: str
+    options: list
+    answer: int
+    media: Media
+    categories: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- options and letters
+
+OPTION_RE = re.compile(r"^\s*\(?([A-Z])[.)]\s*(.*)$")
+
+
+def parse_option(line):
+    """'A. Apples.' or '(A) Apples.' -> ('A', 'Apples.'); None when the line is not an option."""
+    m = OPTION_RE.match(line)
+    return (m.group(1), m.group(2).strip()) if m else None
+
+
+def answer_letter(text):
+    """The option letter an answer starts with: 'B', 'B. red', '(B) red' -> 'B'; None if there is none."""
+    text = text.strip()
+    parsed = parse_option(text)
+    if parsed:
+        return parsed[0]
+    return text[0] if len(text) >= 1 and text[0] in MCQ_LETTERS and (len(text) == 1 or not text[1].isalpha()) else None
+
+
+# ---------------------------------------------------------------- frames
+
+def segment_indices(num_frames, fps, max_frames, bound=None, first_idx=0):
+    """MVBench's frame-index rule: the middle of `max_frames` equal segments of [start_idx, end_idx].
+
+    Without a bound this is uniform sampling of the whole video. A range of at most `max_frames` frames is
+    read whole (the rule would repeat some frames and drop others). Frame folders index from `first_idx` 1.
+    """
+    last = num_frames - 1 + first_idx
+    start, end = bound if bound is not None else (-1e5, 1e5)
+    start_idx = max(first_idx, round(start * fps))
+    end_idx = min(round(end * fps), last)
+    if end_idx < start_idx:  # a bound past the end of the video: keep its last frame
+        start_idx = end_idx
+    if end_idx - start_idx + 1 <= max_frames:
+        return list(range(start_idx, end_idx + 1))
+    seg = (end_idx - start_idx) / max_frames
+    return [int(start_idx + seg / 2 + round(seg * i)) for i in range(max_frames)]
+
+
+def find_video(path):
+    """The video at `path`, or the same name with another extension (MVBench mixes .mp4/.webm/.avi)."""
+    if os.path.exists(path):
+        return path
+    stem = os.path.splitext(path)[0]
+    for ext in VIDEO_EXTENSIONS:
+        if os.path.exists(stem + ext):
+            return stem + ext
+    raise MediaError("video not found", path)
+
+
+def _load_frame_folder(path, bound, max_frames, frame_size):
+    """A folder of 00001.jpg, 00002.jpg, ... at 3 fps (MVBench's tvqa frames)."""
+    names = os.listdir(path)
+    if not names:
+        raise MediaError("empty frame folder", path)
+    idx = segment_indices(len(names), FRAME_FOLDER_FPS, max_frames, bound, first_idx=1)
+    frames = []
+    for i in idx:
+        file = os.path.join(path, f"{i:05d}.jpg")
+        if not os.path.exists(file):
+            raise MediaError("frame missing", file)
+        with open(file, "rb") as f:
+            frames.append(_image(f.read(), frame_size, file))
+    return torch.stack(frames)  # [T, 3, H, W]
+
+
+def _image(data, frame_size, name):
+    try:
+        return decode_image(data, frame_size)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise MediaError("unreadable image", f"{name}: {e}") from e
+
+
+def _replicate(frame):
+    """One image as REPLICATE_IMAGE_FRAMES frames [8, 3, H, W]: a view, so the model sees one distinct frame."""
+    return frame.unsqueeze(0).expand(REPLICATE_IMAGE_FRAMES, -1, -1, -1)
+
+
+def load_media(media, max_frames=64, frame_size=224):
+    """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised). Raises MediaError."""
+    if media.image is not None:
+        return _replicate(_image(media.image, frame_size, "image"))
+    if media.images is not None:
+        if not media.images:
+            raise MediaError("no frames")
+        if len(media.images) == 1:
+            return _replicate(_image(media.images[0], frame_size, "image"))
+        idx = segment_indices(len(media.images), 1, max_frames)
+        return torch.stack([_image(media.images[i], frame_size, f"frame {i}") for i in idx])
+    path = find_video(media.path)
+    if os.path.isdir(path):
+        return _load_frame_folder(path, media.bound, max_frames, frame_size)
+    try:
+        num_frames, fps = video_info(path)
+        if num_frames == 0:
+            raise MediaError("empty video", path)
+        idx = segment_indices(num_frames, fps, max_frames, media.bound)
+        return decode_video_frames(path, idx, frame_size)
+    except (DECORDError, RuntimeError, OSError, ValueError) as e:
+        raise MediaError("unreadable video", f"{path}: {e}") from e
+
+
+# ---------------------------------------------------------------- readers
+
+def read_parquets(root, pattern):
+    """One DataFrame from `root` (a parquet file) or from the files matching `pattern` under it."""
+    files = [root] if os.path.isfile(root) else sorted(glob.glob(os.path.join(root, pattern), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no parquet files matching {pattern!r} under {root!r}")
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def _text(value):
+    """A parquet string cell that may be null (None or NaN) -> str."""
+    return value if isinstance(value, str) else ""
+
+
+def mcq(qid, question, candidates, answer, media, categories):
+    """An MCQ in the training layout: `format_mcq` lines 'A. c0' as the user turn, 'A. c0' as the answer."""
+    options = [mcq_answer(candidates, i) for i in range(len(candidates))]
+    return MCQ(qid, format_mcq(question, candidates), options, answer, media, categories)
+
+
+def read_mvbench(root):
+    """MVBench: <root>/json/<task>.json records {video, question, candidates, answer[, start, end]}.
+
+    `answer` is the text of one candidate. The video is <root>/video/<task folder>/<video> (a file, or a
+    folder of frames at 3 fps), read within its start/end bound when the record has one.
+    """
+    files = sorted(glob.glob(os.path.join(root, "json", "*.json")))
+    if not files:
+        raise FileNotFoundError(f"no MVBench task files: {os.path.join(root, 'json', '*.json')} matches nothing")
+    questions = []
+    for file in files:
+        task = os.path.splitext(os.path.basename(file))[0]
+        folder = os.path.join(root, "video", MVBENCH_FOLDERS.get(task, task))
+        with open(file) as f:
+            records = json.load(f)
+        for i, r in enumerate(records):
+            if r["answer"] not in r["candidates"]:
+                raise ValueError(f"{file} record {i}: answer {r['answer']!r} is not one of its candidates")
+            bound = (float(r["start"]), float(r["end"])) if "start" in r and "end" in r else None
+            media = Media(path=os.path.join(folder, r["video"]), bound=bound)
+            questions.append(mcq(f"{task}/{i}", r["question"], r["candidates"],
+                                 r["candidates"].index(r["answer"]), media, {"task": task}))
+    return questions
+
+
+def split_options(lines, where):
+    """Option lines 'A. x' / '(A) x', lettered A, B, C... in order -> (letters, texts)."""
+    parsed = [parse_option(line) for line in lines]
+    letters = [p[0] if p else None for p in parsed]
+    if letters != list(MCQ_LETTERS[:len(lines)]):
+        raise ValueError(f"{where}: options {lines!r} are not lettered A, B, C... in order")
+    return letters, [p[1] for p in parsed]
+
+
+def read_videomme(root):
+    """Video-MME: <root>/videomme/test-*.parquet (options 'A. ...', answer a letter) and
+    <root>/data/{videoID}.mp4 (other extensions tried)."""
+    df = read_parquets(root, os.path.join("videomme", "test-*.parquet"))
+    questions = []
+    for row in df.itertuples():
+        where = f"Video-MME question {row.question_id}"
+        letters, texts = split_options([str(o).strip() for o in row.options], where)
+        if row.answer not in letters:
+            raise ValueError(f"{where}: answer {row.answer!r} is not one of {letters}")
+        media = Media(path=os.path.join(root, "data", f"{row.videoID}.mp4"))
+        categories = {"duration": row.duration, "domain": row.domain, "task_type": row.task_type}
+        questions.append(mcq(str(row.question_id), row.question, texts, letters.index(row.answer), media,
+                             categories))
+    return questions
+
+
+def read_scienceqa(root):
+    """ScienceQA image subset: test rows whose `image` is not null (one image replicated to 8 frames); the
+    hint, when there is one, goes before the question as 'Context: ...'."""
+    df = read_parquets(root, os.path.join("**", "test-*.parquet"))
+    questions = []
+    for i, row in enumerate(df.itertuples()):
+        image = row.image if isinstance(row.image, dict) else None
+        if image is None or image.get("bytes") is None:
+            continue  # a text-only question: not in the image subset
+        hint = _text(row.hint).strip()
+        question = f"Context: {hint}\n{row.question}" if hint else row.question
+        questions.append(mcq(str(i), question, list(row.choices), int(row.answer), Media(image=image["bytes"]),
+                             {"subject": row.subject}))
+    return questions
+
+
+def read_pope(root):
+    """POPE: yes/no questions about an image; options ('Yes', 'No'), 'Yes' is the positive class."""
+    df = read_parquets(root, os.path.join("**", "test-*.parquet"))
+    questions = []
+    for row in df.itertuples():
+        truth = str(row.answer).strip().lower()
+        if truth not in ("yes", "no"):
+            raise ValueError(f"POPE question {row.question_id}: answer {row.answer!r} is not yes/no")
+        prompt = f"{row.question}\n{POPE_INSTRUCTION}"
+        questions.append(MCQ(str(row.question_id), prompt, ["Yes", "No"], 0 if truth == "yes" else 1,
+                             Media(image=row.image["bytes"]), {"category": row.category}))
+    return questions
+
+
+def _tar_samples(path):
+    """WebDataset samples of one tar, in order: {field: bytes}, with `__key__`. The key is the member name
+    up to the first dot of its basename; consecutive members with one key form a sample."""
+    sample = None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = os.path.basename(member.name)
+            key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
+            if sample is None or sample["__key__"] != key:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key}
+            sample[base.split(".", 1)[1].lower() if "." in base else ""] = tar.extractfile(member).read()
+    if sample is not None:
+        yield sample
+
+
+def read_eval_shards(pattern):
+    """The original's eval shards: json {user, assistant[, source]} with the options as lines 'A. ...' or
+    '(A) ...' inside `user`, `assistant` starting with the letter, and one image or numbered frames.
+    Yields MCQs lazily (shards can be large); `source` (its last path part) is the category."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"eval shards: {pattern!r} matches no files")
+    for path in files:
+        for sample in _tar_samples(path):
+            where = f"{path} sample {sample['__key__']}"
+            meta = json.loads(sample["json"])
+            option_lines = [line for line in meta["user"].splitlines() if parse_option(line)]
+            letters, texts = split_options(option_lines, where)
+            letter = answer_letter(meta["assistant"])
+            if letter not in letters:
+                raise ValueError(f"{where}: assistant {meta['assistant']!r} names none of the options {letters}")
+            frames = [sample[k] for k in sorted(sample) if k.split(".")[-1] in IMAGE_FIELDS]
+            media = Media(images=frames)
+            category = str(meta.get("source", "unknown")).rstrip("/").split("/")[-1]
+            yield MCQ(sample["__key__"], meta["user"], [f"{l}. {t}" for l, t in zip(letters, texts)],
+                      letters.index(letter), media, {"source": category})
+
+
+# ---------------------------------------------------------------- decoding (shim until data.py lands)
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def _normalise(rgb):
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W], ImageNet-normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).movedim(-1, -3).float() / 255.0
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def decode_image(data, frame_size):
+    img = Image.open(io.BytesIO(data)).convert("RGB").resize((frame_size, frame_size), Image.BICUBIC)
+    return _normalise(np.asarray(img))
+
+
+def video_info(path):
+    vr = VideoReader(path, num_threads=1)
+    return len(vr), vr.get_avg_fps()
+
+
+def decode_video_frames(path, indices, frame_size):
+    vr = VideoReader(path, width=frame_size, height=frame_size, num_threads=1)
+    return _normalise(vr.get_batch(indices).asnumpy())

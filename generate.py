@@ -1,0 +1,98 @@
+"""Answer a question about a video or an image with a trained fVLM checkpoint.
+
+    python generate.py --checkpoint checkpoints/stage2 --video clip.mp4 --prompt "What happens?"
+    python generate.py --checkpoint checkpoints/stage2 --image photo.jpg --prompt "Describe it." \
+        [--mode autoregressive] [--max-new-tokens 64]
+
+From Python (notebooks): `model, tokenizer, frame_size = load_checkpoint(dir)`, then
+`answer(model, tokenizer, load_frames(video=..., frame_size=frame_size), "question")`.
+Videos: up to 64 frames sampled uniformly; images: replicated to 8 frames (spec: the model was trained so).
+The model is rebuilt from the checkpoint's saved config (FoveatedVLM.from_pretrained).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+
+import torch
+
+import eval_readers
+from model import FoveatedVLM
+from tokenization import load_tokenizer, prompt_ids
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def device_context(device):
+    """bf16 autocast on CUDA, nothing on the CPU (float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild (model, tokenizer, frame_size) from a checkpoint folder.
+
+    The tokenizer is the one saved in the folder, else the one named by the saved config's `llm`.
+    `frame_size` is the DINO input size the model was configured with.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+    model = FoveatedVLM.from_pretrained(path).to(device).eval()
+    if any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(path)
+    else:
+        with open(os.path.join(path, "config.json")) as f:
+            llm = json.load(f).get("fvlm", {}).get("llm_name")
+        if not llm:
+            raise ValueError(f"{path} holds no tokenizer and its config.json names no llm; "
+                             "save one with model.save_pretrained(path, tokenizer=tokenizer)")
+        tokenizer = load_tokenizer(llm)
+    return model, tokenizer, model.encoder.dino.config.image_size
+
+
+def load_frames(video=None, image=None, max_frames=64, frame_size=224):
+    """Frames of a video file (uniform, up to `max_frames`) or an image (replicated to 8) -> [T, 3, H, W]."""
+    if (video is None) == (image is None):
+        raise ValueError("give exactly one of video= or image=")
+    if image is not None:
+        with open(image, "rb") as f:
+            media = eval_readers.Media(image=f.read())
+    else:
+        media = eval_readers.Media(path=video)
+    return eval_readers.load_media(media, max_frames, frame_size)
+
+
+@torch.no_grad()
+def answer(model, tokenizer, frames, prompt, mode="autoregressive", max_new_tokens=64, **sampling):
+    """The model's answer (text) to `prompt` about `frames` [T, 3, H, W]; greedy unless do_sample=True."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
+    with device_context(device):
+        out = model.generate(frames.unsqueeze(0).to(device), ids, torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, mode=mode,
+                             eos_token_id=tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--video", help="video file (or folder of frames)")
+    src.add_argument("--image", help="image file (replicated to 8 frames)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--mode", default="autoregressive", choices=("autoregressive", "coarse_fine", "coarse_only"))
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-frames", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    model, tokenizer, frame_size = load_checkpoint(args.checkpoint, args.device)
+    frames = load_frames(args.video, args.image, args.max_frames, frame_size)
+    print(answer(model, tokenizer, frames, args.prompt, args.mode, args.max_new_tokens))
+
+
+if __name__ == "__main__":
+    main()
