@@ -21,6 +21,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2M
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FVLM_ARGS = ("llm_name", "dino_name", "query_dim", "visual_scale", "deep_query", "lambda_coarse")
 
+# The published backbones' shapes, for random-weight models at the real sizes (benchmarks; no hub needed).
+SHAPES = {
+    "dinov2-small": dict(model_type="dinov2", hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                         mlp_ratio=4, patch_size=14, image_size=518, layerscale_value=1.0),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+}
+
 # transformers 4.x DINOv2 attention names -> 5.x
 _DINO_V4_NAMES = [
     (re.compile(r"\.attention\.attention\.query\."), ".attention.q_proj."),
