@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import eval_readers
 from generate import device_context, load_checkpoint
+from model import FoveatedVLM
 from tokenization import answer_ids, prompt_ids
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
@@ -178,6 +179,42 @@ def run(checkpoint, roots, only=None, modes=MODES, limit=None, max_frames=64, de
     return results
 
 
+# The 135M shapes (dinov2-small, SmolLM2-135M), random weights: timing needs no download.
+SPEED_DINO = dict(model_type="dinov2", hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+                  patch_size=14, image_size=224)
+SPEED_LLM = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                 num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                 tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+@torch.no_grad()
+def speed_report(num_frames=16, num_options=4, prompt_len=60, option_len=8, modes=MODES, seed=0):
+    """Questions/s of shared scoring (`score_options`) vs the naive per-option, per-mode forward, for one
+    video question and one replicated-image question at the 135M shapes on this machine's CPU."""
+    torch.manual_seed(seed)
+    model = FoveatedVLM(llm_config=dict(SPEED_LLM), dino_config=dict(SPEED_DINO), query_dim=384).eval()
+    prompt = torch.randint(3, 49152, (prompt_len,)).tolist()
+    options = [torch.randint(3, 49152, (option_len,)).tolist() for _ in range(num_options)]
+    image = torch.randn(1, 1, 3, 224, 224).expand(1, 8, -1, -1, -1)
+    lines = []
+    for name, frames in ((f"{num_frames}-frame video", torch.randn(1, num_frames, 3, 224, 224)),
+                         ("image x8", image)):
+        times, scores = {}, {}
+        for path in ("shared", "naive"):
+            start = time.perf_counter()
+            if path == "shared":
+                scores[path] = model.score_options(frames, prompt, options, modes=tuple(modes))
+            else:
+                scores[path] = option_scores_naive(model, frames, prompt, options, modes)
+            times[path] = time.perf_counter() - start
+        diff = max((scores["shared"][m] - scores["naive"][m]).abs().max().item() for m in modes)
+        lines.append(f"{name:<16} {num_options} options x {len(modes)} modes: shared {1 / times['shared']:.3f} q/s, "
+                     f"naive {1 / times['naive']:.3f} q/s, speed-up {times['naive'] / times['shared']:.1f}x "
+                     f"(max score difference {diff:.1e})")
+    head = f"MCQ scoring at the 135M shapes, random weights, CPU, {torch.get_num_threads()} threads"
+    return "\n".join([head] + lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint folder (model.save_pretrained / train.py output)")
@@ -193,8 +230,6 @@ def main(argv=None):
     p.add_argument("--speed", action="store_true", help="time shared vs naive scoring (random 135M shapes)")
     args = p.parse_args(argv)
     if args.speed:
-        from eval_speed import speed_report
-
         print(speed_report())
         return
     if not args.checkpoint:
