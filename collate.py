@@ -1,0 +1,95 @@
+"""Batching variable-length samples into the model's batch contract (../notes/CONTRACT.md).
+
+CE batch:  frames [B, T, 3, H, W] float32, frame_mask [B, T] bool (real frames first), input_ids [B, S] long,
+           attention_mask [B, S] long (right padding), loss_mask [B, S] long.
+DPO batch: frames, frame_mask, chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids, rejected_mask,
+           rejected_loss_mask.
+T is the batch's longest video (0 for a text-only batch); text is padded with the tokenizer's pad id.
+Every batch also has `skipped`: a Counter of samples the loader skipped, by reason, since the previous batch
+(pop it before calling the model). `BudgetBatches` makes batches that hold at most `max_total_frames` frames.
+"""
+
+from collections import Counter
+
+import torch
+from torch.utils.data import IterableDataset
+
+
+def pad_frames(samples):
+    """Stack each sample's frames [T_i, 3, H, W] into [B, T, 3, H, W] with frame_mask [B, T]."""
+    shapes = {tuple(s["frames"].shape[1:]) for s in samples}
+    assert len(shapes) == 1, f"frames of different sizes in one batch: {shapes}"
+    T = max(s["frames"].shape[0] for s in samples)
+    frames = torch.zeros(len(samples), T, *shapes.pop())  # [B, T, 3, H, W]
+    frame_mask = torch.zeros(len(samples), T, dtype=torch.bool)  # [B, T]
+    for b, s in enumerate(samples):
+        t = s["frames"].shape[0]
+        frames[b, :t] = s["frames"]  # materialises replicated (stride-0) image frames
+        frame_mask[b, :t] = True
+    return frames, frame_mask
+
+
+def pad_text(id_list, mask_list, pad_id):
+    """Right-pad 1-D id and loss-mask tensors -> ids, attention_mask, loss_mask, each [B, S]."""
+    S = max(len(x) for x in id_list)
+    ids = torch.full((len(id_list), S), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(id_list), S, dtype=torch.long)
+    loss = torch.zeros(len(id_list), S, dtype=torch.long)
+    for b, (x, m) in enumerate(zip(id_list, mask_list)):
+        assert len(x) == len(m), f"sample {b}: {len(x)} ids but {len(m)} loss-mask entries"
+        ids[b, :len(x)], attention[b, :len(x)], loss[b, :len(x)] = x, 1, m
+    return ids, attention, loss
+
+
+def _skipped(samples):
+    total = Counter()
+    for s in samples:
+        total.update(s.get("skipped", {}))
+    return total
+
+
+def collate_ce(samples, pad_id):
+    frames, frame_mask = pad_frames(samples)
+    ids, attention, loss = pad_text([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
+    return {"frames": frames, "frame_mask": frame_mask, "input_ids": ids, "attention_mask": attention,
+            "loss_mask": loss, "skipped": _skipped(samples)}
+
+
+def collate_dpo(samples, pad_id):
+    frames, frame_mask = pad_frames(samples)
+    batch = {"frames": frames, "frame_mask": frame_mask}
+    for side in ("chosen", "rejected"):
+        ids, attention, loss = pad_text([s[f"{side}_ids"] for s in samples],
+                                        [s[f"{side}_loss_mask"] for s in samples], pad_id)
+        batch.update({f"{side}_ids": ids, f"{side}_mask": attention, f"{side}_loss_mask": loss})
+    batch["skipped"] = _skipped(samples)
+    return batch
+
+
+def collate(samples, pad_id):
+    """A list of samples (all CE or all DPO) -> one batch."""
+    assert samples, "empty batch"
+    return collate_dpo(samples, pad_id) if "chosen_ids" in samples[0] else collate_ce(samples, pad_id)
+
+
+class BudgetBatches(IterableDataset):
+    """Group a sample stream into lists of at most `batch_size` samples whose padded frame count
+    (len(batch) * longest T) stays within `max_total_frames`. A video longer than the budget is a batch of
+    one. Text-only samples (T = 0) are limited by batch_size only."""
+
+    def __init__(self, samples, batch_size, max_total_frames):
+        assert batch_size >= 1 and max_total_frames >= 1, (batch_size, max_total_frames)
+        self.samples, self.batch_size, self.max_total_frames = samples, batch_size, max_total_frames
+
+    def __iter__(self):
+        batch, longest = [], 0
+        for s in self.samples:
+            t = s["frames"].shape[0]
+            fits = max(longest, t) * (len(batch) + 1) <= self.max_total_frames
+            if batch and (len(batch) == self.batch_size or not fits):
+                yield batch
+                batch, longest = [], 0
+            batch.append(s)
+            longest = max(longest, t)
+        if batch:
+            yield batch

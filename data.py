@@ -1,0 +1,393 @@
+"""WebDataset shard reading for all training stages: video2dataset mp4, pre-extracted frames, images, text.
+
+A sample is the run of consecutive tar members sharing a key (the member name up to the first dot of its
+basename; the rest, lowercased, is the field). Formats follow ../shared/FORMATS.md:
+- `mp4` (+ `txt`/`json`, video2dataset): frames at `sample_fps` up to `max_frames`; a longer video is sampled
+  uniformly over its whole length (`frame_sampling: uniform`) or keeps its first `max_frames` (`head`).
+  Samples whose json `status` is not "success" (failed downloads, written without mp4) are skipped.
+- pre-extracted frames: one image field (`jpg`/`jpeg`/`png`/`webp`) or numbered `000.jpg`, `001.jpg`, ...;
+  a single image becomes `replicate_image_frames` views of one tensor (stride 0, no copy), so the model's
+  content dedup encodes it once.
+- text: json `messages` | `user`+`assistant` | `question`+`chosen`+`rejected` (DPO) | `caption`, or `txt`.
+Frames are square-resized to `frame_size` and ImageNet-normalised: [T, 3, H, W] float32.
+
+Training reads an endless stream (each pass over this worker's shards in a new random order, then a
+shuffle buffer of undecoded samples); evaluation reads one ordered pass. Shards are split across DDP ranks
+and DataLoader workers so no sample is read twice per pass. Bad samples are skipped and counted by reason;
+each yielded sample carries the counts since the previous one (`sample["skipped"]`), so the counts reach
+the main process with the batches whatever the number of workers.
+
+Inspector: `python data.py --config CONFIG [--stage N] [--limit K]` (see `inspect_main`).
+"""
+
+import functools
+import io
+import json
+import logging
+import random
+import re
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from decord import VideoReader
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from collate import BudgetBatches, collate
+from shards import assign_shards, expand_shards, iter_tar
+from tokenization import PromptTooLong, caption_messages, tokenize_chat, tokenize_dpo
+
+log = logging.getLogger("fvlm.data")
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+VIDEO_FIELDS = ("mp4", "webm", "mkv", "avi", "mov")
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+NUMBERED_FRAME = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
+DEFAULT_PROMPT = "Describe this video."
+LOSS_TYPES = ("text_ce_all", "text_ce_answer_only", "dpo")
+FRAME_SAMPLING = ("uniform", "head")
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; `reason` is the short label it is counted under."""
+
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- frames
+
+def normalise(rgb):
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], ImageNet-normalised."""
+    x = torch.from_numpy(rgb).movedim(-1, -3).contiguous().float()  # contiguous first: much faster arithmetic
+    return x.mul_(1 / 255).sub_(IMAGENET_MEAN).div_(IMAGENET_STD)
+
+
+def decode_image(data, frame_size):
+    """Encoded image bytes -> [3, H, W] (plain square resize, as the spec's transforms.Resize((S, S)))."""
+    img = Image.open(io.BytesIO(data)).convert("RGB").resize((frame_size, frame_size), Image.BILINEAR)
+    return normalise(np.array(img))  # a writable copy
+
+
+def frame_indices(num_frames, fps, max_frames, sampling="uniform", sample_fps=1.0):
+    """Frame indices at `sample_fps`; beyond `max_frames`, uniform over the video (`uniform`) or the first ones.
+
+    Uniform picks the middle frame of `max_frames` equal segments, as MVBench's reader does.
+    """
+    assert sampling in FRAME_SAMPLING, f"frame_sampling must be one of {FRAME_SAMPLING}, got {sampling!r}"
+    if num_frames <= 0:
+        return []
+    step = fps / sample_fps if fps and fps > 0 else 1.0  # source frames per sampled frame
+    idx = [int(i * step) for i in range(max(1, int(np.ceil(num_frames / step))))]
+    if len(idx) <= max_frames:
+        return idx
+    if sampling == "head":
+        return idx[:max_frames]
+    seg = num_frames / max_frames
+    return [min(num_frames - 1, int(seg / 2 + seg * i)) for i in range(max_frames)]
+
+
+def decode_video(data, frame_size, max_frames, sampling="uniform", sample_fps=1.0):
+    """Encoded video bytes -> [T, 3, H, W]; decord resizes while decoding."""
+    try:
+        vr = VideoReader(io.BytesIO(data), width=frame_size, height=frame_size, num_threads=1)
+        idx = frame_indices(len(vr), vr.get_avg_fps(), max_frames, sampling, sample_fps)
+        if not idx:
+            raise SkipSample("empty_video")
+        return normalise(vr.get_batch(idx).asnumpy())
+    except RuntimeError as e:  # decord raises DECORDError (a RuntimeError) for unreadable or truncated data
+        raise SkipSample("bad_video", str(e).splitlines()[0][:200]) from e
+
+
+def _image(data, frame_size, name):
+    try:
+        return decode_image(data, frame_size)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SkipSample("bad_image", f"{name}: {e}") from e
+
+
+def sample_frames(fields, cfg):
+    """The sample's visual input -> (kind, format, frames [T, 3, H, W]); kind is video | image | text and
+    format names the field(s) decoded (e.g. `mp4`, `jpg frames`, `jpg`)."""
+    video = next((f for f in VIDEO_FIELDS if f in fields), None)
+    if video:
+        return "video", video, decode_video(fields[video], cfg["frame_size"], cfg["max_frames"],
+                                     cfg["frame_sampling"], cfg["sample_fps"])
+    numbered = sorted((int(m.group(1)), f) for f in fields if (m := NUMBERED_FRAME.match(f)))
+    if numbered:
+        names = [f for _, f in numbered]  # already extracted: every frame, unless more than max_frames
+        keep = frame_indices(len(names), 0, cfg["max_frames"], cfg["frame_sampling"])
+        frames = [_image(fields[names[i]], cfg["frame_size"], names[i]) for i in keep]
+        return "video", names[0].split(".")[-1] + " frames", torch.stack(frames)
+    image = next((f for f in IMAGE_FIELDS if f in fields), None)
+    if image:
+        frame = _image(fields[image], cfg["frame_size"], image)  # [3, H, W]
+        return "image", image, frame.unsqueeze(0).expand(max(1, cfg["replicate_image_frames"]), -1, -1, -1)
+    size = cfg["frame_size"]
+    return "text", "none", torch.zeros(0, 3, size, size)
+
+
+# ---------------------------------------------------------------- text
+
+def sample_meta(fields):
+    """The json metadata (or {}), with failed video2dataset downloads rejected."""
+    if "json" not in fields:
+        return {}
+    try:
+        meta = json.loads(fields["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SkipSample("bad_json", str(e)) from e
+    if not isinstance(meta, dict):
+        raise SkipSample("bad_json", f"expected an object, got {type(meta).__name__}")
+    if "status" in meta and meta["status"] != "success":
+        raise SkipSample("failed_download", f"status {meta['status']!r}")
+    return meta
+
+
+def conversation(meta, fields, prompt):
+    """Metadata -> ("chat", messages) or ("dpo", (question, chosen, rejected))."""
+    if "messages" in meta:
+        return "chat", meta["messages"]
+    if "user" in meta or "assistant" in meta:
+        if not (meta.get("user") and meta.get("assistant")):
+            raise SkipSample("missing_field", "needs both user and assistant")
+        return "chat", [{"role": "user", "content": meta["user"]}, {"role": "assistant", "content": meta["assistant"]}]
+    if "chosen" in meta or "rejected" in meta:
+        if not all(meta.get(k) for k in ("question", "chosen", "rejected")):
+            raise SkipSample("missing_field", "needs question, chosen and rejected")
+        return "dpo", (meta["question"], meta["chosen"], meta["rejected"])
+    caption = meta.get("caption")
+    if not caption and "txt" in fields:
+        caption = fields["txt"].decode("utf-8", errors="replace")
+    if not caption or not caption.strip():
+        raise SkipSample("no_text")
+    return "chat", caption_messages(caption, prompt)
+
+
+def tokenize_sample(tokenizer, meta, fields, cfg):
+    """Token ids and loss masks for the configured loss type."""
+    form, content = conversation(meta, fields, cfg["prompt"])
+    try:
+        if cfg["loss"] == "dpo":
+            if form != "dpo":
+                raise SkipSample("not_dpo", "loss.type dpo needs question/chosen/rejected")
+            return tokenize_dpo(tokenizer, *content, max_tokens=cfg["max_text_tokens"])
+        if form == "dpo":  # a preference pair in a CE stage trains on its chosen answer
+            content = [{"role": "user", "content": content[0]}, {"role": "assistant", "content": content[1]}]
+        loss = "all" if cfg["loss"] == "text_ce_all" else "assistant"
+        return tokenize_chat(tokenizer, content, loss=loss, max_tokens=cfg["max_text_tokens"])
+    except PromptTooLong as e:
+        raise SkipSample("prompt_too_long", str(e)) from e
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SkipSample("bad_text", str(e)) from e
+
+
+def decode_sample(key, fields, shard, tokenizer, cfg):
+    """Raw tar fields -> a training sample dict. Raises SkipSample."""
+    meta = sample_meta(fields)
+    if "status" in meta and not any(f in fields for f in VIDEO_FIELDS):
+        raise SkipSample("no_video", "status success but no video field")
+    text = tokenize_sample(tokenizer, meta, fields, cfg)  # first: cheap, and it rejects before decoding
+    kind, fmt, frames = sample_frames(fields, cfg)
+    return {"kind": "dpo" if cfg["loss"] == "dpo" else kind, "format": fmt, "key": key, "shard": shard,
+            "frames": frames, **text}
+
+
+# ---------------------------------------------------------------- the stream
+
+class ShardDataset(IterableDataset):
+    """Decoded samples from WebDataset shards: endless and shuffled (train=True) or one ordered pass.
+
+    rank/world default to torch.distributed when it is initialised (else 0/1); DataLoader workers split the
+    rank's share further. Each sample carries `skipped`: a Counter of samples skipped (by reason) since the
+    previous sample from the same worker; the last sample of a pass also carries the skips after it. A
+    worker that yields no sample at all has nobody to carry its counts: they show only in its warnings and in
+    `dataset.skipped` when iterating in-process.
+    """
+
+    def __init__(self, shards, tokenizer, *, loss="text_ce_all", train=True, max_frames=64, frame_size=224,
+                 replicate_image_frames=1, max_text_tokens=1024, frame_sampling="uniform", sample_fps=1.0,
+                 prompt=None, shuffle_buffer=100, seed=0, rank=None, world=None, warn_limit=5):
+        if loss not in LOSS_TYPES:
+            raise ValueError(f"loss must be one of {LOSS_TYPES}, got {loss!r}")
+        if frame_sampling not in FRAME_SAMPLING:
+            raise ValueError(f"frame_sampling must be one of {FRAME_SAMPLING}, got {frame_sampling!r}")
+        self.shards = expand_shards(shards)
+        self.tokenizer = tokenizer
+        self.train, self.seed, self.shuffle_buffer, self.warn_limit = train, seed, shuffle_buffer, warn_limit
+        self.cfg = dict(loss=loss, max_frames=max_frames, frame_size=frame_size, sample_fps=sample_fps,
+                        replicate_image_frames=replicate_image_frames, max_text_tokens=max_text_tokens,
+                        frame_sampling=frame_sampling, prompt=prompt or DEFAULT_PROMPT)
+        if rank is None:
+            ddp = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+        self.rank, self.world = rank, world
+
+    def _split(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        return self.rank * workers + worker, self.world * workers
+
+    def _raw(self, parts, rng):
+        """(key, fields, shard) in order, or endlessly: each pass in a new order, through a shuffle buffer."""
+        if not self.train:
+            for shard, stride, offset in parts:
+                yield from iter_tar(shard, stride, offset, self._count)
+            return
+        buffer = []
+        while True:
+            for shard, stride, offset in rng.sample(parts, len(parts)):
+                for item in iter_tar(shard, stride, offset, self._count):
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append(item)
+                        continue
+                    i = rng.randrange(len(buffer))
+                    buffer[i], item = item, buffer[i]
+                    yield item
+            if self._good == 0:
+                raise RuntimeError(f"no usable sample in {len(parts)} shard part(s) of {self.shards[0]}...: "
+                                   f"skipped {dict(self._skipped)}")
+
+    def _count(self, reason, key, shard, detail=""):
+        self._skipped[reason] += 1
+        self.skipped[reason] += 1
+        self._warned += 1
+        if self._warned <= self.warn_limit:
+            log.warning("skipping sample %r in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
+
+    def __iter__(self):
+        split, n_splits = self._split()
+        parts = assign_shards(self.shards, split, n_splits)
+        rng = random.Random(self.seed * 100003 + split)
+        self._skipped, self._warned, self._good = Counter(), 0, 0
+        self.skipped = Counter()  # this pass's totals in this process (the inspector, num_workers=0)
+        held = None  # one sample of look-ahead, so skips after the last sample still travel with it
+        for key, fields, shard in self._raw(parts, rng):
+            start = time.perf_counter()
+            try:
+                sample = decode_sample(key, fields, shard, self.tokenizer, self.cfg)
+                sample["seconds"] = time.perf_counter() - start  # decode + tokenize time
+            except SkipSample as e:
+                self._count(e.reason, key, shard, str(e))
+                continue
+            self._good += 1
+            if held is not None:
+                held["skipped"], self._skipped = self._skipped, Counter()
+                yield held
+            held = sample
+        if held is not None:
+            held["skipped"] = self._skipped
+            yield held
+
+
+def make_loader(dataset, batch_size, pad_id, num_workers=0, prefetch_factor=2, max_total_frames=None):
+    """Batches from a ShardDataset (see collate.collate). With max_total_frames, a batch holds at most that
+    many (padded) frames, so long videos make smaller batches."""
+    kwargs = dict(num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None,
+                  persistent_workers=num_workers > 0, collate_fn=functools.partial(collate, pad_id=pad_id))
+    if max_total_frames:
+        return DataLoader(BudgetBatches(dataset, batch_size, max_total_frames), batch_size=None, **kwargs)
+    return DataLoader(dataset, batch_size=batch_size, **kwargs)
+
+
+# ---------------------------------------------------------------- from a config, and the inspector
+
+DATASET_KEYS = ("max_frames", "frame_size", "replicate_image_frames", "max_text_tokens", "frame_sampling",
+                "sample_fps", "prompt", "shuffle_buffer")
+STAGE_LOSS = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}
+
+
+def dataset_from_config(cfg, tokenizer, split="train", loss=None, rank=None, world=None):
+    """The ShardDataset of one shard set of a config.Config: train (endless), text (endless) or val (one pass).
+
+    Data keys the config does not set keep ShardDataset's defaults.
+    """
+    shards = {"train": cfg.data.train_shards, "text": cfg.data.text_shards, "val": cfg.data.val_shards}[split]
+    if not shards:
+        raise ValueError(f"data.{split}_shards is not set")
+    kwargs = {k: getattr(cfg.data, k) for k in DATASET_KEYS if getattr(cfg.data, k, None) is not None}
+    return ShardDataset(shards, tokenizer, loss=loss or cfg.loss.type, train=split != "val",
+                        seed=cfg.training.seed, rank=rank, world=world, **kwargs)
+
+
+def inspect_shards(datasets, limit=None):
+    """One ordered pass over each dataset (up to `limit` samples in all).
+
+    Returns (per-sample rows (kind, format, frames, text tokens, decode seconds), skipped Counter, wall seconds).
+    """
+    from tqdm import tqdm
+
+    rows, skipped, start = [], Counter(), time.perf_counter()
+    with tqdm(total=limit, unit="sample", desc="reading") as bar:
+        for dataset in datasets:
+            for sample in dataset:
+                tokens = len(sample["input_ids" if "input_ids" in sample else "chosen_ids"])
+                rows.append((sample["kind"], sample["format"], sample["frames"].shape[0], tokens, sample["seconds"]))
+                bar.update(1)
+                if limit and len(rows) >= limit:
+                    break
+            skipped.update(dataset.skipped)
+            if limit and len(rows) >= limit:
+                break
+    return rows, skipped, time.perf_counter() - start
+
+
+def _min_med_max(values):
+    return f"{min(values)} / {int(np.median(values))} / {max(values)}"
+
+
+def format_report(rows, skipped, seconds):
+    """The inspector's table: samples by kind, decode rate by format, skips by reason, and the totals."""
+    lines = [f"{'kind':<6} {'samples':>8} {'frames min/med/max':>20} {'text tokens min/med/max':>25}"]
+    for kind in ("video", "image", "text", "dpo"):
+        mine = [r for r in rows if r[0] == kind]
+        if mine:
+            lines.append(f"{kind:<6} {len(mine):>8} {_min_med_max([r[2] for r in mine]):>20} "
+                         f"{_min_med_max([r[3] for r in mine]):>25}")
+    lines.append("decode + tokenize throughput by format (one process, 1 thread):")
+    for fmt in sorted({r[1] for r in rows}):
+        mine = [r for r in rows if r[1] == fmt]
+        busy = sum(r[4] for r in mine)
+        lines.append(f"  {fmt:<12} {len(mine) / busy if busy else float('inf'):>9.1f} samples/s "
+                     f"{sum(r[2] for r in mine) / busy if busy else 0:>9.1f} frames/s")
+    lines.append("skipped by reason: " + (", ".join(f"{r} {c}" for r, c in sorted(skipped.items())) or "none"))
+    lines.append(f"read + decode + tokenize: {len(rows) / seconds:.1f} samples/s over {seconds:.1f}s")
+    lines.append(f"samples: {len(rows)}  skipped: {sum(skipped.values())}")
+    return "\n".join(lines)
+
+
+def inspect_main(argv=None):
+    """`python data.py --config CONFIG [--stage N] [--limit K] [--split ...]`: read a config's shards once."""
+    import argparse
+
+    import config
+    from tokenization import load_tokenizer
+
+    parser = argparse.ArgumentParser(description="Inspect the shards of a training config.")
+    parser.add_argument("--config", required=True, help="stage YAML")
+    parser.add_argument("--stage", type=int, choices=sorted(STAGE_LOSS), help="tokenize as this stage "
+                        "(1 all-text CE, 2 answer-only CE, 3 DPO); default: the config's loss.type")
+    parser.add_argument("--limit", type=int, help="stop after this many samples")
+    parser.add_argument("--split", choices=("train", "text", "val"), action="append",
+                        help="shard sets to read (repeatable); default: every one the config sets")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    cfg = config.load(args.config, check=False)
+    tokenizer = load_tokenizer(config.tokenizer_name(cfg))
+    splits = args.split or [s for s in ("train", "text", "val") if getattr(cfg.data, f"{s}_shards")]
+    datasets = []
+    for split in splits:
+        ds = dataset_from_config(cfg, tokenizer, split, loss=STAGE_LOSS.get(args.stage))
+        ds.train = False  # inspect: one ordered pass
+        datasets.append(ds)
+        print(f"{split}: {len(ds.shards)} shard(s) from {getattr(cfg.data, f'{split}_shards')}")
+    print(format_report(*inspect_shards(datasets, args.limit)))
+
+
+if __name__ == "__main__":
+    inspect_main()

@@ -1,0 +1,84 @@
+"""Batch padding (frames, text, DPO), the token-budget batcher and the text-retention schedule."""
+
+from collections import Counter
+
+import torch
+
+from collate import BudgetBatches, collate
+from text_interleave import interleave, is_text_step
+
+PAD = 2
+
+
+def ce_sample(T, ids, mask, skipped=None):
+    frames = torch.arange(1, T + 1, dtype=torch.float32).view(T, 1, 1, 1).expand(T, 3, 4, 4)
+    return {"frames": frames, "input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask),
+            "skipped": Counter(skipped or {})}
+
+
+def test_ce_collate_pads_frames_and_text():
+    batch = collate([ce_sample(2, [5, 6, 7], [0, 1, 1], {"bad_video": 1}),
+                     ce_sample(4, [8, 9], [1, 1], {"bad_video": 2, "no_text": 1})], PAD)
+    assert batch["frames"].shape == (2, 4, 3, 4, 4)
+    assert batch["frame_mask"].tolist() == [[True, True, False, False], [True] * 4]
+    assert batch["frames"][0, :, 0, 0, 0].tolist() == [1, 2, 0, 0]  # real frames first, zeros after
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, PAD]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["loss_mask"].tolist() == [[0, 1, 1], [1, 1, 0]]
+    assert batch["input_ids"].dtype == torch.long and batch["frame_mask"].dtype == torch.bool
+    assert batch["skipped"] == {"bad_video": 3, "no_text": 1}
+
+
+def test_replicated_image_is_materialised():
+    frame = torch.randn(3, 4, 4)
+    image = {"frames": frame.unsqueeze(0).expand(8, -1, -1, -1), "input_ids": torch.tensor([1]),
+             "loss_mask": torch.tensor([1])}
+    batch = collate([image], PAD)
+    assert batch["frames"].stride(1) != 0 and torch.equal(batch["frames"][0, 7], frame)
+
+
+def test_dpo_collate():
+    def pair(T, c, r):
+        return {"frames": torch.zeros(T, 3, 4, 4), "skipped": Counter(),
+                "chosen_ids": torch.tensor(c), "chosen_loss_mask": torch.ones(len(c), dtype=torch.long),
+                "rejected_ids": torch.tensor(r), "rejected_loss_mask": torch.ones(len(r), dtype=torch.long)}
+
+    batch = collate([pair(1, [3, 4], [3, 5, 6]), pair(2, [3], [3])], PAD)
+    assert set(batch) == {"frames", "frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
+                          "rejected_mask", "rejected_loss_mask", "skipped"}
+    assert batch["chosen_ids"].tolist() == [[3, 4], [3, PAD]]
+    assert batch["rejected_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["rejected_loss_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["frame_mask"].tolist() == [[True, False], [True, True]]
+
+
+def test_budget_batches_respect_max_total_frames():
+    Ts = [4, 4, 4, 10, 2, 2, 20, 0, 0, 0]
+    samples = [ce_sample(T, [1], [1]) if T else {"frames": torch.zeros(0, 3, 4, 4)} for T in Ts]
+    batches = list(BudgetBatches(samples, batch_size=3, max_total_frames=12))
+    sizes = [[b["frames"].shape[0] for b in batch] for batch in batches]
+    assert sizes == [[4, 4, 4], [10], [2, 2], [20], [0, 0, 0]]
+    for batch in sizes[:3]:
+        assert len(batch) * max(batch) <= 12
+
+
+def test_text_steps_exact_share_and_seeded():
+    steps = [is_text_step(i, 0.14, seed=0) for i in range(1000)]
+    assert sum(steps) == 140
+    assert all(sum(steps[i:i + 50]) in (7, 8) for i in range(0, 950, 50))  # spread, not bunched
+    assert steps == [is_text_step(i, 0.14, seed=0) for i in range(1000)]
+    assert steps != [is_text_step(i, 0.14, seed=1) for i in range(1000)]
+    assert not any(is_text_step(i, 0.0, seed=0) for i in range(100))
+
+
+def test_interleave_uses_text_batches_at_text_steps():
+    visual = ({"frames": torch.zeros(2, 3, 3, 4, 4), "i": i} for i in range(1000))
+    text = ({"frames": torch.zeros(2, 0, 3, 4, 4), "i": i} for i in range(1000))
+    out = [b for _, b in zip(range(100), interleave(visual, text, 0.25, seed=3))]
+    kinds = [b["frames"].shape[1] == 0 for _, b in out]
+    assert kinds == [is_text_step(i, 0.25, seed=3) for i in range(100)] and sum(kinds) == 25
+    assert [b["i"] for _, b in out if b["frames"].shape[1]] == list(range(75))  # each stream in order
+    resumed = interleave(iter([{"frames": torch.zeros(1, 3, 3, 4, 4)}] * 10),
+                         iter([{"frames": torch.zeros(1, 0, 3, 4, 4)}] * 10), 0.25, seed=3, start_step=40)
+    got = [(step, b["frames"].shape[1] == 0) for step, b in (next(resumed) for _ in range(5))]
+    assert got == [(40 + i, kinds[40 + i]) for i in range(5)]  # a resumed run continues the same schedule

@@ -1,0 +1,198 @@
+"""Shard reading: every format, frame counts and normalisation, replication, skips by reason, DDP splits."""
+
+import logging
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from collate import collate
+from data import IMAGENET_MEAN, IMAGENET_STD, ShardDataset, frame_indices, make_loader
+from shards import assign_shards, expand_shards, iter_tar, split_name
+from synthetic import BACKGROUND, encode_jpg, encode_mp4, render, write_tar
+
+SIZE = 32
+
+
+def scene(colour="red", direction="right"):
+    return {"colour": colour, "shape": "square", "direction": direction, "lateral": 0.5}
+
+
+def mp4(frames=6, fps=1, colour="red"):
+    return encode_mp4(render(scene(colour), 64, frames), fps)
+
+
+def v2d(key, caption="a red square moves right", status="success", video=True):
+    """A video2dataset sample: mp4 + txt + json (failed downloads have no mp4)."""
+    fields = {"txt": caption, "json": {"key": key, "status": status, "error_message": None}}
+    if video:
+        fields["mp4"] = mp4()
+    return key, fields
+
+
+def solid_jpg(value):
+    return encode_jpg(np.full((40, 40, 3), value, dtype=np.uint8))
+
+
+def read(path, tokenizer, **kwargs):
+    kwargs = {"train": False, "frame_size": SIZE, "max_frames": 8, **kwargs}
+    ds = ShardDataset(str(path), tokenizer, **kwargs)
+    samples = list(ds)
+    carried = sum((s["skipped"] for s in samples), start=Counter())
+    assert not samples or carried == ds.skipped, "the samples must carry every skip of the pass"
+    return samples, ds.skipped
+
+
+def test_video2dataset_shard_with_failures(tmp_path, tokenizer, caplog):
+    good = [v2d(f"00000000{i}") for i in range(3)]
+    failed = v2d("000000010", status="failed_to_download", video=False)
+    truncated = ("000000011", {**v2d("000000011")[1], "mp4": mp4()[:500]})
+    bad_json = ("000000012", {"mp4": mp4(), "json": "{not json"})
+    no_video = v2d("000000013", video=False)
+    write_tar(tmp_path / "00000.tar", [good[0], failed, good[1], truncated, bad_json, no_video, good[2]])
+    with caplog.at_level(logging.WARNING, logger="fvlm.data"):
+        samples, skipped = read(tmp_path / "00000.tar", tokenizer)
+    assert [s["key"] for s in samples] == ["000000000", "000000001", "000000002"]
+    assert skipped == {"failed_download": 1, "bad_video": 1, "bad_json": 1, "no_video": 1}
+    assert "000000011" in caplog.text and "00000.tar" in caplog.text and "bad_video" in caplog.text
+    frames = samples[0]["frames"]
+    assert frames.shape == (6, 3, SIZE, SIZE) and frames.dtype == torch.float32
+    # A background corner pixel is grey BACKGROUND, ImageNet-normalised per channel.
+    expected = (BACKGROUND / 255 - IMAGENET_MEAN.view(3)) / IMAGENET_STD.view(3)
+    assert torch.allclose(frames[0, :, 0, 0], expected, atol=0.08)
+    # Stage 1: loss on every token of the caption conversation.
+    assert samples[0]["loss_mask"].tolist() == [1] * len(samples[0]["input_ids"])
+    assert samples[0]["kind"] == "video" and "a red square moves right" in tokenizer.decode(samples[0]["input_ids"])
+
+
+def test_frame_sampling_rules():
+    assert frame_indices(300, 30.0, 64) == list(range(0, 300, 30))  # 10 s at 1 fps
+    assert frame_indices(300, 30.0, 4, "head") == [0, 30, 60, 90]
+    assert frame_indices(300, 30.0, 4, "uniform") == [37, 112, 187, 262]  # middles of 4 segments
+    assert frame_indices(8, 4.0, 64, sample_fps=1.0) == [0, 4]
+    assert frame_indices(0, 30.0, 4) == []
+
+
+def test_mp4_sampled_at_one_fps(tmp_path, tokenizer):
+    write_tar(tmp_path / "a.tar", [("k", {"mp4": mp4(frames=8, fps=4), "txt": "x"})])
+    assert read(tmp_path / "a.tar", tokenizer)[0][0]["frames"].shape[0] == 2  # 2 s of video at 1 fps
+    assert read(tmp_path / "a.tar", tokenizer, sample_fps=4.0)[0][0]["frames"].shape[0] == 8
+
+
+def test_jpg_frames_in_order_and_image_replicated(tmp_path, tokenizer):
+    meta = {"user": "What colour?", "assistant": "A. red"}
+    frames = {f"{i:03d}.jpg": solid_jpg(40 * i) for i in (2, 0, 3, 1)}  # tar order is not frame order
+    write_tar(tmp_path / "f.tar", [("clip", {**frames, "json": meta}),
+                                   ("still", {"jpg": solid_jpg(200), "json": meta})])
+    samples, skipped = read(tmp_path / "f.tar", tokenizer, loss="text_ce_answer_only", replicate_image_frames=8)
+    clip, still = samples
+    assert not skipped
+    assert clip["kind"] == "video" and clip["frames"].shape == (4, 3, SIZE, SIZE)
+    means = clip["frames"][:, 0].mean(dim=(1, 2))
+    assert torch.all(means[1:] > means[:-1])  # 000, 001, 002, 003: brightness increases
+    assert still["kind"] == "image" and still["frames"].shape == (8, 3, SIZE, SIZE)
+    assert still["frames"].stride(0) == 0  # one tensor, eight views: no copy
+    assert torch.unique(still["frames"].reshape(8, -1), dim=0).shape[0] == 1
+    assert tokenizer.decode(still["input_ids"][still["loss_mask"].bool()]) == "A. red<|im_end|>"
+
+
+def test_dpo_and_text_samples(tmp_path, tokenizer):
+    pair = {"question": "What colour?", "chosen": "A. red", "rejected": "B. blue"}
+    chat = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    write_tar(tmp_path / "d.tar", [("p", {"mp4": mp4(), "json": pair}), ("c", {"mp4": mp4(), "txt": "cap"})])
+    write_tar(tmp_path / "t.tar", [("t", {"json": chat}), ("u", {"json": {"user": "hi"}}), ("e", {"json": {}})])
+    samples, skipped = read(tmp_path / "d.tar", tokenizer, loss="dpo")
+    assert [s["kind"] for s in samples] == ["dpo"] and skipped == {"not_dpo": 1}
+    s = samples[0]
+    assert tokenizer.decode(s["chosen_ids"][s["chosen_loss_mask"].bool()]) == "A. red<|im_end|>"
+    assert tokenizer.decode(s["rejected_ids"][s["rejected_loss_mask"].bool()]) == "B. blue<|im_end|>"
+    text, skipped = read(tmp_path / "t.tar", tokenizer, loss="text_ce_answer_only")
+    assert skipped == {"missing_field": 1, "no_text": 1}
+    assert text[0]["kind"] == "text" and text[0]["frames"].shape == (0, 3, SIZE, SIZE)
+    batch = collate(text, pad_id=tokenizer.pad_token_id)
+    assert batch["frames"].shape == (1, 0, 3, SIZE, SIZE) and batch["frame_mask"].shape == (1, 0)
+
+
+def test_prompt_too_long_is_skipped(tmp_path, tokenizer):
+    write_tar(tmp_path / "a.tar", [("k", {"json": {"user": "word " * 50, "assistant": "x"}})])
+    assert read(tmp_path / "a.tar", tokenizer, loss="text_ce_answer_only", max_text_tokens=20)[1] == {
+        "prompt_too_long": 1}
+
+
+def test_keys_fields_and_globs(tmp_path):
+    assert split_name("dir/abc.000.JPG") == ("dir/abc", "000.jpg")
+    assert split_name("abc_000.jpg") == ("abc_000", "jpg")
+    with pytest.raises(FileNotFoundError, match=r"nothing-\*\.tar"):
+        expand_shards([str(tmp_path / "nothing-*.tar")])
+    for i in range(3):
+        write_tar(tmp_path / f"s-{i:03d}.tar", [("k", {"txt": "x"})])
+    assert len(expand_shards(str(tmp_path / "s-{000..002}.tar"))) == 3
+
+
+def test_truncated_tar_keeps_earlier_samples(tmp_path):
+    write_tar(tmp_path / "a.tar", [(f"k{i}", {"txt": "x" * 3000}) for i in range(4)])
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:len(data) // 2])
+    skips = []
+    keys = [k for k, _, _ in iter_tar(str(tmp_path / "cut.tar"), on_skip=lambda *a: skips.append(a[0]))]
+    assert keys and len(keys) < 4 and skips == ["bad_shard"]
+    with pytest.raises(tarfile.TarError):
+        list(iter_tar(str(tmp_path / "cut.tar")))
+
+
+def caption_shards(tmp_path, n_shards, per_shard):
+    for s in range(n_shards):
+        write_tar(tmp_path / f"c-{s}.tar", [(f"s{s}k{i}", {"txt": f"caption {s} {i}"}) for i in range(per_shard)])
+    return str(tmp_path / "c-*.tar")
+
+
+@pytest.mark.parametrize("n_shards", [3, 1])
+def test_two_ranks_disjoint_and_complete(tmp_path, tokenizer, n_shards):
+    pattern = caption_shards(tmp_path, n_shards, 5)
+    keys = [[s["key"] for s in read(pattern, tokenizer, rank=r, world=2)[0]] for r in (0, 1)]
+    assert keys[0] and keys[1] and not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == sorted(f"s{s}k{i}" for s in range(n_shards) for i in range(5))
+
+
+def test_assign_shards_covers_every_sample_once():
+    for n_shards in (1, 2, 3, 5, 8):
+        shards = [f"s{i}" for i in range(n_shards)]
+        for n_splits in (1, 2, 3, 4, 6):
+            owners = {}
+            for split in range(n_splits):
+                for shard, stride, offset in assign_shards(shards, split, n_splits):
+                    for i in range(offset, 12, stride):
+                        assert (shard, i) not in owners, (n_shards, n_splits, shard, i)
+                        owners[shard, i] = split
+            assert len(owners) == 12 * n_shards
+
+
+def test_loader_workers_split_and_carry_skip_counts(tmp_path, tokenizer):
+    for s in range(4):
+        write_tar(tmp_path / f"w-{s}.tar", [(f"s{s}k{i}", {"txt": "cap"}) for i in range(3)]
+                  + [(f"s{s}bad", {"json": "{oops"})])
+    ds = ShardDataset(str(tmp_path / "w-*.tar"), tokenizer, train=False, frame_size=SIZE)
+    loader = make_loader(ds, batch_size=2, pad_id=tokenizer.pad_token_id, num_workers=2)
+    batches = list(loader)
+    assert sum(b["input_ids"].shape[0] for b in batches) == 12
+    assert sum((b["skipped"] for b in batches), start=Counter()) == {"bad_json": 4}
+
+
+def test_training_stream_is_endless_and_shuffled(tmp_path, tokenizer):
+    pattern = caption_shards(tmp_path, 2, 10)
+    ds = ShardDataset(pattern, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=8, seed=1)
+    stream = iter(ds)
+    keys = [next(stream)["key"] for _ in range(50)]
+    assert len(set(keys)) == 20  # every sample, and more than one pass
+    ordered = [s["key"] for s in read(pattern, tokenizer)[0]]
+    assert keys[:20] != ordered
+    again = iter(ShardDataset(pattern, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=8, seed=1))
+    assert [next(again)["key"] for _ in range(50)] == keys  # deterministic by seed
+
+
+def test_all_bad_training_stream_raises(tmp_path, tokenizer):
+    write_tar(tmp_path / "bad.tar", [("k", {"json": "{oops"})])
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        next(iter(ShardDataset(str(tmp_path / "bad.tar"), tokenizer, train=True, frame_size=SIZE)))
