@@ -1,0 +1,243 @@
+"""A small synthetic video set in the real formats, written deterministically from a seed.
+
+Each video shows one large, saturated shape (circle, square, triangle, cross) in one of four colours on a
+plain grey background, crossing the frame left, right, up or down. The questions (colour, shape, direction
+of motion) are learnable by a tiny model on a CPU in minutes; the set is the quickstart's default and the
+tests' fixture. Layout under --out:
+
+  stage1/train-*.tar, val-00000.tar   video2dataset: mp4 + txt (caption) + json {caption, key, status}
+  stage2/video-*.tar, val-00000.tar   mp4 + json {user, assistant, source}: an MCQ with `A. ...` option lines
+  stage2/frames-00000.tar             the same task as pre-extracted frames 000.jpg, 001.jpg, ... + json
+  stage2/image-00000.tar              still images (jpg; colour and shape questions) + json
+  stage3/dpo-00000.tar                mp4 + json {question, chosen, rejected}
+  text/text-00000.tar                 json {messages, source}: arithmetic chats (text retention)
+  mvbench/json/<task>.json            held-out MCQs in the MVBench layout {video, question, candidates, answer}
+  mvbench/video/<task>/<name>.mp4     with tasks colour, shape, direction
+
+Usage: python synthetic.py --out data/synthetic --seed 0
+"""
+
+import argparse
+import io
+import json
+import os
+import random
+import tarfile
+import time
+
+import av
+import numpy as np
+from PIL import Image
+
+from tokenization import format_mcq, mcq_answer
+
+COLOURS = {"red": (230, 25, 25), "green": (20, 200, 40), "blue": (30, 70, 255), "yellow": (245, 225, 20)}
+SHAPES = ("circle", "square", "triangle", "cross")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+BACKGROUND = 90
+QUESTIONS = {"colour": "What colour is the shape?", "shape": "What shape is shown?",
+             "direction": "Which way does the shape move?"}
+VALUES = {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
+
+
+def shape_mask(shape, size, cx, cy, r):
+    """Boolean [size, size] mask of a shape of half-width r centred at (cx, cy)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    dx, dy = x - cx, y - cy
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if shape == "square":
+        return (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+    if shape == "triangle":  # pointing up: width grows from the apex to the base
+        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    if shape == "cross":
+        return ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene, size, frames):
+    """A scene {colour, shape, direction, lateral} -> uint8 [T, size, size, 3]: the shape crosses the frame."""
+    r = size * 0.22
+    ux, uy = DIRECTIONS[scene["direction"]]
+    travel = np.linspace(r, size - 1 - r, frames)  # edge to edge along the motion axis
+    if ux < 0 or uy < 0:
+        travel = travel[::-1]
+    other = r + scene["lateral"] * (size - 1 - 2 * r)
+    out = np.full((frames, size, size, 3), BACKGROUND, dtype=np.uint8)
+    for t in range(frames):
+        cx, cy = (travel[t], other) if ux else (other, travel[t])
+        out[t][shape_mask(scene["shape"], size, cx, cy, r)] = COLOURS[scene["colour"]]
+    return out
+
+
+def random_scene(rng):
+    return {"colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES),
+            "direction": rng.choice(list(DIRECTIONS)), "lateral": rng.random()}
+
+
+def encode_mp4(video, fps):
+    """uint8 [T, H, W, 3] -> mp4 bytes (libx264, single-threaded so the bytes are deterministic)."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = video.shape[2], video.shape[1], "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "12", "threads": "1"}
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def encode_jpg(frame):
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def caption(scene):
+    return f"A {scene['colour']} {scene['shape']} moves {scene['direction']}."
+
+
+def mcq(scene, task, rng):
+    """(question text, candidates, index of the answer) with the four values in a random order."""
+    candidates = rng.sample(VALUES[task], len(VALUES[task]))
+    return QUESTIONS[task], candidates, candidates.index(scene[task])
+
+
+def write_tar(path, samples):
+    """samples: list of (key, {field: bytes or str or dict}); members get fixed metadata (deterministic)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, fields in samples:
+            for field, value in fields.items():
+                if isinstance(value, dict):
+                    value = json.dumps(value)
+                data = value.encode() if isinstance(value, str) else value
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(folder, prefix, samples, per_shard):
+    for i in range(0, len(samples), per_shard):
+        write_tar(os.path.join(folder, f"{prefix}-{i // per_shard:05d}.tar"), samples[i:i + per_shard])
+
+
+def stage1_samples(rng, n, args, tag):
+    out = []
+    for i in range(n):
+        scene, key = random_scene(rng), f"{tag}{i:06d}"
+        mp4 = encode_mp4(render(scene, args.size, args.frames), args.fps)
+        meta = {"key": key, "caption": caption(scene), "status": "success", "error_message": None}
+        out.append((key, {"mp4": mp4, "txt": caption(scene), "json": meta}))
+    return out
+
+
+def mcq_meta(scene, rng, tasks=tuple(QUESTIONS)):
+    task = rng.choice(tasks)
+    question, candidates, answer = mcq(scene, task, rng)
+    return {"user": format_mcq(question, candidates), "assistant": mcq_answer(candidates, answer), "source": task}
+
+
+def stage2_samples(rng, n, args, tag, media="video"):
+    """MCQ samples whose visual input is an mp4, numbered jpg frames, or a single jpg (no motion)."""
+    out = []
+    for i in range(n):
+        scene, key = random_scene(rng), f"{tag}{i:06d}"
+        video = render(scene, args.size, args.frames)
+        if media == "video":
+            fields = {"mp4": encode_mp4(video, args.fps), "json": mcq_meta(scene, rng)}
+        elif media == "frames":
+            fields = {f"{t:03d}.jpg": encode_jpg(f) for t, f in enumerate(video)}
+            fields["json"] = mcq_meta(scene, rng)
+        else:
+            fields = {"jpg": encode_jpg(video[len(video) // 2]), "json": mcq_meta(scene, rng, ("colour", "shape"))}
+        out.append((key, fields))
+    return out
+
+
+def dpo_samples(rng, n, args):
+    out = []
+    for i in range(n):
+        scene = random_scene(rng)
+        question, candidates, answer = mcq(scene, rng.choice(list(QUESTIONS)), rng)
+        wrong = rng.choice([j for j in range(len(candidates)) if j != answer])
+        meta = {"question": format_mcq(question, candidates), "chosen": mcq_answer(candidates, answer),
+                "rejected": mcq_answer(candidates, wrong)}
+        out.append((f"dpo{i:06d}", {"mp4": encode_mp4(render(scene, args.size, args.frames), args.fps), "json": meta}))
+    return out
+
+
+def text_samples(rng, n):
+    out = []
+    for i in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        messages = [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]
+        out.append((f"text{i:06d}", {"json": {"messages": messages, "source": "synthetic-arithmetic"}}))
+    return out
+
+
+def write_mvbench(root, rng, n_per_task, args):
+    """Held-out MCQs in the MVBench layout: json/<task>.json + video/<task>/<name>.mp4."""
+    for task in QUESTIONS:
+        records = []
+        os.makedirs(os.path.join(root, "video", task), exist_ok=True)
+        for i in range(n_per_task):
+            scene, name = random_scene(rng), f"{task}_{i:04d}.mp4"
+            with open(os.path.join(root, "video", task, name), "wb") as f:
+                f.write(encode_mp4(render(scene, args.size, args.frames), args.fps))
+            question, candidates, answer = mcq(scene, task, rng)
+            records.append({"video": name, "question": question, "candidates": candidates,
+                            "answer": candidates[answer]})
+        os.makedirs(os.path.join(root, "json"), exist_ok=True)
+        with open(os.path.join(root, "json", f"{task}.json"), "w") as f:
+            json.dump(records, f, indent=1)
+
+
+def write_all(args):
+    """Write every part of the set. Each part has its own random stream, so sizes don't change the others."""
+    rngs = {name: random.Random(f"{args.seed}-{name}") for name in
+            ("s1", "s1val", "s2", "s2val", "frames", "image", "dpo", "text", "eval")}
+    per = args.per_shard
+    write_shards(f"{args.out}/stage1", "train", stage1_samples(rngs["s1"], args.captions, args, "c"), per)
+    write_shards(f"{args.out}/stage1", "val", stage1_samples(rngs["s1val"], args.val, args, "cv"), args.val)
+    write_shards(f"{args.out}/stage2", "video", stage2_samples(rngs["s2"], args.mcq, args, "q"), per)
+    write_shards(f"{args.out}/stage2", "val", stage2_samples(rngs["s2val"], args.val, args, "qv"), args.val)
+    write_shards(f"{args.out}/stage2", "frames", stage2_samples(rngs["frames"], args.mcq // 4, args, "f", "frames"),
+                 args.mcq)
+    write_shards(f"{args.out}/stage2", "image", stage2_samples(rngs["image"], args.mcq // 4, args, "i", "image"),
+                 args.mcq)
+    write_shards(f"{args.out}/stage3", "dpo", dpo_samples(rngs["dpo"], args.dpo, args), args.dpo)
+    write_shards(f"{args.out}/text", "text", text_samples(rngs["text"], args.text), args.text)
+    write_mvbench(f"{args.out}/mvbench", rngs["eval"], args.eval, args)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Write the synthetic shape-video set (deterministic from --seed).")
+    p.add_argument("--out", default="data/synthetic", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", type=int, default=800, help="stage-1 captioned videos")
+    p.add_argument("--mcq", type=int, default=1200, help="stage-2 MCQ videos (plus a quarter each as frames/images)")
+    p.add_argument("--dpo", type=int, default=200, help="stage-3 preference pairs")
+    p.add_argument("--text", type=int, default=400, help="text-only chats")
+    p.add_argument("--val", type=int, default=100, help="validation samples for stages 1 and 2")
+    p.add_argument("--eval", type=int, default=60, help="held-out MVBench-layout questions per task")
+    p.add_argument("--per-shard", type=int, default=200, help="samples per training shard")
+    p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
+    p.add_argument("--frames", type=int, default=6, help="frames per video")
+    p.add_argument("--fps", type=int, default=1, help="video frame rate (1 = every frame at 1 fps sampling)")
+    args = p.parse_args(argv)
+    if args.size % 2:
+        p.error("--size must be even (yuv420p)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    write_all(args)
+    print(f"wrote the synthetic set to {args.out} in {time.time() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
