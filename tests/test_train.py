@@ -1,0 +1,185 @@
+"""train.py: the loss falls, a SIGKILLed run resumes where it stopped, DPO's loss, and 2-process DDP on gloo."""
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import checkpoint
+import train
+from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def write_shard(path, n, seed, kind="sft"):
+    """n one-colour images: SFT ("What colour?" -> "red."), DPO (chosen = the right colour), or text-only."""
+    rng = random.Random(seed)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            name, wrong = rng.sample(list(COLORS), 2)
+            fields = {}
+            if kind != "text":
+                buf = io.BytesIO()
+                Image.new("RGB", (56, 56), COLORS[name]).save(buf, "PNG")
+                fields["png"] = buf.getvalue()
+            meta = {"user": "What colour is this?", "assistant": f"{name}."}
+            if kind == "dpo":
+                meta = {"question": "What colour is this?", "chosen": f"{name}.", "rejected": f"{wrong}."}
+            fields["json"] = json.dumps(meta).encode()
+            for field, data in fields.items():
+                info = tarfile.TarInfo(f"s{seed}_{i:05d}.{field}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def write_config(tmp_path, name="run", **sections):
+    cfg = {
+        "model": {"llm_config": TINY_LLM, "dino_config": TINY_DINO, "query_dim": 24, "tokenizer": SMOLLM2_GGUF},
+        "data": {"train_shards": str(tmp_path / "train.tar"), "frame_size": 56, "max_frames": 4,
+                 "replicate_image_frames": 4, "num_workers": 0, "max_text_tokens": 64},
+        "training": {"total_samples": 64, "batch_size": 4, "lr_connector": 2e-3, "lr_dino": 1e-3, "lr_llm": 2e-3,
+                     "warmup_ratio": 0.1, "device": "cpu", "log_every": 2, "seed": 0},
+        "loss": {"type": "text_ce_answer_only"},
+        "checkpoint": {"save_dir": str(tmp_path / name), "save_every_steps": 4, "keep_last": 2},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    write_shard(d / "train.tar", 256, 0)  # each rank's share exceeds the loader's 100-sample shuffle buffer
+    write_shard(d / "val.tar", 16, 1)
+    write_shard(d / "text.tar", 256, 2, kind="text")
+    write_shard(d / "dpo.tar", 256, 3, kind="dpo")
+    return d
+
+
+def read_log(save_dir):
+    with open(os.path.join(save_dir, "log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_dpo_loss_hand_computed():
+    policy = {"chosen_logps": torch.tensor([-1.0, -4.0]), "rejected_logps": torch.tensor([-3.0, -2.0])}
+    reference = {"chosen_logps": torch.tensor([-2.0, -3.0]), "rejected_logps": torch.tensor([-1.0, -2.5])}
+    loss, m = train.dpo_loss(policy, reference, beta=0.1)
+    # margins: ((-1+2) - (-3+1)) = 3 and ((-4+3) - (-2+2.5)) = -1.5
+    expected = (math.log1p(math.exp(-0.3)) + math.log1p(math.exp(0.15))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["reward_acc"].item() == 0.5 and m["reward_margin"].item() == pytest.approx((0.3 - 0.15) / 2)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_loss_falls_with_validation_and_text_retention(tmp_path, shards, one_thread):
+    data = {"train_shards": str(shards / "train.tar"), "val_shards": str(shards / "val.tar"),
+            "text_shards": str(shards / "text.tar"), "text_ratio": 0.25}
+    path = write_config(tmp_path, data=data,
+                        training={"total_samples": 96}, eval={"every_steps": 12, "max_samples": 8},
+                        checkpoint={"save_every_steps": 12})
+    train.main(["--config", path])
+    rows = read_log(str(tmp_path / "run"))
+    losses = [float(r["loss"]) for r in rows if r.get("loss")]
+    vals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert len(vals) == 2 and vals[-1] < vals[0]
+    assert os.path.exists(tmp_path / "run" / "best" / "model.safetensors")
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # small ops on a busy CPU: one thread per process is fastest
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes(tmp_path, shards):
+    path = write_config(tmp_path, data={"train_shards": str(shards / "train.tar")},
+                        training={"total_samples": 32, "batch_size": 2}, checkpoint={"save_every_steps": 2})
+    save_dir = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", path], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not [s for s, _ in checkpoint.checkpoints(save_dir) if s >= 4] and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.checkpoints(save_dir)[-1][0]
+    assert 4 <= killed_at < 16
+    out = subprocess.run([sys.executable, "train.py", "--config", path], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"resumed from {save_dir}/step_{killed_at:08d}: step {killed_at}" in out.stdout
+    first = next(line for line in out.stdout.splitlines() if line.startswith("step "))
+    assert first.startswith(f"step {killed_at + 2}/16"), first
+    state = checkpoint.load_state(os.path.join(save_dir, "latest"))
+    assert state["step"] == 16 and state["samples_seen"] == 32
+    assert state["scheduler"]["last_epoch"] == 16
+    steps = [int(r["step"]) for r in read_log(save_dir) if r.get("loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 16  # the CSV continues, without duplicated steps
+
+
+DRIVER = """
+import os, sys, torch
+import train
+model = train.main(sys.argv[1:])
+torch.save(model.state_dict(), sys.argv[-1].replace(".yaml", f"-rank{os.environ['RANK']}.pt"))
+"""
+
+
+def torchrun(tmp_path, config_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(driver), "--config", config_path], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**ENV, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ranks = [torch.load(config_path.replace(".yaml", f"-rank{r}.pt"), weights_only=True) for r in (0, 1)]
+    return out.stdout, ranks
+
+
+@pytest.mark.slow
+def test_two_process_gloo_keeps_ranks_identical_ce_then_dpo(tmp_path, shards):
+    init = {k: v.clone() for k, v in train.FoveatedVLM(llm_config=TINY_LLM, dino_config=TINY_DINO,
+                                                       query_dim=24).state_dict().items()}
+    ce = write_config(tmp_path, "ce", data={"train_shards": str(shards / "train.tar"),
+                                            "text_shards": str(shards / "text.tar"), "text_ratio": 0.5},
+                      training={"total_samples": 32, "batch_size": 2, "grad_accum": 2},
+                      checkpoint={"save_every_steps": 100})
+    stdout, (r0, r1) = torchrun(tmp_path, ce)
+    assert "4 steps of 8 samples | 2 x cpu" in stdout
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    assert any(not torch.equal(r0[k], init[k]) for k in init if k in r0)
+    dpo = write_config(tmp_path, "dpo", model={"init_from": str(tmp_path / "ce" / "latest")},
+                       data={"train_shards": str(shards / "dpo.tar")}, loss={"type": "dpo", "beta": 0.1},
+                       training={"total_samples": 16, "batch_size": 2, "lr_llm": 1e-3})
+    stdout, (d0, d1) = torchrun(tmp_path, dpo)
+    assert "reward_acc" in stdout
+    for name in d0:
+        assert torch.equal(d0[name], d1[name]), name
+    assert any(not torch.equal(d0[k], r0[k]) for k in r0)

@@ -1,0 +1,313 @@
+"""Train fVLM, all three stages: `python train.py --config configs/stage1_135M.yaml [--set section.key=value]`.
+
+Stage 1 trains on every text token (text_ce_all), stage 2 on the answers only (text_ce_answer_only), stage 3
+with DPO (Rafailov et al., 2023) against a frozen copy of `model.init_from`. AdamW over three parameter groups
+(connector, dino, llm) with the LR schedules of schedule.py; gradient accumulation and clipping; bf16 autocast
+on CUDA. `torchrun --nproc_per_node=N train.py ...` runs DDP; every forward, DPO included, goes through the DDP
+wrapper. Checkpoints, logs and the resolved config go to `checkpoint.save_dir`; `resume: auto` continues there.
+"""
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import checkpoint
+import config as config_lib
+import distributed
+import schedule
+from data import ShardDataset, make_loader
+from logger import Logger
+from model import FoveatedVLM
+from text_interleave import interleave
+from tokenization import load_tokenizer
+
+DPO_KEYS = ("frames", "frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
+            "rejected_mask", "rejected_loss_mask")
+CE_KEYS = ("frames", "input_ids", "attention_mask", "loss_mask", "frame_mask")
+
+
+class StepModule(nn.Module):
+    """What DDP wraps: one forward for every loss type, so DDP's gradient hooks run for DPO as for CE."""
+
+    def __init__(self, model, dpo, mode):
+        super().__init__()
+        self.model, self.dpo, self.mode = model, dpo, mode
+
+    def forward(self, batch):
+        if self.dpo:
+            return self.model.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=self.mode)
+        return self.model(**{k: batch[k] for k in CE_KEYS}, mode=self.mode)
+
+
+def dpo_loss(policy, reference, beta):
+    """-logsigmoid(beta * ((pc - rc) - (pr - rr))) over the batch, with reward accuracy and margin.
+    policy / reference: {"chosen_logps": [B], "rejected_logps": [B]} (summed answer log-probs)."""
+    chosen = policy["chosen_logps"] - reference["chosen_logps"]  # [B]
+    rejected = policy["rejected_logps"] - reference["rejected_logps"]
+    margin = beta * (chosen - rejected)
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {"reward_acc": (margin > 0).float().mean(), "reward_margin": margin.mean(),
+                  "reward_chosen": beta * chosen.mean(), "reward_rejected": beta * rejected.mean()}
+
+
+def compute_loss(step_module, reference, batch, beta):
+    """(loss, metrics) of one micro-batch; `reference` is the frozen DPO reference or None for CE."""
+    out = step_module(batch)
+    if reference is None:
+        return out["loss"], {}
+    with torch.no_grad():
+        ref = reference.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=reference_mode(step_module))
+    return dpo_loss(out, ref, beta)
+
+
+def reference_mode(step_module):
+    return getattr(step_module, "module", step_module).mode
+
+
+def build_model(cfg, dev):
+    """The policy (from init_from, or built from the config) and, for DPO, a frozen reference copy."""
+    m = cfg.model
+    model = FoveatedVLM.from_pretrained(m.init_from) if m.init_from else FoveatedVLM.from_config(m)
+    model.set_trainable(dino=not m.freeze_dino, llm=not m.freeze_llm, connector=not m.freeze_connector)
+    if m.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    reference = None
+    if cfg.loss.type == "dpo":
+        reference = FoveatedVLM.from_pretrained(m.init_from).to(dev).eval().requires_grad_(False)
+    return model.to(dev).train(), reference
+
+
+def build_optimizer(model, training):
+    """AdamW with the connector, dino and llm groups; weight decay on matrices only (not biases or norms)."""
+    peaks, groups = schedule.peak_lrs(training), []
+    for name, params in model.param_groups().items():
+        for decay in (True, False):
+            chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": peaks[name], "name": name,
+                               "weight_decay": training.weight_decay if decay else 0.0})
+    if not groups:
+        raise ValueError("nothing to train: every part is frozen (model.freeze_*)")
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=False)
+
+
+def build_loader(cfg, tokenizer, dist, shards, train, start=0):
+    """Validation: one ordered pass of batches. Training: an endless stream with text-retention batches mixed in
+    at data.text_ratio, from micro-batch `start` (a resumed run continues the text schedule and reshuffles the
+    stream with a new seed rather than replaying it)."""
+    d, seed = cfg.data, cfg.training.seed + start
+
+    def loader(paths, loss_type):
+        dataset = ShardDataset(paths, tokenizer, loss=loss_type, train=train, max_frames=d.max_frames,
+                               frame_size=d.frame_size, replicate_image_frames=d.replicate_image_frames,
+                               max_text_tokens=d.max_text_tokens, frame_sampling=d.frame_sampling,
+                               prompt=d.prompt, seed=seed, rank=dist.rank, world=dist.world_size)
+        return make_loader(dataset, cfg.training.batch_size, tokenizer.pad_token_id, d.num_workers,
+                           d.prefetch_factor)
+
+    if not train:
+        return loader(shards, cfg.loss.type)
+    text, ratio = None, 0.0
+    if d.text_shards and d.text_ratio > 0:
+        text_loss = "text_ce_all" if cfg.loss.type == "text_ce_all" else "text_ce_answer_only"
+        text, ratio = loader(d.text_shards, text_loss), d.text_ratio
+    mixed = interleave(loader(shards, cfg.loss.type), text, ratio, cfg.training.seed, start_step=start)
+    return (batch for _, batch in mixed)
+
+
+def to_device(batch, dev):
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(step_module, reference, batches, optimizer, cfg, dist):
+    """Forward/backward over grad_accum micro-batches, clip, and step unless anything was non-finite
+    (decided on all ranks together). Returns (stepped, loss, metrics) with loss/metrics as tensors."""
+    accum, total, metrics = cfg.training.grad_accum, 0.0, {}
+    for i in range(accum):
+        batch = to_device(next(batches), dist.device)
+        sync = i == accum - 1 or not isinstance(step_module, DDP)
+        with (contextlib.nullcontext() if sync else step_module.no_sync()):
+            with distributed.autocast(dist.device, cfg.training.dtype):
+                loss, extra = compute_loss(step_module, reference, batch, cfg.loss.beta)
+            (loss / accum).backward()
+        total = total + loss.detach().float() / accum
+        for k, v in extra.items():
+            metrics[k] = metrics.get(k, 0.0) + v.detach().float() / accum
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.training.max_grad_norm)
+    finite = distributed.all_reduce((torch.isfinite(total) & torch.isfinite(norm)).float(), "min")
+    stepped = bool(finite.item())
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stepped, total, {"grad_norm": norm.detach().float(), **metrics}
+
+
+@torch.no_grad()
+def evaluate(step_module, reference, loader, cfg, dist):
+    """Mean validation loss over up to eval.max_samples samples (split across ranks)."""
+    inner = getattr(step_module, "module", step_module)  # no DDP here: ranks may hold unequal batch counts
+    inner.eval()
+    total, samples, limit = torch.zeros(2, device=dist.device), 0, math.ceil(cfg.eval.max_samples / dist.world_size)
+    for batch in loader:
+        batch = to_device(batch, dist.device)
+        with distributed.autocast(dist.device, cfg.training.dtype):
+            loss, _ = compute_loss(inner, reference, batch, cfg.loss.beta)
+        n = len(batch["frames"])
+        total += torch.stack([loss.float() * n, torch.tensor(float(n), device=dist.device)])
+        samples += n
+        if samples >= limit:
+            break
+    inner.train()
+    distributed.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def resume(cfg, model, optimizer, scheduler, dist):
+    """Restore weights, optimizer, schedule and RNG from the checkpoint that checkpoint.resume names.
+    Returns the training state (step 0 and an empty data position for a fresh run)."""
+    path = checkpoint.find_resume(cfg.checkpoint.save_dir, cfg.checkpoint.resume)
+    if path is None:
+        return {"step": 0, "samples_seen": 0, "data": {"batches_seen": 0}}
+    checkpoint.load_weights(model, path)
+    state = checkpoint.load_state(path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    checkpoint.set_rng_state(state["rng"])
+    if dist.is_main:
+        print(f"resumed from {path}: step {state['step']}, {state['samples_seen']} samples seen", flush=True)
+    return state
+
+
+def save(run, progress, metric):
+    """Rank 0 writes the checkpoint; every rank waits for it."""
+    if run.dist.is_main:
+        state = {**progress, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "rng": checkpoint.rng_state()}
+        c = run.cfg.checkpoint
+        checkpoint.save(c.save_dir, progress["step"], run.model, state, run.cfg, run.tokenizer, metric, c.keep_last,
+                        c.keep_best)
+    distributed.barrier()
+
+
+def group_lrs(optimizer):
+    return {g["name"]: g["lr"] for g in optimizer.param_groups}
+
+
+def metric_name(cfg, has_val, dist):
+    if cfg.checkpoint.metric == "val_loss" and not has_val:
+        if dist.is_main:
+            print("checkpoint.metric is val_loss but validation is off: ranking by train_loss", flush=True)
+        return "train_loss"
+    return cfg.checkpoint.metric
+
+
+@dataclass
+class Run:
+    """What the loop works with, built once by `main`."""
+    cfg: config_lib.Config
+    dist: distributed.Dist
+    model: FoveatedVLM  # unwrapped: what checkpoints hold
+    step_module: nn.Module  # StepModule, compiled and/or DDP-wrapped: what every training forward goes through
+    reference: Optional[FoveatedVLM]
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    logger: Logger
+    total_steps: int
+    global_batch: int
+
+
+def wrap(model, cfg, dist):
+    step_module = StepModule(model, cfg.loss.type == "dpo", cfg.model.mode)
+    if cfg.training.compile:
+        step_module.compile()  # in place: the saved `model` keeps its plain parameter names
+    if dist.world_size > 1:  # text-only batches leave DINO and the connector unused: find_unused_parameters
+        step_module = DDP(step_module, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                          find_unused_parameters=True, broadcast_buffers=False)
+    return step_module
+
+
+def fit(run, batches, val, progress, ranking):
+    """The training loop from progress["step"] to run.total_steps; returns the last train/val losses."""
+    cfg, t, c = run.cfg, run.cfg.training, run.cfg.checkpoint
+    step, samples, batches_seen = progress["step"], progress["samples_seen"], progress["data"]["batches_seen"]
+    window, last, nonfinite, tick = [], {}, 0, time.time()
+    while step < run.total_steps:
+        stepped, loss, metrics = train_step(run.step_module, run.reference, batches, run.optimizer, cfg, run.dist)
+        batches_seen += t.grad_accum
+        if not stepped:
+            nonfinite += 1
+            run.logger.log(step, {"nonfinite_skipped": nonfinite})
+            if nonfinite >= t.max_nonfinite_steps:
+                raise RuntimeError(f"{nonfinite} steps in a row had a non-finite loss or gradient (last at step "
+                                   f"{step}); stopping. The last good checkpoint in {c.save_dir} is intact: "
+                                   "lower the learning rate or check the data, then resume.")
+            continue
+        nonfinite = 0
+        run.scheduler.step()
+        step, samples = step + 1, samples + run.global_batch
+        window.append(torch.stack([loss, *metrics.values()]))
+        if step % t.log_every == 0 or step == run.total_steps:
+            means = distributed.all_reduce(torch.stack(window).mean(0), "mean").tolist()
+            figures = dict(zip(["loss", *metrics], means))
+            last["train_loss"] = figures["loss"]
+            speed = len(window) * run.global_batch / (time.time() - tick)
+            run.logger.log(step, figures, group_lrs(run.optimizer), speed)
+            window, tick = [], time.time()
+        if val is not None and (step % cfg.eval.every_steps == 0 or step == run.total_steps):
+            last["val_loss"] = evaluate(run.step_module, run.reference, val, cfg, run.dist)
+            run.logger.log(step, {"val_loss": last["val_loss"]})
+            tick = time.time()
+        if step % c.save_every_steps == 0 or step == run.total_steps:
+            progress = {"step": step, "samples_seen": samples, "data": {"batches_seen": batches_seen}}
+            save(run, progress, last.get(ranking))
+            tick = time.time()
+    return last, step, samples
+
+
+def main(argv=None):
+    """Train with the config named on the command line (or in argv); returns the trained, unwrapped model."""
+    cfg = config_lib.parse_args(argv)
+    dist = distributed.init(cfg.training.seed, cfg.training.device)
+    t, c = cfg.training, cfg.checkpoint
+    if dist.is_main:
+        checkpoint.clean_tmp(c.save_dir)
+    tokenizer = load_tokenizer(config_lib.tokenizer_name(cfg))
+    model, reference = build_model(cfg, dist.device)
+    optimizer = build_optimizer(model, t)
+    global_batch = t.batch_size * t.grad_accum * dist.world_size
+    total_steps = math.ceil(t.total_samples / global_batch)
+    scheduler = schedule.build(optimizer, t, total_steps)
+    progress = resume(cfg, model, optimizer, scheduler, dist)
+    logger = Logger(c.save_dir, total_steps, cfg.wandb, cfg.to_dict(), progress["step"], enabled=dist.is_main)
+    run = Run(cfg, dist, model, wrap(model, cfg, dist), reference, tokenizer, optimizer, scheduler, logger,
+              total_steps, global_batch)
+
+    batches = build_loader(cfg, tokenizer, dist, cfg.data.train_shards, train=True,
+                           start=progress["data"]["batches_seen"])
+    val = None
+    if cfg.data.val_shards and cfg.eval.every_steps > 0:
+        val = build_loader(cfg, tokenizer, dist, cfg.data.val_shards, train=False)
+    if dist.is_main:
+        n = model.count_parameters()
+        print(f"fVLM {n['total'] / 1e6:.1f}M params | {cfg.loss.type} | {total_steps} steps of {global_batch} "
+              f"samples | {dist.world_size} x {dist.device}", flush=True)
+
+    last, step, samples = fit(run, batches, val, progress, metric_name(cfg, val is not None, dist))
+    logger.summary(final_loss=last.get("train_loss"), val_loss=last.get("val_loss"), steps=step, samples=samples,
+                   save_dir=c.save_dir)
+    logger.close()
+    distributed.cleanup()
+    return model
+
+
+if __name__ == "__main__":
+    main()
