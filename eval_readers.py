@@ -12,24 +12,22 @@ POPE (lmms-lab/POPE test parquet) and the original fVLM's eval shards (WebDatase
 """
 
 import glob
-import io
 import json
 import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
-import numpy as np
-from decord import DECORDError, VideoReader
+from decord import VideoReader
 from PIL import Image, UnidentifiedImageError
 
+from data import SkipSample, decode_image, normalise, sample_frames
+from shards import expand_shards, iter_tar
 from tokenization import MCQ_LETTERS, format_mcq, mcq_answer
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".MP4")
 REPLICATE_IMAGE_FRAMES = 8  # spec: "Images must be replicated to 8 frames"
-IMAGE_FIELDS = ("jpg", "jpeg", "png")
 FRAME_FOLDER_FPS = 3  # MVBench's pre-extracted frame folders (tvqa/frames_fps3_hq)
 
 # MVBench task -> video folder under <root>/video (the benchmark's own table). A task not listed here is
@@ -46,6 +44,7 @@ MVBENCH_FOLDERS = {
     "character_order": "perception/videos", "scene_transition": "scene_qa/video",
     "fine_grained_pose": "nturgbd", "egocentric_navigation": "vlnqa",
 }
+YES_NO = ["Yes", "No"]  # POPE's options; "Yes" (option 0) is the positive class
 POPE_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
@@ -60,12 +59,12 @@ class MediaError(Exception):
 @dataclass
 class Media:
     """Where a question's frames come from: a video file or frame folder (with an optional MVBench
-    (start, end) bound in seconds), an encoded image (replicated to 8 frames), or encoded frames."""
+    (start, end) bound in seconds), an encoded image (replicated to 8 frames), or a shard sample's frame fields."""
 
     path: str = None
     bound: tuple = None
     image: bytes = None
-    images: list = None  # encoded frames in order (the eval shards' 000.jpg, 001.jpg, ...)
+    fields: dict = None  # a WebDataset sample's fields (the eval shards: `jpg` or `000.jpg`, `001.jpg`, ...)
 
 
 @dataclass
@@ -150,7 +149,7 @@ def _load_frame_folder(path, bound, max_frames, frame_size):
 def _image(data, frame_size, name):
     try:
         return decode_image(data, frame_size)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise MediaError("unreadable image", f"{name}: {e}") from e
 
 
@@ -159,28 +158,36 @@ def _replicate(frame):
     return frame.unsqueeze(0).expand(REPLICATE_IMAGE_FRAMES, -1, -1, -1)
 
 
+def _load_video(path, bound, max_frames, frame_size):
+    """A video file's frames by the MVBench rule; decord resizes while decoding."""
+    try:
+        vr = VideoReader(path, width=frame_size, height=frame_size, num_threads=1)
+        if len(vr) == 0:
+            raise MediaError("empty video", path)
+        idx = segment_indices(len(vr), vr.get_avg_fps(), max_frames, bound)
+        return normalise(vr.get_batch(idx).asnumpy())
+    except (RuntimeError, OSError, ValueError) as e:  # decord raises RuntimeError for unreadable data
+        raise MediaError("unreadable video", f"{path}: {e}") from e
+
+
 def load_media(media, max_frames=64, frame_size=224):
     """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised). Raises MediaError."""
     if media.image is not None:
         return _replicate(_image(media.image, frame_size, "image"))
-    if media.images is not None:
-        if not media.images:
+    if media.fields is not None:  # the shard decoder training uses
+        cfg = dict(frame_size=frame_size, max_frames=max_frames, frame_sampling="uniform", sample_fps=1.0,
+                   replicate_image_frames=REPLICATE_IMAGE_FRAMES)
+        try:
+            kind, _, frames = sample_frames(media.fields, cfg)
+        except SkipSample as e:
+            raise MediaError(e.reason, str(e)) from e
+        if kind == "text":
             raise MediaError("no frames")
-        if len(media.images) == 1:
-            return _replicate(_image(media.images[0], frame_size, "image"))
-        idx = segment_indices(len(media.images), 1, max_frames)
-        return torch.stack([_image(media.images[i], frame_size, f"frame {i}") for i in idx])
+        return frames
     path = find_video(media.path)
     if os.path.isdir(path):
         return _load_frame_folder(path, media.bound, max_frames, frame_size)
-    try:
-        num_frames, fps = video_info(path)
-        if num_frames == 0:
-            raise MediaError("empty video", path)
-        idx = segment_indices(num_frames, fps, max_frames, media.bound)
-        return decode_video_frames(path, idx, frame_size)
-    except (DECORDError, RuntimeError, OSError, ValueError) as e:
-        raise MediaError("unreadable video", f"{path}: {e}") from e
+    return _load_video(path, media.bound, max_frames, frame_size)
 
 
 # ---------------------------------------------------------------- readers
@@ -280,75 +287,25 @@ def read_pope(root):
         if truth not in ("yes", "no"):
             raise ValueError(f"POPE question {row.question_id}: answer {row.answer!r} is not yes/no")
         prompt = f"{row.question}\n{POPE_INSTRUCTION}"
-        questions.append(MCQ(str(row.question_id), prompt, ["Yes", "No"], 0 if truth == "yes" else 1,
+        questions.append(MCQ(str(row.question_id), prompt, list(YES_NO), 0 if truth == "yes" else 1,
                              Media(image=row.image["bytes"]), {"category": row.category}))
     return questions
-
-
-def _tar_samples(path):
-    """WebDataset samples of one tar, in order: {field: bytes}, with `__key__`. The key is the member name
-    up to the first dot of its basename; consecutive members with one key form a sample."""
-    sample = None
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
-            if sample is None or sample["__key__"] != key:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key}
-            sample[base.split(".", 1)[1].lower() if "." in base else ""] = tar.extractfile(member).read()
-    if sample is not None:
-        yield sample
 
 
 def read_eval_shards(pattern):
     """The original's eval shards: json {user, assistant[, source]} with the options as lines 'A. ...' or
     '(A) ...' inside `user`, `assistant` starting with the letter, and one image or numbered frames.
     Yields MCQs lazily (shards can be large); `source` (its last path part) is the category."""
-    files = sorted(glob.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"eval shards: {pattern!r} matches no files")
-    for path in files:
-        for sample in _tar_samples(path):
-            where = f"{path} sample {sample['__key__']}"
+    for path in expand_shards(pattern):
+        for key, sample, _ in iter_tar(path):
+            where = f"{path} sample {key}"
             meta = json.loads(sample["json"])
             option_lines = [line for line in meta["user"].splitlines() if parse_option(line)]
             letters, texts = split_options(option_lines, where)
             letter = answer_letter(meta["assistant"])
             if letter not in letters:
                 raise ValueError(f"{where}: assistant {meta['assistant']!r} names none of the options {letters}")
-            frames = [sample[k] for k in sorted(sample) if k.split(".")[-1] in IMAGE_FIELDS]
-            media = Media(images=frames)
             category = str(meta.get("source", "unknown")).rstrip("/").split("/")[-1]
-            yield MCQ(sample["__key__"], meta["user"], [f"{l}. {t}" for l, t in zip(letters, texts)],
-                      letters.index(letter), media, {"source": category})
+            yield MCQ(key, meta["user"], [f"{l}. {t}" for l, t in zip(letters, texts)],
+                      letters.index(letter), Media(fields=sample), {"source": category})
 
-
-# ---------------------------------------------------------------- decoding (shim until data.py lands)
-
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def _normalise(rgb):
-    """uint8 [..., H, W, 3] -> float [..., 3, H, W], ImageNet-normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).movedim(-1, -3).float() / 255.0
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def decode_image(data, frame_size):
-    img = Image.open(io.BytesIO(data)).convert("RGB").resize((frame_size, frame_size), Image.BICUBIC)
-    return _normalise(np.asarray(img))
-
-
-def video_info(path):
-    vr = VideoReader(path, num_threads=1)
-    return len(vr), vr.get_avg_fps()
-
-
-def decode_video_frames(path, indices, frame_size):
-    vr = VideoReader(path, width=frame_size, height=frame_size, num_threads=1)
-    return _normalise(vr.get_batch(indices).asnumpy())

@@ -17,6 +17,7 @@ from PIL import Image
 import benchmark
 import eval_readers as er
 from conftest import tiny_model_kwargs
+from data import IMAGENET_MEAN, IMAGENET_STD
 from model import FoveatedVLM
 from tokenization import answer_ids, prompt_ids
 
@@ -46,7 +47,7 @@ def image_bytes(value=128, fmt="PNG"):
 
 def frame_ids(frames):
     """Which fixture frame each decoded frame is (grey level 8*i), from the ImageNet-normalised tensor."""
-    rgb = frames * er.IMAGENET_STD + er.IMAGENET_MEAN  # [T, 3, H, W] in [0, 1]
+    rgb = frames * IMAGENET_STD + IMAGENET_MEAN  # [T, 3, H, W] in [0, 1]
     return [round(v) for v in (rgb.mean((1, 2, 3)) * 255 / 8).tolist()]
 
 
