@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from data import IMAGENET_MEAN, IMAGENET_STD, SkipSample  # noqa: E402
 from generate import load_checkpoint, load_frames  # noqa: E402
 
 KINDS = ("coarse", "fine")
@@ -114,10 +114,14 @@ def main(argv=None):
     p.add_argument("--out", default="attention.png", help="PNG to write")
     p.add_argument("--max-frames", type=int, default=8, help="frames sampled uniformly from the video")
     p.add_argument("--layers", type=int, nargs="+", help="encoder layers to draw (default: all)")
+    p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     model, _, frame_size = load_checkpoint(args.checkpoint, args.device)
-    frames = load_frames(args.video, args.image, args.max_frames, frame_size)
+    try:
+        frames = load_frames(args.video, args.image, args.max_frames, args.frame_size or frame_size)
+    except SkipSample as e:
+        p.error(f"cannot read {args.video or args.image}: {e}")
     visualize(model, frames, args.out, args.layers)
 
 

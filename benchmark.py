@@ -22,8 +22,10 @@ import yaml
 from tqdm import tqdm
 
 import eval_readers
+from data import SkipSample
 from generate import device_context, load_checkpoint
 from model import FoveatedVLM
+from pretrained import SHAPES
 from tokenization import answer_ids, prompt_ids
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
@@ -86,7 +88,7 @@ def evaluate(model, tokenizer, questions, modes=MODES, max_frames=64, frame_size
     for q in tqdm(questions, desc=desc, total=total, unit="q"):
         try:
             frames = eval_readers.load_media(q.media, max_frames, frame_size)
-        except eval_readers.MediaError as e:
+        except SkipSample as e:
             if sum(skipped.values()) < WARN_SKIPS:
                 tqdm.write(f"{desc}: skipping {q.qid}: {e}")
             skipped[e.reason] += 1
@@ -158,7 +160,7 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def run(checkpoint, roots, only=None, modes=MODES, limit=None, max_frames=64, device="cpu"):
+def run(checkpoint, roots, only=None, modes=MODES, limit=None, max_frames=64, frame_size=None, device="cpu"):
     """Evaluate a checkpoint folder on the benchmarks in `roots` (name -> data root) -> results dict."""
     names = only or list(roots)
     missing = [n for n in names if n not in roots]
@@ -167,20 +169,13 @@ def run(checkpoint, roots, only=None, modes=MODES, limit=None, max_frames=64, de
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {MODES}")
-    model, tokenizer, frame_size = load_checkpoint(checkpoint, device)
+    model, tokenizer, saved_size = load_checkpoint(checkpoint, device)
+    frame_size = frame_size or saved_size
     results = {}
     for name in names:
         questions = READERS[name](roots[name])
         results[name] = evaluate(model, tokenizer, questions, modes, max_frames, frame_size, limit, desc=name)
     return results
-
-
-# The 135M shapes (dinov2-small, SmolLM2-135M), random weights: timing needs no download.
-SPEED_DINO = dict(model_type="dinov2", hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
-                  patch_size=14, image_size=224)
-SPEED_LLM = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                 num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                 tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
 def _best_time(fn, repeats):
@@ -199,7 +194,7 @@ def speed_report(num_frames=16, num_options=4, prompt_len=60, option_len=8, mode
     """Questions/s of shared scoring (`score_options`) vs the naive per-option, per-mode forward, for one
     video question and one replicated-image question at the 135M shapes on this machine's CPU."""
     torch.manual_seed(seed)
-    model = FoveatedVLM(llm_config=dict(SPEED_LLM), dino_config=dict(SPEED_DINO), query_dim=384).eval()
+    model = FoveatedVLM(llm_config=SHAPES["smollm2-135m"], dino_config=SHAPES["dinov2-small"]).eval()
     prompt = torch.randint(3, 49152, (prompt_len,)).tolist()
     options = [torch.randint(3, 49152, (option_len,)).tolist() for _ in range(num_options)]
     inputs = {f"{num_frames}-frame video": torch.randn(1, num_frames, 3, 224, 224),
@@ -225,6 +220,7 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--limit", type=int, help="score only the first N questions of each benchmark")
     p.add_argument("--max-frames", type=int, default=64)
+    p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--speed", action="store_true", help="time shared vs naive scoring (random 135M shapes)")
@@ -235,7 +231,8 @@ def main(argv=None):
     if not args.checkpoint:
         p.error("--checkpoint is required (or --speed)")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
-    results = run(args.checkpoint, roots, args.only, args.modes, args.limit, args.max_frames, args.device)
+    results = run(args.checkpoint, roots, args.only, args.modes, args.limit, args.max_frames, args.frame_size,
+                  args.device)
     print(format_table(results))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

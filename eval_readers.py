@@ -1,10 +1,12 @@
 """Readers for the evaluation benchmarks in their published layouts (see ../shared/FORMATS.md).
 
-Every reader turns one benchmark into a list of `MCQ` records: the user-turn text, the answer strings to
-score (one per option, written as the prompt shows them, e.g. "(A) red"), the index of the right one, the
-categories to break accuracy down by, and a `Media` that says where the frames come from. Frames are
-decoded only when the question is scored (`load_media`), so a missing or unreadable video becomes a skip
-with a reason instead of a crash.
+Every reader turns one benchmark into `MCQ` records: the user-turn text, the answer strings to score (one
+per option), the index of the right one, the categories to break accuracy down by, and a `Media` that says
+where the frames come from. Questions are laid out as in training and in the original's eval shards
+(`tokenization.format_mcq`: the question, then one 'A. option' line per candidate; the scored answer is
+'B. option', `mcq_answer`), whatever the benchmark's own harness prompt. Frames are decoded only when the
+question is scored (`load_media`, with data.py's decoders), so a missing or unreadable video becomes a
+skip with a reason instead of a crash.
 
 Layouts: MVBench (OpenGVLab/MVBench: json/<task>.json + video/<folder>/...), Video-MME (lmms-lab/Video-MME:
 videomme/test-*.parquet + data/{videoID}.mp4), ScienceQA (derek-thomas/ScienceQA test parquet, image subset),
@@ -48,14 +50,6 @@ YES_NO = ["Yes", "No"]  # POPE's options; "Yes" (option 0) is the positive class
 POPE_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
-class MediaError(Exception):
-    """A question's frames cannot be produced; `reason` is the short label skips are counted by."""
-
-    def __init__(self, reason, detail=""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
 @dataclass
 class Media:
     """Where a question's frames come from: a video file or frame folder (with an optional MVBench
@@ -82,6 +76,7 @@ class MCQ:
 # ---------------------------------------------------------------- options and letters
 
 OPTION_RE = re.compile(r"^\s*\(?([A-Z])[.)]\s*(.*)$")
+ANSWER_RE = re.compile(r"^\s*\(?([A-Z])(?:[.):]|\s|$)")
 
 
 def parse_option(line):
@@ -92,11 +87,8 @@ def parse_option(line):
 
 def answer_letter(text):
     """The option letter an answer starts with: 'B', 'B. red', '(B) red' -> 'B'; None if there is none."""
-    text = text.strip()
-    parsed = parse_option(text)
-    if parsed:
-        return parsed[0]
-    return text[0] if len(text) >= 1 and text[0] in MCQ_LETTERS and (len(text) == 1 or not text[1].isalpha()) else None
+    m = ANSWER_RE.match(text)
+    return m.group(1) if m else None
 
 
 # ---------------------------------------------------------------- frames
@@ -127,20 +119,20 @@ def find_video(path):
     for ext in VIDEO_EXTENSIONS:
         if os.path.exists(stem + ext):
             return stem + ext
-    raise MediaError("video not found", path)
+    raise SkipSample("video_not_found", path)
 
 
 def _load_frame_folder(path, bound, max_frames, frame_size):
     """A folder of 00001.jpg, 00002.jpg, ... at 3 fps (MVBench's tvqa frames)."""
     names = os.listdir(path)
     if not names:
-        raise MediaError("empty frame folder", path)
+        raise SkipSample("empty_frame_folder", path)
     idx = segment_indices(len(names), FRAME_FOLDER_FPS, max_frames, bound, first_idx=1)
     frames = []
     for i in idx:
         file = os.path.join(path, f"{i:05d}.jpg")
         if not os.path.exists(file):
-            raise MediaError("frame missing", file)
+            raise SkipSample("frame_missing", file)
         with open(file, "rb") as f:
             frames.append(_image(f.read(), frame_size, file))
     return torch.stack(frames)  # [T, 3, H, W]
@@ -150,7 +142,7 @@ def _image(data, frame_size, name):
     try:
         return decode_image(data, frame_size)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise MediaError("unreadable image", f"{name}: {e}") from e
+        raise SkipSample("bad_image", f"{name}: {e}") from e
 
 
 def _replicate(frame):
@@ -163,26 +155,23 @@ def _load_video(path, bound, max_frames, frame_size):
     try:
         vr = VideoReader(path, width=frame_size, height=frame_size, num_threads=1)
         if len(vr) == 0:
-            raise MediaError("empty video", path)
+            raise SkipSample("empty_video", path)
         idx = segment_indices(len(vr), vr.get_avg_fps(), max_frames, bound)
         return normalise(vr.get_batch(idx).asnumpy())
     except (RuntimeError, OSError, ValueError) as e:  # decord raises RuntimeError for unreadable data
-        raise MediaError("unreadable video", f"{path}: {e}") from e
+        raise SkipSample("bad_video", f"{path}: {e}") from e
 
 
 def load_media(media, max_frames=64, frame_size=224):
-    """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised). Raises MediaError."""
+    """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised). Raises data.SkipSample."""
     if media.image is not None:
         return _replicate(_image(media.image, frame_size, "image"))
     if media.fields is not None:  # the shard decoder training uses
         cfg = dict(frame_size=frame_size, max_frames=max_frames, frame_sampling="uniform", sample_fps=1.0,
                    replicate_image_frames=REPLICATE_IMAGE_FRAMES)
-        try:
-            kind, _, frames = sample_frames(media.fields, cfg)
-        except SkipSample as e:
-            raise MediaError(e.reason, str(e)) from e
+        kind, _, frames = sample_frames(media.fields, cfg)
         if kind == "text":
-            raise MediaError("no frames")
+            raise SkipSample("no_frames")
         return frames
     path = find_video(media.path)
     if os.path.isdir(path):

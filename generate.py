@@ -12,12 +12,14 @@ The model is rebuilt from the checkpoint's saved config (FoveatedVLM.from_pretra
 
 import argparse
 import contextlib
-import json
 import os
 
 import torch
 
+import config
 import eval_readers
+from checkpoint import CONFIG_NAME as TRAIN_CONFIG
+from data import SkipSample
 from model import FoveatedVLM
 from tokenization import load_tokenizer, prompt_ids
 
@@ -35,22 +37,23 @@ def device_context(device):
 def load_checkpoint(path, device="cpu"):
     """Rebuild (model, tokenizer, frame_size) from a checkpoint folder.
 
-    The tokenizer is the one saved in the folder, else the one named by the saved config's `llm`.
-    `frame_size` is the DINO input size the model was configured with.
+    The model comes from config.json + model.safetensors; `frame_size` from the training config saved beside
+    them (train_config.yaml, data.frame_size), else the data default. The tokenizer is the one saved in the
+    folder, else the one the training config or the model's `llm_name` names.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
     model = FoveatedVLM.from_pretrained(path).to(device).eval()
+    saved = os.path.join(path, TRAIN_CONFIG)
+    cfg = config.load_saved(saved) if os.path.exists(saved) else None
+    frame_size = (cfg.data if cfg else config.DataConfig()).frame_size
     if any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        tokenizer = load_tokenizer(path)
-    else:
-        with open(os.path.join(path, "config.json")) as f:
-            llm = json.load(f).get("fvlm", {}).get("llm_name")
-        if not llm:
-            raise ValueError(f"{path} holds no tokenizer and its config.json names no llm; "
-                             "save one with model.save_pretrained(path, tokenizer=tokenizer)")
-        tokenizer = load_tokenizer(llm)
-    return model, tokenizer, model.encoder.dino.config.image_size
+        return model, load_tokenizer(path), frame_size
+    name = (cfg and config.tokenizer_name(cfg)) or model.llm_name
+    if not name:
+        raise ValueError(f"{path} holds no tokenizer and names no LLM to take one from; "
+                         "save one with model.save_pretrained(path, tokenizer=tokenizer)")
+    return model, load_tokenizer(name), frame_size
 
 
 def load_frames(video=None, image=None, max_frames=64, frame_size=224):
@@ -87,10 +90,14 @@ def main(argv=None):
     p.add_argument("--mode", default="autoregressive", choices=("autoregressive", "coarse_fine", "coarse_only"))
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-frames", type=int, default=64)
+    p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     model, tokenizer, frame_size = load_checkpoint(args.checkpoint, args.device)
-    frames = load_frames(args.video, args.image, args.max_frames, frame_size)
+    try:
+        frames = load_frames(args.video, args.image, args.max_frames, args.frame_size or frame_size)
+    except SkipSample as e:
+        p.error(f"cannot read {args.video or args.image}: {e}")
     print(answer(model, tokenizer, frames, args.prompt, args.mode, args.max_new_tokens))
 
 

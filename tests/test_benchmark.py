@@ -144,7 +144,7 @@ def test_mvbench_reader_bounds_folders_and_skips(mvbench_root, tokenizer):
 
     result = run(list(qs.values()), tokenizer)
     assert (result["questions"], result["answered"], result["skipped"]) == (5, 3, 2)
-    assert result["skip_reasons"] == {"video not found": 1, "unreadable video": 1}
+    assert result["skip_reasons"] == {"video_not_found": 1, "bad_video": 1}
     cf = result["modes"]["coarse_fine"]
     assert (cf["correct"], cf["total"]) == (1, 3)  # only shapes/0 has answer A
     assert {k: v["total"] for k, v in cf["per_category"]["task"].items()} == {
@@ -183,7 +183,7 @@ def test_videomme_reader(tmp_path, tokenizer):
     qs = er.read_videomme(str(root))
     assert [q.answer for q in qs] == [0, 2, 3] and qs[0].options[0] == "A. One."
     result = run(qs, tokenizer)
-    assert (result["answered"], result["skip_reasons"]) == (2, {"video not found": 1})
+    assert (result["answered"], result["skip_reasons"]) == (2, {"video_not_found": 1})
     cats = result["modes"]["coarse_only"]["per_category"]
     assert {k: v["total"] for k, v in cats["duration"].items()} == {"long": 1, "short": 1}
     assert {k: v["total"] for k, v in cats["task_type"].items()} == {"Counting": 1, "OCR": 1}
@@ -254,7 +254,7 @@ def test_eval_shards(tmp_path, tokenizer):
     assert er.load_media(qs[0].media, 3, SIZE).shape == (3, 3, SIZE, SIZE)
     assert er.load_media(qs[1].media, 64, SIZE).shape == (8, 3, SIZE, SIZE)  # an image, replicated
     result = run(qs, tokenizer)
-    assert (result["answered"], result["skip_reasons"]) == (2, {"no frames": 1})
+    assert (result["answered"], result["skip_reasons"]) == (2, {"no_frames": 1})
     assert result["modes"]["coarse_fine"]["correct"] == 1
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         list(er.read_eval_shards(str(tmp_path / "nothing_here*.tar")))

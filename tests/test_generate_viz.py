@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 import attention_viz
+import config
 import generate
+from checkpoint import CONFIG_NAME as TRAIN_CONFIG
 from conftest import TINY_DINO, tiny_model_kwargs
 from model import FoveatedVLM
 from test_benchmark import write_video
@@ -20,6 +22,8 @@ def checkpoint(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     torch.manual_seed(0)
     FoveatedVLM(**tiny_model_kwargs()).save_pretrained(str(path), tokenizer=tokenizer)
+    # as checkpoint.py writes it: the resolved training config beside the model
+    config.save(config.from_dict({"stage": 2, "data": {"frame_size": SIZE}}), str(path / TRAIN_CONFIG))
     return str(path)
 
 
@@ -34,7 +38,7 @@ def test_load_checkpoint_rebuilds_the_saved_model(checkpoint):
     model, tokenizer, frame_size = generate.load_checkpoint(checkpoint)
     torch.manual_seed(0)
     reference = FoveatedVLM(**tiny_model_kwargs())
-    assert frame_size == SIZE and tokenizer.eos_token == "<|im_end|>"
+    assert frame_size == SIZE and tokenizer.eos_token == "<|im_end|>"  # frame size from train_config.yaml
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
 
