@@ -52,6 +52,7 @@ class DataConfig:
     prefetch_factor: int = 2
     replicate_image_frames: int = 1  # images become this many identical frames (8 in stages 2-3)
     max_text_tokens: int = 1024
+    max_total_frames: Optional[int] = None  # cap on the padded frames of a batch (long videos -> smaller batches)
     frame_sampling: str = "uniform"
     prompt: Optional[str] = None  # user prompt for caption-only samples (stage 1); None = the data default
 
@@ -220,14 +221,14 @@ def apply_overrides(raw, overrides):
     return raw
 
 
-def _globs(value):
+def globs(value):
     return [value] if isinstance(value, str) else list(value or [])
 
 
 def check_paths(cfg, source):
     """Every configured shard glob must match a file and init_from must be a folder: fail before any work."""
     for key in ("train_shards", "val_shards", "text_shards"):
-        for pattern in _globs(getattr(cfg.data, key)):
+        for pattern in globs(getattr(cfg.data, key)):
             if not glob.glob(pattern):
                 raise ConfigError(f"{source}: 'data.{key}' matches no file: {pattern}")
     init = cfg.model.init_from

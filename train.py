@@ -110,7 +110,7 @@ def build_loader(cfg, tokenizer, dist, shards, train, start=0):
                                max_text_tokens=d.max_text_tokens, frame_sampling=d.frame_sampling,
                                prompt=d.prompt, seed=seed, rank=dist.rank, world=dist.world_size)
         return make_loader(dataset, cfg.training.batch_size, tokenizer.pad_token_id, d.num_workers,
-                           d.prefetch_factor)
+                           d.prefetch_factor, d.max_total_frames)
 
     if not train:
         return loader(shards, cfg.loss.type)
