@@ -84,7 +84,7 @@ def evaluate(model, tokenizer, questions, modes=MODES, max_frames=64, frame_size
     if limit is not None:
         questions = list(itertools.islice(questions, limit))
     total = len(questions) if hasattr(questions, "__len__") else None
-    answered, skipped, start = [], Counter(), time.perf_counter()
+    answered, skipped, yes_no, start = [], Counter(), True, time.perf_counter()
     for q in tqdm(questions, desc=desc, total=total, unit="q"):
         try:
             frames = eval_readers.load_media(q.media, max_frames, frame_size)
@@ -99,8 +99,9 @@ def evaluate(model, tokenizer, questions, modes=MODES, max_frames=64, frame_size
         with device_context(device):
             scores = model.score_options(frames, prompt, options, modes=tuple(modes))
         preds = {m: int(torch.argmin(scores[m]).item()) for m in modes}
-        answered.append((q, preds))
-    return summarize(answered, modes, skipped, time.perf_counter() - start)
+        answered.append((q.answer, q.categories, preds))  # not q: its media may hold the frames' bytes
+        yes_no = yes_no and q.options == eval_readers.YES_NO
+    return summarize(answered, modes, skipped, time.perf_counter() - start, yes_no and bool(answered))
 
 
 def _accuracy(correct, total):
@@ -121,24 +122,23 @@ def pope_metrics(preds, answers):
             "yes_ratio": 100 * yes / n if n else 0.0}
 
 
-def summarize(answered, modes, skipped, seconds):
-    """Per mode: accuracy, counts and per-category accuracy; yes/no metrics when every question is yes/no."""
-    yes_no = bool(answered) and all(q.options == eval_readers.YES_NO for q, _ in answered)
+def summarize(answered, modes, skipped, seconds, yes_no=False):
+    """answered: (answer, categories, {mode: prediction}) per question -> per mode: accuracy, counts and
+    per-category accuracy, plus the yes/no metrics when the questions are yes/no; skips by reason; speed."""
     result = {"questions": len(answered) + sum(skipped.values()), "answered": len(answered),
               "skipped": sum(skipped.values()), "skip_reasons": dict(skipped), "seconds": seconds,
               "questions_per_s": len(answered) / seconds if seconds > 0 else 0.0, "modes": {}}
     for mode in modes:
-        hits = [(q, preds[mode] == q.answer) for q, preds in answered]
         by_cat = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-        for q, hit in hits:
-            for axis, value in q.categories.items():
-                by_cat[axis][str(value)][0] += hit
+        for answer, categories, preds in answered:
+            for axis, value in categories.items():
+                by_cat[axis][str(value)][0] += preds[mode] == answer
                 by_cat[axis][str(value)][1] += 1
-        stats = _accuracy(sum(h for _, h in hits), len(hits))
+        stats = _accuracy(sum(preds[mode] == answer for answer, _, preds in answered), len(answered))
         stats["per_category"] = {axis: {v: _accuracy(*ct) for v, ct in sorted(values.items())}
                                  for axis, values in by_cat.items()}
         if yes_no:
-            stats.update(pope_metrics([p[mode] for _, p in answered], [q.answer for q, _ in answered]))
+            stats.update(pope_metrics([p[mode] for _, _, p in answered], [a for a, _, _ in answered]))
         result["modes"][mode] = stats
     return result
 
@@ -178,19 +178,20 @@ def run(checkpoint, roots, only=None, modes=MODES, limit=None, max_frames=64, fr
     return results
 
 
-def _best_time(fn, repeats):
-    """The fastest of `repeats` runs (seconds) and the last result: the minimum is the figure least
-    disturbed by other work on a shared machine."""
-    best = float("inf")
+def _best_times(fns, repeats):
+    """{name: fastest of `repeats` runs in seconds} and {name: last result}. The runs are interleaved and
+    the minimum kept, so work by other processes on a shared machine disturbs both sides alike and little."""
+    best, out = {name: float("inf") for name in fns}, {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            out[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best, out
 
 
 @torch.no_grad()
-def speed_report(num_frames=16, num_options=4, prompt_len=60, option_len=8, modes=MODES, repeats=2, seed=0):
+def speed_report(num_frames=16, num_options=4, prompt_len=60, option_len=8, modes=MODES, repeats=3, seed=0):
     """Questions/s of shared scoring (`score_options`) vs the naive per-option, per-mode forward, for one
     video question and one replicated-image question at the 135M shapes on this machine's CPU."""
     torch.manual_seed(seed)
@@ -202,11 +203,12 @@ def speed_report(num_frames=16, num_options=4, prompt_len=60, option_len=8, mode
     lines = [f"MCQ scoring, 135M shapes (random weights), CPU {torch.get_num_threads()} threads, "
              f"{num_options} options x {len(modes)} modes, best of {repeats}"]
     for name, frames in inputs.items():
-        t_shared, shared = _best_time(lambda: model.score_options(frames, prompt, options, tuple(modes)), repeats)
-        t_naive, naive = _best_time(lambda: option_scores_naive(model, frames, prompt, options, modes), repeats)
-        diff = max((shared[m] - naive[m]).abs().max().item() for m in modes)
-        lines.append(f"{name:<16} shared {1 / t_shared:.3f} q/s  naive {1 / t_naive:.3f} q/s  "
-                     f"speed-up {t_naive / t_shared:.1f}x  (max score difference {diff:.1e})")
+        t, scores = _best_times({
+            "shared": lambda: model.score_options(frames, prompt, options, tuple(modes)),
+            "naive": lambda: option_scores_naive(model, frames, prompt, options, modes)}, repeats)
+        diff = max((scores["shared"][m] - scores["naive"][m]).abs().max().item() for m in modes)
+        lines.append(f"{name:<16} shared {1 / t['shared']:.3f} q/s  naive {1 / t['naive']:.3f} q/s  "
+                     f"speed-up {t['naive'] / t['shared']:.1f}x  (max score difference {diff:.1e})")
     return "\n".join(lines)
 
 
