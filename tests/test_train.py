@@ -183,3 +183,26 @@ def test_two_process_gloo_keeps_ranks_identical_ce_then_dpo(tmp_path, shards):
     for name in d0:
         assert torch.equal(d0[name], d1[name]), name
     assert any(not torch.equal(d0[k], r0[k]) for k in r0)
+
+
+def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tmp_path, shards, one_thread, monkeypatch):
+    path = write_config(tmp_path, data={"train_shards": str(shards / "train.tar")},
+                        training={"total_samples": 32, "batch_size": 2, "max_nonfinite_steps": 3},
+                        checkpoint={"save_every_steps": 2})
+    forward, calls = train.StepModule.forward, []
+
+    def nan_after_four(self, batch):  # steps 1-4 train normally, then every loss is NaN
+        out = forward(self, batch)
+        calls.append(1)
+        return {**out, "loss": out["loss"] * float("nan")} if len(calls) > 4 else out
+
+    monkeypatch.setattr(train.StepModule, "forward", nan_after_four)
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss"):
+        train.main(["--config", path])
+    save_dir = str(tmp_path / "run")
+    latest = checkpoint.find_resume(save_dir, "auto")
+    assert latest.endswith("step_00000004") and checkpoint.load_state(latest)["step"] == 4
+    weights = train.FoveatedVLM.from_pretrained(latest).state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    rows = read_log(save_dir)
+    assert [r["nonfinite_skipped"] for r in rows if r.get("nonfinite_skipped")] == ["1", "2", "3"]
