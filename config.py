@@ -201,6 +201,8 @@ def from_dict(raw, source="<dict>"):
         if name not in sections:
             raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(sections)})")
         if name == "stage":
+            if not (values is None or _type_ok(values, int)):
+                raise ConfigError(f"{source}: 'stage' must be int, got {type(values).__name__} {values!r}")
             kwargs[name] = values
         else:
             kwargs[name] = _section(sections[name].default_factory, values or {}, name, source)
