@@ -224,9 +224,12 @@ def main(argv=None):
     p.add_argument("--max-frames", type=int, default=64)
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--speed", action="store_true", help="time shared vs naive scoring (random 135M shapes)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.speed:
         print(speed_report())
         return
