@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 from decord import VideoReader
-from PIL import Image, UnidentifiedImageError
 
-from data import SkipSample, decode_image, normalise, sample_frames
+from data import SkipSample, normalise, sample_frames
 from shards import expand_shards, iter_tar
 from tokenization import MCQ_LETTERS, format_mcq, mcq_answer
 
@@ -53,12 +52,11 @@ POPE_INSTRUCTION = "Answer the question using a single word or phrase."
 @dataclass
 class Media:
     """Where a question's frames come from: a video file or frame folder (with an optional MVBench
-    (start, end) bound in seconds), an encoded image (replicated to 8 frames), or a shard sample's frame fields."""
+    (start, end) bound in seconds), or a shard-style sample's image fields (an image is replicated to 8)."""
 
     path: str = None
     bound: tuple = None
-    image: bytes = None
-    fields: dict = None  # a WebDataset sample's fields (the eval shards: `jpg` or `000.jpg`, `001.jpg`, ...)
+    fields: dict = None  # shard-style fields: an image {"jpg": bytes} or numbered frames {"000.jpg": ...}
 
 
 @dataclass
@@ -127,27 +125,25 @@ def _load_frame_folder(path, bound, max_frames, frame_size):
     names = os.listdir(path)
     if not names:
         raise SkipSample("empty_frame_folder", path)
-    idx = segment_indices(len(names), FRAME_FOLDER_FPS, max_frames, bound, first_idx=1)
-    frames = []
-    for i in idx:
+    fields = {}
+    for i in segment_indices(len(names), FRAME_FOLDER_FPS, max_frames, bound, first_idx=1):
         file = os.path.join(path, f"{i:05d}.jpg")
         if not os.path.exists(file):
             raise SkipSample("frame_missing", file)
         with open(file, "rb") as f:
-            frames.append(_image(f.read(), frame_size, file))
-    return torch.stack(frames)  # [T, 3, H, W]
+            fields[f"{i:05d}.jpg"] = f.read()
+    return _decode_fields(fields, max_frames, frame_size)
 
 
-def _image(data, frame_size, name):
-    try:
-        return decode_image(data, frame_size)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SkipSample("bad_image", f"{name}: {e}") from e
-
-
-def _replicate(frame):
-    """One image as REPLICATE_IMAGE_FRAMES frames [8, 3, H, W]: a view, so the model sees one distinct frame."""
-    return frame.unsqueeze(0).expand(REPLICATE_IMAGE_FRAMES, -1, -1, -1)
+def _decode_fields(fields, max_frames, frame_size):
+    """Frames of a shard-style sample ({`jpg`: image} or {`000.jpg`: frame, ...}) with the training decoder:
+    an image becomes 8 views of one tensor (replicated, no copy)."""
+    cfg = dict(frame_size=frame_size, max_frames=max_frames, frame_sampling="uniform", sample_fps=1.0,
+               replicate_image_frames=REPLICATE_IMAGE_FRAMES)
+    kind, _, frames = sample_frames(fields, cfg)
+    if kind == "text":
+        raise SkipSample("no_frames")
+    return frames
 
 
 def _load_video(path, bound, max_frames, frame_size):
@@ -164,15 +160,8 @@ def _load_video(path, bound, max_frames, frame_size):
 
 def load_media(media, max_frames=64, frame_size=224):
     """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised). Raises data.SkipSample."""
-    if media.image is not None:
-        return _replicate(_image(media.image, frame_size, "image"))
-    if media.fields is not None:  # the shard decoder training uses
-        cfg = dict(frame_size=frame_size, max_frames=max_frames, frame_sampling="uniform", sample_fps=1.0,
-                   replicate_image_frames=REPLICATE_IMAGE_FRAMES)
-        kind, _, frames = sample_frames(media.fields, cfg)
-        if kind == "text":
-            raise SkipSample("no_frames")
-        return frames
+    if media.fields is not None:
+        return _decode_fields(media.fields, max_frames, frame_size)
     path = find_video(media.path)
     if os.path.isdir(path):
         return _load_frame_folder(path, media.bound, max_frames, frame_size)
@@ -262,7 +251,7 @@ def read_scienceqa(root):
             continue  # a text-only question: not in the image subset
         hint = _text(row.hint).strip()
         question = f"Context: {hint}\n{row.question}" if hint else row.question
-        questions.append(mcq(str(i), question, list(row.choices), int(row.answer), Media(image=image["bytes"]),
+        questions.append(mcq(str(i), question, list(row.choices), int(row.answer), Media(fields={"jpg": image["bytes"]}),
                              {"subject": row.subject}))
     return questions
 
@@ -277,7 +266,7 @@ def read_pope(root):
             raise ValueError(f"POPE question {row.question_id}: answer {row.answer!r} is not yes/no")
         prompt = f"{row.question}\n{POPE_INSTRUCTION}"
         questions.append(MCQ(str(row.question_id), prompt, list(YES_NO), 0 if truth == "yes" else 1,
-                             Media(image=row.image["bytes"]), {"category": row.category}))
+                             Media(fields={"jpg": row.image["bytes"]}), {"category": row.category}))
     return questions
 
 

@@ -62,7 +62,7 @@ def load_frames(video=None, image=None, max_frames=64, frame_size=224):
         raise ValueError("give exactly one of video= or image=")
     if image is not None:
         with open(image, "rb") as f:
-            media = eval_readers.Media(image=f.read())
+            media = eval_readers.Media(fields={"jpg": f.read()})
     else:
         media = eval_readers.Media(path=video)
     return eval_readers.load_media(media, max_frames, frame_size)

@@ -196,16 +196,18 @@ def test_scienceqa_image_subset(tmp_path, tokenizer):
             dict(image=None, question="No picture here?", choices=["a", "b"], answer=1, hint="",
                  subject="language science"),
             dict(image={"bytes": image_bytes(200, "JPEG"), "path": "b.jpg"}, question="Which map?",
-                 choices=["x", "y", "z"], answer=2, hint=None, subject="social science")]
+                 choices=["x", "y", "z"], answer=2, hint=None, subject="social science"),
+            dict(image={"bytes": b"not an image", "path": "c.png"}, question="Broken?", choices=["a", "b"],
+                 answer=0, hint="", subject="natural science")]
     path = tmp_path / "test-00000-of-00001.parquet"
     pd.DataFrame(rows).to_parquet(path)
     qs = er.read_scienceqa(str(tmp_path))
-    assert len(qs) == 2 and qs[0].prompt.startswith("Context: Look at the picture.\nWhich is a mammal?")
+    assert len(qs) == 3 and qs[0].prompt.startswith("Context: Look at the picture.\nWhich is a mammal?")
     assert not qs[1].prompt.startswith("Context")
     frames = er.load_media(qs[0].media, 64, SIZE)
     assert frames.shape == (8, 3, SIZE, SIZE) and frames.stride(0) == 0  # one image, replicated without copies
     result = run(qs, tokenizer)
-    assert (result["questions"], result["skipped"]) == (2, 0)
+    assert (result["questions"], result["answered"], result["skip_reasons"]) == (3, 2, {"bad_image": 1})
     subj = result["modes"]["coarse_fine"]["per_category"]["subject"]
     assert subj == {"natural science": {"accuracy": 100.0, "correct": 1, "total": 1},
                     "social science": {"accuracy": 0.0, "correct": 0, "total": 1}}
@@ -286,6 +288,6 @@ def test_one_dino_encoding_per_question_and_shared_scores_equal_naive(mvbench_ro
 def test_replicated_image_costs_one_frame(tmp_path, tokenizer):
     torch.manual_seed(0)
     model = FoveatedVLM(**tiny_model_kwargs()).eval()
-    q = er.mcq("q", "Colour?", ["red", "green", "blue", "grey"], 0, er.Media(image=image_bytes()), {})
+    q = er.mcq("q", "Colour?", ["red", "green", "blue", "grey"], 0, er.Media(fields={"jpg": image_bytes()}), {})
     benchmark.evaluate(model, tokenizer, [q], benchmark.MODES, frame_size=SIZE)
     assert model.encoder.frames_encoded == 1
