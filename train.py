@@ -8,6 +8,7 @@ wrapper. Checkpoints, logs and the resolved config go to `checkpoint.save_dir`; 
 """
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -57,30 +58,26 @@ def dpo_loss(policy, reference, beta):
                   "reward_chosen": beta * chosen.mean(), "reward_rejected": beta * rejected.mean()}
 
 
-def compute_loss(step_module, reference, batch, beta):
+def compute_loss(step_module, reference, batch, cfg):
     """(loss, metrics) of one micro-batch; `reference` is the frozen DPO reference or None for CE."""
     out = step_module(batch)
     if reference is None:
         return out["loss"], {}
     with torch.no_grad():
-        ref = reference.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=reference_mode(step_module))
-    return dpo_loss(out, ref, beta)
-
-
-def reference_mode(step_module):
-    return getattr(step_module, "module", step_module).mode
+        ref = reference.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=cfg.model.mode)
+    return dpo_loss(out, ref, cfg.loss.beta)
 
 
 def build_model(cfg, dev):
     """The policy (from init_from, or built from the config) and, for DPO, a frozen reference copy."""
     m = cfg.model
     model = FoveatedVLM.from_pretrained(m.init_from) if m.init_from else FoveatedVLM.from_config(m)
+    reference = None
+    if cfg.loss.type == "dpo":  # the init_from weights, before any resume overwrites the policy's
+        reference = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
     model.set_trainable(dino=not m.freeze_dino, llm=not m.freeze_llm, connector=not m.freeze_connector)
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    reference = None
-    if cfg.loss.type == "dpo":
-        reference = FoveatedVLM.from_pretrained(m.init_from).to(dev).eval().requires_grad_(False)
     return model.to(dev).train(), reference
 
 
@@ -95,7 +92,7 @@ def build_optimizer(model, training):
                                "weight_decay": training.weight_decay if decay else 0.0})
     if not groups:
         raise ValueError("nothing to train: every part is frozen (model.freeze_*)")
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=False)
+    return torch.optim.AdamW(groups)
 
 
 def build_loader(cfg, tokenizer, dist, shards, train, start=0):
@@ -135,7 +132,7 @@ def train_step(step_module, reference, batches, optimizer, cfg, dist):
         sync = i == accum - 1 or not isinstance(step_module, DDP)
         with (contextlib.nullcontext() if sync else step_module.no_sync()):
             with distributed.autocast(dist.device, cfg.training.dtype):
-                loss, extra = compute_loss(step_module, reference, batch, cfg.loss.beta)
+                loss, extra = compute_loss(step_module, reference, batch, cfg)
             (loss / accum).backward()
         total = total + loss.detach().float() / accum
         for k, v in extra.items():
@@ -159,7 +156,7 @@ def evaluate(step_module, reference, loader, cfg, dist):
     for batch in loader:
         batch = to_device(batch, dist.device)
         with distributed.autocast(dist.device, cfg.training.dtype):
-            loss, _ = compute_loss(inner, reference, batch, cfg.loss.beta)
+            loss, _ = compute_loss(inner, reference, batch, cfg)
         n = len(batch["frames"])
         total += torch.stack([loss.float() * n, torch.tensor(float(n), device=dist.device)])
         samples += n
