@@ -23,12 +23,12 @@ from tqdm import tqdm
 
 import eval_readers
 from data import SkipSample
-from generate import device_context, load_checkpoint
-from model import FoveatedVLM
+from distributed import autocast
+from generate import load_checkpoint
+from model import MODES, FoveatedVLM
 from pretrained import SHAPES
 from tokenization import answer_ids, prompt_ids
 
-MODES = ("coarse_only", "coarse_fine", "autoregressive")
 READERS = {
     "MVBench": eval_readers.read_mvbench,
     "Video-MME": eval_readers.read_videomme,
@@ -96,7 +96,7 @@ def evaluate(model, tokenizer, questions, modes=MODES, max_frames=64, frame_size
         frames = frames.unsqueeze(0).to(device)  # [1, T, 3, H, W]
         prompt = prompt_ids(tokenizer, q.prompt)
         options = [answer_ids(tokenizer, q.prompt, o) for o in q.options]
-        with device_context(device):
+        with autocast(device):
             scores = model.score_options(frames, prompt, options, modes=tuple(modes))
         preds = {m: int(torch.argmin(scores[m]).item()) for m in modes}
         answered.append((q.answer, q.categories, preds))  # not q: its media may hold the frames' bytes

@@ -11,7 +11,6 @@ The model is rebuilt from the checkpoint's saved config (FoveatedVLM.from_pretra
 """
 
 import argparse
-import contextlib
 import os
 
 import torch
@@ -20,18 +19,11 @@ import config
 import eval_readers
 from checkpoint import CONFIG_NAME as TRAIN_CONFIG
 from data import SkipSample
-from model import FoveatedVLM
+from distributed import autocast
+from model import MODES, FoveatedVLM
 from tokenization import load_tokenizer, prompt_ids
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def device_context(device):
-    """bf16 autocast on CUDA, nothing on the CPU (float32)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def load_checkpoint(path, device="cpu"):
@@ -73,7 +65,7 @@ def answer(model, tokenizer, frames, prompt, mode="autoregressive", max_new_toke
     """The model's answer (text) to `prompt` about `frames` [T, 3, H, W]; greedy unless do_sample=True."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
-    with device_context(device):
+    with autocast(device):
         out = model.generate(frames.unsqueeze(0).to(device), ids, torch.ones_like(ids),
                              max_new_tokens=max_new_tokens, mode=mode,
                              eos_token_id=tokenizer.eos_token_id, **sampling)
@@ -87,7 +79,7 @@ def main(argv=None):
     src.add_argument("--video", help="video file (or folder of frames)")
     src.add_argument("--image", help="image file (replicated to 8 frames)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--mode", default="autoregressive", choices=("autoregressive", "coarse_fine", "coarse_only"))
+    p.add_argument("--mode", default="autoregressive", choices=MODES)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-frames", type=int, default=64)
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
