@@ -6,7 +6,8 @@ of motion) are learnable by a tiny model on a CPU in minutes; the set is the qui
 tests' fixture. Layout under --out:
 
   stage1/train-*.tar, val-00000.tar   video2dataset: mp4 + txt (caption) + json {caption, key, status}
-  stage2/video-*.tar, val-00000.tar   mp4 + json {user, assistant, source}: an MCQ with `A. ...` option lines
+  stage2/video-*.tar, val-00000.tar   mp4 + json {user, assistant, source}: an MCQ with `A. ...` option lines,
+                                      or {messages, source}: all three MCQs as one multi-turn chat
   stage2/frames-00000.tar             the same task as pre-extracted frames 000.jpg, 001.jpg, ... + json
   stage2/image-00000.tar              still images (jpg; colour and shape questions) + json
   stage3/dpo-00000.tar                mp4 + json {question, chosen, rejected}
@@ -57,7 +58,7 @@ def shape_mask(shape, size, cx, cy, r):
 
 def render(scene, size, frames):
     """A scene {colour, shape, direction, lateral} -> uint8 [T, size, size, 3]: the shape crosses the frame."""
-    r = size * 0.22
+    r = size * 0.27
     ux, uy = DIRECTIONS[scene["direction"]]
     travel = np.linspace(r, size - 1 - r, frames)  # edge to edge along the motion axis
     if ux < 0 or uy < 0:
@@ -98,9 +99,11 @@ def caption(scene):
     return f"A {scene['colour']} {scene['shape']} moves {scene['direction']}."
 
 
-def mcq(scene, task, rng):
-    """(question text, candidates, index of the answer) with the four values in a random order."""
-    candidates = rng.sample(VALUES[task], len(VALUES[task]))
+def mcq(scene, task, rng, shuffle):
+    """(question text, candidates, index of the answer). The candidates are the task's four values in a fixed
+    order (so the letter names the value, and a tiny model need not learn to read the option lines) or, with
+    shuffle, in a random order. The answers are balanced over the letters either way."""
+    candidates = rng.sample(VALUES[task], len(VALUES[task])) if shuffle else list(VALUES[task])
     return QUESTIONS[task], candidates, candidates.index(scene[task])
 
 
@@ -133,10 +136,16 @@ def stage1_samples(rng, n, args, tag):
     return out
 
 
-def mcq_meta(scene, rng, tasks=tuple(QUESTIONS)):
-    task = rng.choice(tasks)
-    question, candidates, answer = mcq(scene, task, rng)
-    return {"user": format_mcq(question, candidates), "assistant": mcq_answer(candidates, answer), "source": task}
+def mcq_meta(scene, rng, args, tasks=tuple(QUESTIONS)):
+    """One MCQ as json user/assistant or, with probability args.multi_turn, every task's MCQ as `messages`."""
+    turns = []
+    for task in (rng.sample(tasks, len(tasks)) if rng.random() < args.multi_turn else [rng.choice(tasks)]):
+        question, candidates, answer = mcq(scene, task, rng, args.shuffle_options)
+        turns.append((task, format_mcq(question, candidates), mcq_answer(candidates, answer)))
+    if len(turns) == 1:
+        return {"user": turns[0][1], "assistant": turns[0][2], "source": turns[0][0]}
+    messages = [{"role": role, "content": text} for _, q, a in turns for role, text in (("user", q), ("assistant", a))]
+    return {"messages": messages, "source": "+".join(t for t, _, _ in turns)}
 
 
 def stage2_samples(rng, n, args, tag, media="video"):
@@ -146,12 +155,12 @@ def stage2_samples(rng, n, args, tag, media="video"):
         scene, key = random_scene(rng), f"{tag}{i:06d}"
         video = render(scene, args.size, args.frames)
         if media == "video":
-            fields = {"mp4": encode_mp4(video, args.fps), "json": mcq_meta(scene, rng)}
+            fields = {"mp4": encode_mp4(video, args.fps), "json": mcq_meta(scene, rng, args)}
         elif media == "frames":
             fields = {f"{t:03d}.jpg": encode_jpg(f) for t, f in enumerate(video)}
-            fields["json"] = mcq_meta(scene, rng)
+            fields["json"] = mcq_meta(scene, rng, args)
         else:
-            fields = {"jpg": encode_jpg(video[len(video) // 2]), "json": mcq_meta(scene, rng, ("colour", "shape"))}
+            fields = {"jpg": encode_jpg(video[len(video) // 2]), "json": mcq_meta(scene, rng, args, ("colour", "shape"))}
         out.append((key, fields))
     return out
 
@@ -160,7 +169,7 @@ def dpo_samples(rng, n, args):
     out = []
     for i in range(n):
         scene = random_scene(rng)
-        question, candidates, answer = mcq(scene, rng.choice(list(QUESTIONS)), rng)
+        question, candidates, answer = mcq(scene, rng.choice(list(QUESTIONS)), rng, args.shuffle_options)
         wrong = rng.choice([j for j in range(len(candidates)) if j != answer])
         meta = {"question": format_mcq(question, candidates), "chosen": mcq_answer(candidates, answer),
                 "rejected": mcq_answer(candidates, wrong)}
@@ -186,7 +195,7 @@ def write_mvbench(root, rng, n_per_task, args):
             scene, name = random_scene(rng), f"{task}_{i:04d}.mp4"
             with open(os.path.join(root, "video", task, name), "wb") as f:
                 f.write(encode_mp4(render(scene, args.size, args.frames), args.fps))
-            question, candidates, answer = mcq(scene, task, rng)
+            question, candidates, answer = mcq(scene, task, rng, args.shuffle_options)
             records.append({"video": name, "question": question, "candidates": candidates,
                             "answer": candidates[answer]})
         os.makedirs(os.path.join(root, "json"), exist_ok=True)
@@ -226,6 +235,10 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
     p.add_argument("--frames", type=int, default=6, help="frames per video")
     p.add_argument("--fps", type=int, default=1, help="video frame rate (1 = every frame at 1 fps sampling)")
+    p.add_argument("--multi-turn", type=float, default=0.5,
+                   help="share of stage-2 samples that ask every question as one multi-turn chat")
+    p.add_argument("--shuffle-options", action="store_true",
+                   help="list the MCQ options in a random order (harder: the letter must be read from the prompt)")
     args = p.parse_args(argv)
     if args.size % 2:
         p.error("--size must be even (yuv420p)")
