@@ -17,8 +17,8 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from data import IMAGENET_MEAN, IMAGENET_STD, SkipSample  # noqa: E402
-from generate import load_checkpoint, load_frames  # noqa: E402
+from data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from generate import add_input_args, load_inputs  # noqa: E402
 
 KINDS = ("coarse", "fine")
 
@@ -107,21 +107,11 @@ def visualize(model, frames, out, layers=None, verbose=True):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--video", help="video file (or folder of frames)")
-    src.add_argument("--image", help="image file (replicated to 8 frames)")
+    add_input_args(p, max_frames=8)
     p.add_argument("--out", default="attention.png", help="PNG to write")
-    p.add_argument("--max-frames", type=int, default=8, help="frames sampled uniformly from the video")
     p.add_argument("--layers", type=int, nargs="+", help="encoder layers to draw (default: all)")
-    p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
-    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    model, _, frame_size = load_checkpoint(args.checkpoint, args.device)
-    try:
-        frames = load_frames(args.video, args.image, args.max_frames, args.frame_size or frame_size)
-    except SkipSample as e:
-        p.error(f"cannot read {args.video or args.image}: {e}")
+    model, _, frames = load_inputs(p, args)
     visualize(model, frames, args.out, args.layers)
 
 

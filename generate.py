@@ -72,24 +72,36 @@ def answer(model, tokenizer, frames, prompt, mode="autoregressive", max_new_toke
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_input_args(p, max_frames):
+    """The command-line flags shared with attention_viz.py: checkpoint, one video or image, frames, device."""
     p.add_argument("--checkpoint", required=True, help="checkpoint folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", help="video file (or folder of frames)")
     src.add_argument("--image", help="image file (replicated to 8 frames)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--mode", default="autoregressive", choices=MODES)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-frames", type=int, default=64)
+    p.add_argument("--max-frames", type=int, default=max_frames, help="frames sampled uniformly from a video")
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+
+
+def load_inputs(p, args):
+    """(model, tokenizer, frames [T, 3, H, W]) for parsed `add_input_args` flags; an unreadable input is a
+    usage error naming it."""
     model, tokenizer, frame_size = load_checkpoint(args.checkpoint, args.device)
     try:
         frames = load_frames(args.video, args.image, args.max_frames, args.frame_size or frame_size)
     except SkipSample as e:
         p.error(f"cannot read {args.video or args.image}: {e}")
+    return model, tokenizer, frames
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_input_args(p, max_frames=64)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--mode", default="autoregressive", choices=MODES)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args(argv)
+    model, tokenizer, frames = load_inputs(p, args)
     print(answer(model, tokenizer, frames, args.prompt, args.mode, args.max_new_tokens))
 
 
