@@ -86,11 +86,14 @@ def add_input_args(p, max_frames):
 def load_inputs(p, args):
     """(model, tokenizer, frames [T, 3, H, W]) for parsed `add_input_args` flags; an unreadable input is a
     usage error naming it."""
+    source = args.video or args.image
+    if not os.path.exists(source):
+        p.error(f"{source} does not exist")
     model, tokenizer, frame_size = load_checkpoint(args.checkpoint, args.device)
     try:
         frames = load_frames(args.video, args.image, args.max_frames, args.frame_size or frame_size)
     except SkipSample as e:
-        p.error(f"cannot read {args.video or args.image}: {e}")
+        p.error(f"cannot read {source}: {e}")
     return model, tokenizer, frames
 
 
