@@ -190,8 +190,9 @@ def tokenize_sample(tokenizer, meta, fields, cfg):
 def decode_sample(key, fields, shard, tokenizer, cfg):
     """Raw tar fields -> a training sample dict. Raises SkipSample."""
     meta = sample_meta(fields)
-    if "status" in meta and not any(f in fields for f in VIDEO_FIELDS):
-        raise SkipSample("no_video", "status success but no video field")
+    visual = any(f in VIDEO_FIELDS or f in IMAGE_FIELDS or NUMBERED_FRAME.match(f) for f in fields)
+    if "status" in meta and not visual:  # a video2dataset sample must have its video
+        raise SkipSample("no_video", "status success but no video or image field")
     text = tokenize_sample(tokenizer, meta, fields, cfg)  # first: cheap, and it rejects before decoding
     kind, fmt, frames = sample_frames(fields, cfg)
     return {"kind": "dpo" if cfg["loss"] == "dpo" else kind, "format": fmt, "key": key, "shard": shard,
@@ -241,17 +242,19 @@ class ShardDataset(IterableDataset):
             return
         buffer = []
         while True:
+            n = 0
             for shard, stride, offset in rng.sample(parts, len(parts)):
                 for item in iter_tar(shard, stride, offset, self._count):
+                    n += 1
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append(item)
                         continue
                     i = rng.randrange(len(buffer))
                     buffer[i], item = item, buffer[i]
                     yield item
-            if self._good == 0:
-                raise RuntimeError(f"no usable sample in {len(parts)} shard part(s) of {self.shards[0]}...: "
-                                   f"skipped {dict(self._skipped)}")
+            if n == 0:
+                raise RuntimeError(f"no sample in {[p[0] for p in parts]}: skipped {dict(self.skipped)}")
+            self._pass_size = n
 
     def _count(self, reason, key, shard, detail=""):
         self._skipped[reason] += 1
@@ -260,11 +263,18 @@ class ShardDataset(IterableDataset):
         if self._warned <= self.warn_limit:
             log.warning("skipping sample %r in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
 
+    def _check_all_bad(self, parts):
+        """An endless stream whose samples are all bad would loop forever: stop once it is certain. A sample
+        survives 20 * buffer draws from the shuffle buffer with probability (1 - 1/buffer)^(20 buffer) < e^-20."""
+        limit = self._pass_size + 20 * self.shuffle_buffer
+        if self.train and self._good == 0 and self._pass_size and sum(self.skipped.values()) > limit:
+            raise RuntimeError(f"no usable sample in {[p[0] for p in parts]}: skipped {dict(self.skipped)}")
+
     def __iter__(self):
         split, n_splits = self._split()
         parts = assign_shards(self.shards, split, n_splits)
         rng = random.Random(self.seed * 100003 + split)
-        self._skipped, self._warned, self._good = Counter(), 0, 0
+        self._skipped, self._warned, self._good, self._pass_size = Counter(), 0, 0, 0
         self.skipped = Counter()  # this pass's totals in this process (the inspector, num_workers=0)
         held = None  # one sample of look-ahead, so skips after the last sample still travel with it
         for key, fields, shard in self._raw(parts, rng):
@@ -274,6 +284,7 @@ class ShardDataset(IterableDataset):
                 sample["seconds"] = time.perf_counter() - start  # decode + tokenize time
             except SkipSample as e:
                 self._count(e.reason, key, shard, str(e))
+                self._check_all_bad(parts)
                 continue
             self._good += 1
             if held is not None:

@@ -192,7 +192,21 @@ def test_training_stream_is_endless_and_shuffled(tmp_path, tokenizer):
     assert [next(again)["key"] for _ in range(50)] == keys  # deterministic by seed
 
 
+def test_small_shard_larger_than_buffer_streams(tmp_path, tokenizer):
+    pattern = caption_shards(tmp_path, 1, 3)  # fewer samples than the shuffle buffer holds
+    stream = iter(ShardDataset(pattern, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=100))
+    assert {next(stream)["key"] for _ in range(30)} == {"s0k0", "s0k1", "s0k2"}
+
+
 def test_all_bad_training_stream_raises(tmp_path, tokenizer):
     write_tar(tmp_path / "bad.tar", [("k", {"json": "{oops"})])
     with pytest.raises(RuntimeError, match="no usable sample"):
-        next(iter(ShardDataset(str(tmp_path / "bad.tar"), tokenizer, train=True, frame_size=SIZE)))
+        next(iter(ShardDataset(str(tmp_path / "bad.tar"), tokenizer, train=True, frame_size=SIZE, shuffle_buffer=4)))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="no sample in"):
+        next(iter(ShardDataset(str(tmp_path / "empty.tar"), tokenizer, train=True, frame_size=SIZE)))
+
+
+def test_status_with_frames_is_not_no_video(tmp_path, tokenizer):
+    write_tar(tmp_path / "a.tar", [("k", {"000.jpg": solid_jpg(9), "json": {"status": "success", "caption": "c"}})])
+    assert len(read(tmp_path / "a.tar", tokenizer)[0]) == 1
