@@ -270,20 +270,27 @@ def read_pope(root):
     return questions
 
 
+def _shard_question(meta, where):
+    """(options, answer index) of an eval-shard sample: lettered options in `user`, or yes/no (POPE)."""
+    option_lines = [line for line in meta["user"].splitlines() if parse_option(line)]
+    truth = meta["assistant"].strip().rstrip(".").lower()
+    if not option_lines and truth in ("yes", "no"):
+        return list(YES_NO), 0 if truth == "yes" else 1
+    letters, texts = split_options(option_lines, where)
+    letter = answer_letter(meta["assistant"])
+    if letter not in letters:
+        raise ValueError(f"{where}: assistant {meta['assistant']!r} names none of the options {letters}")
+    return [f"{l}. {t}" for l, t in zip(letters, texts)], letters.index(letter)
+
+
 def read_eval_shards(pattern):
-    """The original's eval shards: json {user, assistant[, source]} with the options as lines 'A. ...' or
-    '(A) ...' inside `user`, `assistant` starting with the letter, and one image or numbered frames.
-    Yields MCQs lazily (shards can be large); `source` (its last path part) is the category."""
+    """The original's eval shards: json {user, assistant[, source]} with one image or numbered frames. MCQs
+    carry their options as lines 'A. ...' or '(A) ...' inside `user` and `assistant` starts with the letter;
+    yes/no questions (POPE) have no option lines. Yields questions lazily (shards can be large); the last
+    path part of `source` is the category."""
     for path in expand_shards(pattern):
         for key, sample, _ in iter_tar(path):
-            where = f"{path} sample {key}"
             meta = json.loads(sample["json"])
-            option_lines = [line for line in meta["user"].splitlines() if parse_option(line)]
-            letters, texts = split_options(option_lines, where)
-            letter = answer_letter(meta["assistant"])
-            if letter not in letters:
-                raise ValueError(f"{where}: assistant {meta['assistant']!r} names none of the options {letters}")
+            options, answer = _shard_question(meta, f"{path} sample {key}")
             category = str(meta.get("source", "unknown")).rstrip("/").split("/")[-1]
-            yield MCQ(key, meta["user"], [f"{l}. {t}" for l, t in zip(letters, texts)],
-                      letters.index(letter), Media(fields=sample), {"source": category})
-
+            yield MCQ(key, meta["user"], options, answer, Media(fields=sample), {"source": category})

@@ -248,15 +248,18 @@ def test_eval_shards(tmp_path, tokenizer):
         ("s1.jpg", image_bytes(50, "JPEG")),
         ("s1.json", meta("Which colour?\nA. red\nB. green", "B", "scienceqa")),
     ])
-    write_tar(tmp_path / "eval_001.tar", [("s2.json", meta("Q?\nA. x\nB. y", "A. x", "pope"))])
+    write_tar(tmp_path / "eval_001.tar", [("s2.json", meta("Q?\nA. x\nB. y", "A. x", "other")),
+                                          ("s3.json", meta("Is there a cat?", "No.", "pope/adversarial")),
+                                          ("s3.png", image_bytes())])
     qs = list(er.read_eval_shards(str(tmp_path / "eval_*.tar")))
     assert [(q.qid, q.answer, q.categories["source"]) for q in qs] == [
-        ("s0", 0, "action_count"), ("s1", 1, "scienceqa"), ("s2", 0, "pope")]
+        ("s0", 0, "action_count"), ("s1", 1, "scienceqa"), ("s2", 0, "other"), ("s3", 1, "adversarial")]
+    assert qs[3].options == er.YES_NO
     assert qs[0].options == ["A. three", "B. four", "C. five"] and qs[0].prompt == video_q
     assert er.load_media(qs[0].media, 3, SIZE).shape == (3, 3, SIZE, SIZE)
     assert er.load_media(qs[1].media, 64, SIZE).shape == (8, 3, SIZE, SIZE)  # an image, replicated
     result = run(qs, tokenizer)
-    assert (result["answered"], result["skip_reasons"]) == (2, {"no_frames": 1})
+    assert (result["answered"], result["skip_reasons"]) == (3, {"no_frames": 1})
     assert result["modes"]["coarse_fine"]["correct"] == 1
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         list(er.read_eval_shards(str(tmp_path / "nothing_here*.tar")))
