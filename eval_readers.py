@@ -226,6 +226,8 @@ def split_options(lines, where):
 def read_videomme(root):
     """Video-MME: <root>/videomme/test-*.parquet (options 'A. ...', answer a letter) and
     <root>/data/{videoID}.mp4 (other extensions tried)."""
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"Video-MME root {root!r} must be the dataset folder (videomme/ and data/)")
     df = read_parquets(root, os.path.join("videomme", "test-*.parquet"))
     questions = []
     for row in df.itertuples():
@@ -251,8 +253,8 @@ def read_scienceqa(root):
             continue  # a text-only question: not in the image subset
         hint = _text(row.hint).strip()
         question = f"Context: {hint}\n{row.question}" if hint else row.question
-        questions.append(mcq(str(i), question, list(row.choices), int(row.answer), Media(fields={"jpg": image["bytes"]}),
-                             {"subject": row.subject}))
+        media = Media(fields={"jpg": image["bytes"]})
+        questions.append(mcq(str(i), question, list(row.choices), int(row.answer), media, {"subject": row.subject}))
     return questions
 
 
