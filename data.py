@@ -68,10 +68,14 @@ def normalise(rgb):
     return x.mul_(1 / 255).sub_(IMAGENET_MEAN).div_(IMAGENET_STD)
 
 
+def load_image_frames(image, size=224):
+    """A PIL image -> [3, size, size]: a plain square resize (the spec's transforms.Resize((S, S))), normalised."""
+    return normalise(np.array(image.convert("RGB").resize((size, size), Image.BILINEAR)))
+
+
 def decode_image(data, frame_size):
-    """Encoded image bytes -> [3, H, W] (plain square resize, as the spec's transforms.Resize((S, S)))."""
-    img = Image.open(io.BytesIO(data)).convert("RGB").resize((frame_size, frame_size), Image.BILINEAR)
-    return normalise(np.array(img))  # a writable copy
+    """Encoded image bytes -> [3, H, W]."""
+    return load_image_frames(Image.open(io.BytesIO(data)), frame_size)
 
 
 def frame_indices(num_frames, fps, max_frames, sampling="uniform", sample_fps=1.0):
@@ -102,6 +106,12 @@ def decode_video(data, frame_size, max_frames, sampling="uniform", sample_fps=1.
         return normalise(vr.get_batch(idx).asnumpy())
     except RuntimeError as e:  # decord raises DECORDError (a RuntimeError) for unreadable or truncated data
         raise SkipSample("bad_video", str(e).splitlines()[0][:200]) from e
+
+
+def load_video_frames(path, max_frames=64, size=224, sampling="uniform", sample_fps=1.0):
+    """A video file -> [T, 3, size, size], sampled as in training (see frame_indices). Raises SkipSample."""
+    with open(path, "rb") as f:
+        return decode_video(f.read(), size, max_frames, sampling, sample_fps)
 
 
 def _image(data, frame_size, name):

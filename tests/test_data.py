@@ -1,5 +1,6 @@
 """Shard reading: every format, frame counts and normalisation, replication, skips by reason, DDP splits."""
 
+import io
 import logging
 import tarfile
 from collections import Counter
@@ -7,9 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from collate import collate
-from data import IMAGENET_MEAN, IMAGENET_STD, ShardDataset, frame_indices, make_loader
+from data import (IMAGENET_MEAN, IMAGENET_STD, ShardDataset, frame_indices, load_image_frames, load_video_frames,
+                  make_loader)
 from shards import assign_shards, expand_shards, iter_tar, split_name
 from synthetic import BACKGROUND, encode_jpg, encode_mp4, render, write_tar
 
@@ -79,6 +82,9 @@ def test_mp4_sampled_at_one_fps(tmp_path, tokenizer):
     write_tar(tmp_path / "a.tar", [("k", {"mp4": mp4(frames=8, fps=4), "txt": "x"})])
     assert read(tmp_path / "a.tar", tokenizer)[0][0]["frames"].shape[0] == 2  # 2 s of video at 1 fps
     assert read(tmp_path / "a.tar", tokenizer, sample_fps=4.0)[0][0]["frames"].shape[0] == 8
+    (tmp_path / "v.mp4").write_bytes(mp4(frames=8, fps=4))
+    frames = load_video_frames(str(tmp_path / "v.mp4"), max_frames=64, size=SIZE, sample_fps=4.0)
+    assert torch.equal(frames, read(tmp_path / "a.tar", tokenizer, sample_fps=4.0)[0][0]["frames"])
 
 
 def test_jpg_frames_in_order_and_image_replicated(tmp_path, tokenizer):
@@ -96,6 +102,8 @@ def test_jpg_frames_in_order_and_image_replicated(tmp_path, tokenizer):
     assert still["frames"].stride(0) == 0  # one tensor, eight views: no copy
     assert torch.unique(still["frames"].reshape(8, -1), dim=0).shape[0] == 1
     assert tokenizer.decode(still["input_ids"][still["loss_mask"].bool()]) == "A. red<|im_end|>"
+    pil = Image.open(io.BytesIO(solid_jpg(200)))
+    assert torch.equal(load_image_frames(pil, SIZE), still["frames"][0])  # inference decodes as training
 
 
 def test_dpo_and_text_samples(tmp_path, tokenizer):
