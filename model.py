@@ -210,34 +210,37 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         ids, index, counts = _compact_text(input_ids, attention_mask)
         return ids, index, counts, self.llm.get_input_embeddings()(ids)
 
-    def _token_logps(self, h, ids, weights):
-        """Log-probability of each compact text token i >= 1 given the ones before: ([B,S-1], weights)."""
-        logp = torch.log_softmax(self._logits(h[:, :-1]).float(), -1)
-        return logp.gather(-1, ids[:, 1:, None])[..., 0], weights[:, 1:]
+    def _target_logps(self, h, ids, weights):
+        """Log-probabilities of the target tokens: compact text token i >= 1 with weight > 0, predicted from
+        h[:, i-1]. The vocabulary projection runs on those positions only. Returns (logp [K], row [K], w [K])."""
+        sel = weights[:, 1:] > 0  # [B, S-1]
+        logits = self._logits(h[:, :-1][sel]).float()  # [K, V]
+        logp = -F.cross_entropy(logits, ids[:, 1:][sel], reduction="none")
+        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(sel)[sel]
+        return logp, rows, weights[:, 1:][sel]
+
+    def _ce(self, h, ids, weights):
+        logp, _, w = self._target_logps(h, ids, weights)
+        return -(logp * w).sum() / w.sum().clamp(min=1.0)
 
     def forward(self, frames, input_ids, attention_mask=None, loss_mask=None, frame_mask=None,
-                mode="coarse_fine"):
+                mode="coarse_fine", return_logits=True):
         """frames [B,T,3,H,W], input_ids [B,S] -> {"loss", "logits" [B,S,V]}; logits[:, i] predicts token i+1.
         The loss is the mean cross-entropy over text tokens i >= 1 whose loss_mask (default attention_mask)
-        is 1."""
+        is 1. Training passes return_logits=False: the vocabulary projection then runs on the targets only."""
         self._check_mode(mode)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         loss_mask = attention_mask if loss_mask is None else loss_mask * attention_mask
         ids, index, n_txt, txt = self._embed_text(input_ids, attention_mask)
         weights = torch.zeros_like(ids, dtype=torch.float).scatter(1, index, loss_mask.float())
         (h,), coarse_h = self._text_states(frames, frame_mask, [(txt, n_txt)], mode)
-        logits = self._logits(h)  # [B, S, V] in compact order
-        loss = self._ce(logits, ids, weights)
+        loss = self._ce(h, ids, weights)
         if coarse_h is not None:
-            loss = loss + self.lambda_coarse * self._ce(self._logits(coarse_h), ids, weights)
-        logits = _gather_rows(logits, index) * attention_mask[..., None]  # back to the input's layout
+            loss = loss + self.lambda_coarse * self._ce(coarse_h, ids, weights)
+        logits = None
+        if return_logits:  # back to the input's layout
+            logits = _gather_rows(self._logits(h), index) * attention_mask[..., None]
         return {"loss": loss, "logits": logits}
-
-    @staticmethod
-    def _ce(logits, ids, weights):
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-        w = weights[:, 1:].flatten()
-        return (ce * w).sum() / w.sum().clamp(min=1.0)
 
     def forward_dpo(self, frames, frame_mask, chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids,
                     rejected_mask, rejected_loss_mask, mode="coarse_fine"):
@@ -250,8 +253,8 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         out = {}
         for name, h, (ids, index, _, _), (_, m, lm) in zip(("chosen", "rejected"), hs, embedded, texts):
             w = torch.zeros_like(ids, dtype=torch.float).scatter(1, index, (lm * m).float())
-            logp, w = self._token_logps(h, ids, w)
-            out[f"{name}_logps"] = (logp * w).sum(1)
+            logp, rows, w = self._target_logps(h, ids, w)
+            out[f"{name}_logps"] = torch.zeros(h.shape[0], device=h.device).index_add(0, rows, logp * w)
         return out
 
     # ---------------------------------------------------------------- inference API

@@ -44,7 +44,7 @@ class StepModule(nn.Module):
     def forward(self, batch):
         if self.dpo:
             return self.model.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=self.mode)
-        return self.model(**{k: batch[k] for k in CE_KEYS}, mode=self.mode)
+        return self.model(**{k: batch[k] for k in CE_KEYS}, mode=self.mode, return_logits=False)
 
 
 def dpo_loss(policy, reference, beta):

@@ -68,6 +68,8 @@ def test_loss_is_masked_next_token_ce(tiny_model):
     targets = [i for i in range(1, 6) if loss_mask[0, i]]  # token 0 is never a target
     manual = -torch.stack([logp[i - 1, t[0, i]] for i in targets]).mean()
     assert abs(out["loss"].item() - manual.item()) < 1e-5
+    lean = tiny_model(x, t, torch.ones_like(t), loss_mask=loss_mask, mode="coarse_only", return_logits=False)
+    assert lean["logits"] is None and abs(lean["loss"].item() - manual.item()) < 1e-5
 
 
 def test_modes_differ_and_bad_mode_is_rejected(tiny_model):
