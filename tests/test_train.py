@@ -156,7 +156,7 @@ def torchrun(tmp_path, config_path):
     driver.write_text(DRIVER)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(driver), "--config", config_path], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env={**ENV, "PYTHONPATH": ROOT})
+                         timeout=600, env={**ENV, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ranks = [torch.load(config_path.replace(".yaml", f"-rank{r}.pt"), weights_only=True) for r in (0, 1)]
     return out.stdout, ranks
