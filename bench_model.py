@@ -16,18 +16,26 @@ from model import FoveatedVLM
 from pretrained import SHAPES
 
 
-def step_seconds(model, frames, input_ids, repeats):
-    """Median wall time of forward+backward over `repeats` runs, after one warm-up run."""
-    times = []
+def step_seconds(model, frames, input_ids):
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    model(frames, input_ids, mode="coarse_fine", return_logits=False)["loss"].backward()
+    if frames.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def compare(model, frames, input_ids, repeats):
+    """Median seconds per step with dedup on and off, the two measured in alternation (after a warm-up of
+    each) so that a change in the machine's load hits both alike."""
+    times = {True: [], False: []}
     for i in range(repeats + 1):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        model(frames, input_ids, mode="coarse_fine")["loss"].backward()
-        if frames.is_cuda:
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for dedup in (True, False):
+            model.dedup_frames = dedup
+            seconds = step_seconds(model, frames, input_ids)
+            if i:
+                times[dedup].append(seconds)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def main():
@@ -53,10 +61,7 @@ def main():
     print(f"{'case':<26}{'dedup on (s/step)':>19}{'dedup off (s/step)':>20}{'speed-up':>10}")
     for name, (frames, ids) in cases.items():
         frames, ids = frames.to(args.device), ids.to(args.device)
-        seconds = {}
-        for dedup in (True, False):
-            model.dedup_frames = dedup
-            seconds[dedup] = step_seconds(model, frames, ids, args.repeats)
+        seconds = compare(model, frames, ids, args.repeats)
         print(f"{name:<26}{seconds[True]:>19.2f}{seconds[False]:>20.2f}{seconds[False] / seconds[True]:>9.2f}x")
 
 
