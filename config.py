@@ -53,7 +53,9 @@ class DataConfig:
     replicate_image_frames: int = 1  # images become this many identical frames (8 in stages 2-3)
     max_text_tokens: int = 1024
     max_total_frames: Optional[int] = None  # cap on the padded frames of a batch (long videos -> smaller batches)
-    frame_sampling: str = "uniform"
+    frame_sampling: str = "uniform"  # beyond max_frames at sample_fps: "uniform" over the video, or the "head"
+    sample_fps: float = 1.0
+    shuffle_buffer: int = 100  # training: samples shuffled in a buffer before decoding
     prompt: Optional[str] = None  # user prompt for caption-only samples (stage 1); None = the data default
 
 
@@ -125,6 +127,7 @@ class Config:
 
 CHOICES = {
     "model.mode": ("coarse_fine", "coarse_only", "autoregressive"),
+    "data.frame_sampling": ("uniform", "head"),
     "training.schedule": ("cosine", "constant", "converging"),
     "training.dtype": ("bfloat16", "float16", "float32"),
     "training.device": ("auto", "cpu", "cuda"),

@@ -105,7 +105,8 @@ def build_loader(cfg, tokenizer, dist, shards, train, start=0):
         dataset = ShardDataset(paths, tokenizer, loss=loss_type, train=train, max_frames=d.max_frames,
                                frame_size=d.frame_size, replicate_image_frames=d.replicate_image_frames,
                                max_text_tokens=d.max_text_tokens, frame_sampling=d.frame_sampling,
-                               prompt=d.prompt, seed=seed, rank=dist.rank, world=dist.world_size)
+                               sample_fps=d.sample_fps, shuffle_buffer=d.shuffle_buffer, prompt=d.prompt,
+                               seed=seed, rank=dist.rank, world=dist.world_size)
         return make_loader(dataset, cfg.training.batch_size, tokenizer.pad_token_id, d.num_workers,
                            d.prefetch_factor, d.max_total_frames)
 
