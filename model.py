@@ -170,8 +170,8 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         """KV-cached state after [visual tokens, txt] in a mode, for generation and option scoring."""
         if mode == "autoregressive":
             return self._continue(self._autoregressive(kv, frame_idx, counts), txt, n_txt)[1]
-        vis, vmask = _pad_tokens(self.visual_tokens(kv, frame_idx, counts, mode)[0], counts)
-        embeds, mask, text_index = self._pack(vis, counts, txt, n_txt)
+        vis = _pad_tokens(self.visual_tokens(kv, frame_idx, counts, mode)[0], counts)[0]
+        embeds, mask, _ = self._pack(vis, counts, txt, n_txt)
         cache = DynamicCache(config=self.llm.config)
         h = self._llm_hidden(embeds, mask, None, cache)
         last = _gather_rows(h, (counts + n_txt - 1).clamp(min=0)[:, None])[:, 0]
@@ -187,7 +187,8 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
 
     def _text_states(self, frames, frame_mask, txts, mode):
         """Hidden states of each text in `txts` (list of (embeds, counts)) after the same frames; DINO and the
-        visual tokens are computed once. Returns (list of hidden [B,S,D], list of coarse hidden or None)."""
+        visual tokens are computed once. Returns (list of hidden [B,S,D], the first text's hidden after the coarse
+        tokens when lambda_coarse adds their loss, else None)."""
         kv, frame_idx, counts = self.encode(frames, frame_mask)
         k, S = len(txts), max(t.shape[1] for t, _ in txts)
         txt = torch.stack([F.pad(t, (0, 0, 0, S - t.shape[1])) for t, _ in txts], 1)  # [B, k, S, D]
