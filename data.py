@@ -96,16 +96,24 @@ def frame_indices(num_frames, fps, max_frames, sampling="uniform", sample_fps=1.
     return [min(num_frames - 1, int(seg / 2 + seg * i)) for i in range(max_frames)]
 
 
-def decode_video(data, frame_size, max_frames, sampling="uniform", sample_fps=1.0):
-    """Encoded video bytes -> [T, 3, H, W]; decord resizes while decoding."""
+def read_video(source, frame_size, choose):
+    """A video (encoded bytes or a file path) -> [T, 3, H, W] at the frame indices `choose(num_frames, fps)`;
+    decord resizes while decoding. The one video decoder, for training and evaluation alike."""
+    name = source if isinstance(source, str) else "video bytes"
     try:
-        vr = VideoReader(io.BytesIO(data), width=frame_size, height=frame_size, num_threads=1)
-        idx = frame_indices(len(vr), vr.get_avg_fps(), max_frames, sampling, sample_fps)
+        vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source,
+                         width=frame_size, height=frame_size, num_threads=1)
+        idx = choose(len(vr), vr.get_avg_fps()) if len(vr) else []
         if not idx:
-            raise SkipSample("empty_video")
+            raise SkipSample("empty_video", name)
         return normalise(vr.get_batch(idx).asnumpy())
-    except RuntimeError as e:  # decord raises DECORDError (a RuntimeError) for unreadable or truncated data
-        raise SkipSample("bad_video", str(e).splitlines()[0][:200]) from e
+    except (RuntimeError, OSError) as e:  # decord raises DECORDError (a RuntimeError) for unreadable data
+        raise SkipSample("bad_video", f"{name}: {str(e).splitlines()[0][:200]}") from e
+
+
+def decode_video(data, frame_size, max_frames, sampling="uniform", sample_fps=1.0):
+    """Encoded video bytes -> [T, 3, H, W], sampled as in training (see frame_indices)."""
+    return read_video(data, frame_size, lambda n, fps: frame_indices(n, fps, max_frames, sampling, sample_fps))
 
 
 def load_video_frames(path, max_frames=64, size=224, sampling="uniform", sample_fps=1.0):

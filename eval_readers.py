@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
-from decord import VideoReader
 
-from data import SkipSample, normalise, sample_frames
+from data import SkipSample, normalise, read_video, sample_frames
 from shards import expand_shards, iter_tar
 from tokenization import MCQ_LETTERS, format_mcq, mcq_answer
 
@@ -147,15 +146,8 @@ def _decode_fields(fields, max_frames, frame_size):
 
 
 def _load_video(path, bound, max_frames, frame_size):
-    """A video file's frames by the MVBench rule; decord resizes while decoding."""
-    try:
-        vr = VideoReader(path, width=frame_size, height=frame_size, num_threads=1)
-        if len(vr) == 0:
-            raise SkipSample("empty_video", path)
-        idx = segment_indices(len(vr), vr.get_avg_fps(), max_frames, bound)
-        return normalise(vr.get_batch(idx).asnumpy())
-    except (RuntimeError, OSError, ValueError) as e:  # decord raises RuntimeError for unreadable data
-        raise SkipSample("bad_video", f"{path}: {e}") from e
+    """A video file's frames by the MVBench rule."""
+    return read_video(path, frame_size, lambda n, fps: segment_indices(n, fps, max_frames, bound))
 
 
 def load_media(media, max_frames=64, frame_size=224):
