@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from data import SkipSample, normalise, read_video, sample_frames
+from data import SkipSample, read_video, sample_frames
 from shards import expand_shards, iter_tar
 from tokenization import MCQ_LETTERS, format_mcq, mcq_answer
 
