@@ -20,7 +20,7 @@ SIZE = 32
 
 
 def scene(colour="red", direction="right"):
-    return {"colour": colour, "shape": "square", "direction": direction, "lateral": 0.5}
+    return {"colour": colour, "shape": "square", "direction": direction}
 
 
 def mp4(frames=6, fps=1, colour="red"):
