@@ -8,7 +8,6 @@ Follows torch.distributed's init_process_group / DistributedDataParallel API.
 import contextlib
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,15 +71,6 @@ def all_reduce(tensor, op="sum"):
         else:
             dist.all_reduce(tensor, getattr(dist.ReduceOp, op.upper()))
     return tensor
-
-
-def merge_counts(counts):
-    """A Counter summed over all ranks (every rank calls this and gets the total)."""
-    if not dist.is_initialized():
-        return Counter(counts)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(counts))
-    return sum((Counter(g) for g in gathered), Counter())
 
 
 def barrier():

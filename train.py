@@ -311,9 +311,9 @@ def main(argv=None):
               f"samples | {dist.world_size} x {dist.device}", flush=True)
 
     last, step, samples = fit(run, batches, val, progress, metric_name(cfg, val is not None, dist))
-    skipped = distributed.merge_counts(run.skipped)
+    skipped = distributed.all_reduce(torch.tensor(float(sum(run.skipped.values())), device=dist.device))
     logger.summary(final_loss=last.get("train_loss"), val_loss=last.get("val_loss"), steps=step, samples=samples,
-                   skipped=sum(skipped.values()), skipped_by_reason=dict(skipped), save_dir=c.save_dir)
+                   skipped=int(skipped.item()), skipped_by_reason_rank0=dict(run.skipped), save_dir=c.save_dir)
     logger.close()
     distributed.cleanup()
     return model
