@@ -11,8 +11,7 @@ import contextlib
 import copy
 import math
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -121,13 +120,6 @@ def build_loader(cfg, tokenizer, dist, shards, train, start=0):
     return (batch for _, batch in mixed)
 
 
-def count_skips(batches, skipped):
-    """Pass batches through, adding the samples the loader skipped on the way (by reason) to `skipped`."""
-    for batch in batches:
-        skipped.update(batch.pop("skipped", None) or {})
-        yield batch
-
-
 def to_device(batch, dev):
     return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -229,7 +221,6 @@ class Run:
     logger: Logger
     total_steps: int
     global_batch: int
-    skipped: Counter = field(default_factory=Counter)  # training samples the loader skipped, by reason
 
 
 def wrap(model, cfg, dist):
@@ -265,8 +256,6 @@ def fit(run, batches, val, progress, ranking):
         if step % t.log_every == 0 or step == run.total_steps:
             means = distributed.all_reduce(torch.stack(window).mean(0), "mean").tolist()
             figures = dict(zip(["loss", *metrics], means))
-            skipped = torch.tensor(float(sum(run.skipped.values())), device=run.dist.device)
-            figures["skipped"] = int(distributed.all_reduce(skipped).item())  # so far, all ranks
             last["train_loss"] = figures["loss"]
             speed = len(window) * run.global_batch / (time.time() - tick)
             run.logger.log(step, figures, group_lrs(run.optimizer), speed)
@@ -300,8 +289,8 @@ def main(argv=None):
     run = Run(cfg, dist, model, wrap(model, cfg, dist), reference, tokenizer, optimizer, scheduler, logger,
               total_steps, global_batch)
 
-    batches = count_skips(build_loader(cfg, tokenizer, dist, cfg.data.train_shards, train=True,
-                                       start=progress["data"]["batches_seen"]), run.skipped)
+    batches = build_loader(cfg, tokenizer, dist, cfg.data.train_shards, train=True,
+                           start=progress["data"]["batches_seen"])
     val = None
     if cfg.data.val_shards and cfg.eval.every_steps > 0:
         val = build_loader(cfg, tokenizer, dist, cfg.data.val_shards, train=False)
@@ -311,9 +300,8 @@ def main(argv=None):
               f"samples | {dist.world_size} x {dist.device}", flush=True)
 
     last, step, samples = fit(run, batches, val, progress, metric_name(cfg, val is not None, dist))
-    skipped = distributed.all_reduce(torch.tensor(float(sum(run.skipped.values())), device=dist.device))
     logger.summary(final_loss=last.get("train_loss"), val_loss=last.get("val_loss"), steps=step, samples=samples,
-                   skipped=int(skipped.item()), skipped_by_reason_rank0=dict(run.skipped), save_dir=c.save_dir)
+                   save_dir=c.save_dir)
     logger.close()
     distributed.cleanup()
     return model
