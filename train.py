@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -118,6 +119,23 @@ def build_loader(cfg, tokenizer, dist, shards, train, start=0):
         text, ratio = loader(d.text_shards, text_loss), d.text_ratio
     mixed = interleave(loader(shards, cfg.loss.type), text, ratio, cfg.training.seed, start_step=start)
     return (batch for _, batch in mixed)
+
+
+class SkipCount:
+    """Passes batches through, adding up the samples the loader skipped (`batch["skipped"]`, by reason)."""
+
+    def __init__(self, batches):
+        self.batches, self.by_reason, self.recent = batches, Counter(), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        skipped = batch.get("skipped") or {}
+        self.by_reason.update(skipped)
+        self.recent += sum(skipped.values())
+        return batch
 
 
 def to_device(batch, dev):
@@ -234,10 +252,13 @@ def wrap(model, cfg, dist):
 
 
 def fit(run, batches, val, progress, ranking):
-    """The training loop from progress["step"] to run.total_steps; returns the last train/val losses."""
+    """The training loop from progress["step"] to run.total_steps; returns the last train/val losses and the
+    samples the loader skipped: "skipped" over all ranks and the whole run (carried in the log step's all-reduce
+    and in checkpoints), "skip_reasons" by reason on this rank since this process started."""
     cfg, t, c = run.cfg, run.cfg.training, run.cfg.checkpoint
     step, samples, batches_seen = progress["step"], progress["samples_seen"], progress["data"]["batches_seen"]
-    window, last, nonfinite, tick = [], {}, 0, time.time()
+    window, last, nonfinite, tick = [], {"skipped": progress["data"].get("skipped", 0)}, 0, time.time()
+    batches = SkipCount(batches)
     while step < run.total_steps:
         stepped, loss, metrics = train_step(run.step_module, run.reference, batches, run.optimizer, cfg, run.dist)
         batches_seen += t.grad_accum
@@ -254,8 +275,13 @@ def fit(run, batches, val, progress, ranking):
         step, samples = step + 1, samples + run.global_batch
         window.append(torch.stack([loss, *metrics.values()]))
         if step % t.log_every == 0 or step == run.total_steps:
-            means = distributed.all_reduce(torch.stack(window).mean(0), "mean").tolist()
+            figures = torch.stack(window).mean(0)
+            figures = torch.cat([figures, figures.new_tensor([batches.recent])])  # skips ride the same all-reduce
+            *means, skipped = distributed.all_reduce(figures, "mean").tolist()
+            batches.recent, last["skipped"] = 0, last["skipped"] + round(skipped * run.dist.world_size)
             figures = dict(zip(["loss", *metrics], means))
+            if last["skipped"]:
+                figures["skipped"] = last["skipped"]
             last["train_loss"] = figures["loss"]
             speed = len(window) * run.global_batch / (time.time() - tick)
             run.logger.log(step, figures, group_lrs(run.optimizer), speed)
@@ -265,9 +291,11 @@ def fit(run, batches, val, progress, ranking):
             run.logger.log(step, {"val_loss": last["val_loss"]})
             tick = time.time()
         if step % c.save_every_steps == 0 or step == run.total_steps:
-            progress = {"step": step, "samples_seen": samples, "data": {"batches_seen": batches_seen}}
+            progress = {"step": step, "samples_seen": samples,
+                        "data": {"batches_seen": batches_seen, "skipped": last["skipped"]}}
             save(run, progress, last.get(ranking))
             tick = time.time()
+    last["skip_reasons"] = dict(batches.by_reason)
     return last, step, samples
 
 
@@ -301,7 +329,7 @@ def main(argv=None):
 
     last, step, samples = fit(run, batches, val, progress, metric_name(cfg, val is not None, dist))
     logger.summary(final_loss=last.get("train_loss"), val_loss=last.get("val_loss"), steps=step, samples=samples,
-                   save_dir=c.save_dir)
+                   skipped=last["skipped"], skip_reasons=last["skip_reasons"], save_dir=c.save_dir)
     logger.close()
     distributed.cleanup()
     return model

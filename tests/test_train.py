@@ -25,8 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
-def write_shard(path, n, seed, kind="sft"):
-    """n one-colour images: SFT ("What colour?" -> "red."), DPO (chosen = the right colour), or text-only."""
+def write_shard(path, n, seed, kind="sft", corrupt=0):
+    """n one-colour images: SFT ("What colour?" -> "red."), DPO (chosen = the right colour), or text-only; the
+    first `corrupt` images are not images."""
     rng = random.Random(seed)
     with tarfile.open(path, "w") as tar:
         for i in range(n):
@@ -35,7 +36,7 @@ def write_shard(path, n, seed, kind="sft"):
             if kind != "text":
                 buf = io.BytesIO()
                 Image.new("RGB", (56, 56), COLORS[name]).save(buf, "PNG")
-                fields["png"] = buf.getvalue()
+                fields["png"] = buf.getvalue() if i >= corrupt else b"not a png"
             meta = {"user": "What colour is this?", "assistant": f"{name}."}
             if kind == "dpo":
                 meta = {"question": "What colour is this?", "chosen": f"{name}.", "rejected": f"{wrong}."}
@@ -110,6 +111,17 @@ def test_loss_falls_with_validation_and_text_retention(tmp_path, shards, one_thr
     assert losses[-1] < losses[0] - 1.0, losses
     assert len(vals) == 2 and vals[-1] < vals[0]
     assert os.path.exists(tmp_path / "run" / "best" / "model.safetensors")
+
+
+def test_skipped_samples_reach_the_log_and_the_summary(tmp_path, one_thread):
+    write_shard(tmp_path / "train.tar", 24, 4, corrupt=4)
+    path = write_config(tmp_path, training={"total_samples": 64}, checkpoint={"save_every_steps": 100})
+    train.main(["--config", path])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # 16 steps read 64 good samples: at least 3 passes over the shard's 20, so at least 12 skips
+    assert summary["skipped"] >= 12 and summary["skip_reasons"] == {"bad_image": summary["skipped"]}
+    logged = [int(r["skipped"]) for r in read_log(str(tmp_path / "run")) if r.get("skipped")]
+    assert logged == sorted(logged) and logged[-1] == summary["skipped"]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # small ops on a busy CPU: one thread per process is fastest
