@@ -1,5 +1,8 @@
 """config.py: an unknown key, a wrong type or a missing path stops the run naming the key and the file."""
 
+import glob
+import os
+
 import pytest
 
 import config
@@ -68,3 +71,13 @@ def test_saved_config_round_trips(tmp_path):
     for name in ("c.yaml", "c.json"):
         config.save(cfg, str(tmp_path / name))
         assert config.load_saved(str(tmp_path / name)) == cfg
+
+
+SHIPPED = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
+def test_shipped_configs_match_the_schema(path):
+    cfg = config.load(path, check=False)  # keys and types; the data paths exist only after downloading
+    loss = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}[cfg.stage]
+    assert cfg.loss.type == loss and (cfg.stage == 1) == (cfg.model.init_from is None)

@@ -124,6 +124,29 @@ def test_skipped_samples_reach_the_log_and_the_summary(tmp_path, one_thread):
     assert logged == sorted(logged) and logged[-1] == summary["skipped"]
 
 
+@pytest.mark.slow
+def test_quickstart_configs_run_and_the_loss_falls_on_the_synthetic_set(tmp_path, one_thread):
+    """The shipped quickstart chain, shortened: synthetic.py's set, stage 1, stage 2 from stage 1's checkpoint."""
+    import synthetic
+    data = tmp_path / "synthetic"
+    synthetic.main(["--out", str(data), "--captions", "48", "--mcq", "48", "--val", "8", "--eval", "2",
+                    "--dpo", "2", "--text", "16"])
+    short = ["training.log_every=2", "eval.every_steps=6", "eval.max_samples=8", "data.num_workers=0"]
+    for stage, name, shards in [(1, "quickstart", "stage1/train-*.tar"), (2, "quickstart_stage2", "stage2/*-*.tar")]:
+        val = "stage1/val-*.tar" if stage == 1 else "stage2/val-*.tar"
+        sets = short + [f"data.train_shards={data / shards}", f"data.val_shards={data / val}",
+                        f"data.text_shards={data / 'text/text-*.tar'}", "training.total_samples=192",
+                        f"checkpoint.save_dir={tmp_path / name}"]
+        if stage == 2:
+            sets.append(f"model.init_from={tmp_path / 'quickstart' / 'latest'}")
+        train.main(["--config", os.path.join(ROOT, "configs", f"{name}.yaml"), *[a for x in sets for a in ("--set", x)]])
+        rows = read_log(str(tmp_path / name))
+        losses = [float(r["loss"]) for r in rows if r.get("loss")]
+        vals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+        assert len(losses) == 6 and losses[-1] < losses[0] - 1.0, (stage, losses)
+        assert len(vals) == 2 and vals[-1] < vals[0], (stage, vals)
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # small ops on a busy CPU: one thread per process is fastest
 
 
