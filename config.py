@@ -101,6 +101,7 @@ class CheckpointConfig:
 class EvalConfig:
     every_steps: int = 0  # 0 = no validation
     max_samples: int = 1000
+    modes: Optional[list] = None  # validation loss also in these modes (val_loss_<mode>); val_loss is model.mode's
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Config:
 
 CHOICES = {
     "model.mode": ("coarse_fine", "coarse_only", "autoregressive"),
+    "eval.modes": ("coarse_fine", "coarse_only", "autoregressive"),  # each item of the list
     "data.frame_sampling": ("uniform", "head"),
     "training.schedule": ("cosine", "constant", "converging"),
     "training.dtype": ("bfloat16", "float16", "float32"),
@@ -187,7 +189,8 @@ def _section(cls, values, name, source):
             raise ConfigError(f"{source}: '{name}.{key}' must be {_type_name(hints[key])}, "
                               f"got {type(value).__name__} {value!r}")
         choices = CHOICES.get(f"{name}.{key}")
-        if choices and value not in choices:
+        if choices and value is not None and any(v not in choices for v in (value if isinstance(value, list)
+                                                                             else [value])):
             raise ConfigError(f"{source}: '{name}.{key}' must be one of {choices}, got {value!r}")
     floats = {k: float(v) for k, v in values.items() if type(v) is int and _type_ok(1.5, hints[k])}
     return cls(**{**values, **floats})

@@ -42,10 +42,11 @@ class StepModule(nn.Module):
         super().__init__()
         self.model, self.dpo, self.mode = model, dpo, mode
 
-    def forward(self, batch):
+    def forward(self, batch, mode=None):
+        mode = mode or self.mode
         if self.dpo:
-            return self.model.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=self.mode)
-        return self.model(**{k: batch[k] for k in CE_KEYS}, mode=self.mode, return_logits=False)
+            return self.model.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=mode)
+        return self.model(**{k: batch[k] for k in CE_KEYS}, mode=mode, return_logits=False)
 
 
 def dpo_loss(policy, reference, beta):
@@ -59,13 +60,15 @@ def dpo_loss(policy, reference, beta):
                   "reward_chosen": beta * chosen.mean(), "reward_rejected": beta * rejected.mean()}
 
 
-def compute_loss(step_module, reference, batch, cfg):
-    """(loss, metrics) of one micro-batch; `reference` is the frozen DPO reference or None for CE."""
-    out = step_module(batch)
+def compute_loss(step_module, reference, batch, cfg, mode=None):
+    """(loss, metrics) of one micro-batch in `mode` (default model.mode); `reference` is the frozen DPO
+    reference or None for CE."""
+    mode = mode or cfg.model.mode
+    out = step_module(batch, mode)
     if reference is None:
         return out["loss"], {}
     with torch.no_grad():
-        ref = reference.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=cfg.model.mode)
+        ref = reference.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=mode)
     return dpo_loss(out, ref, cfg.loss.beta)
 
 
@@ -166,24 +169,33 @@ def train_step(step_module, reference, batches, optimizer, cfg, dist):
     return stepped, total, {"grad_norm": norm.detach().float(), **metrics}
 
 
+def eval_modes(cfg):
+    """model.mode first (its loss is `val_loss`, the checkpoint metric), then eval.modes' others."""
+    return [cfg.model.mode] + [m for m in dict.fromkeys(cfg.eval.modes or ()) if m != cfg.model.mode]
+
+
 @torch.no_grad()
 def evaluate(step_module, reference, loader, cfg, dist):
-    """Mean validation loss over up to eval.max_samples samples (split across ranks)."""
+    """Mean validation loss over up to eval.max_samples samples (split across ranks), in each of eval_modes:
+    {"val_loss": loss in model.mode, "val_loss_<mode>": loss in each other mode}."""
     inner = getattr(step_module, "module", step_module)  # no DDP here: ranks may hold unequal batch counts
     inner.eval()
-    total, samples, limit = torch.zeros(2, device=dist.device), 0, math.ceil(cfg.eval.max_samples / dist.world_size)
+    modes, samples, limit = eval_modes(cfg), 0, math.ceil(cfg.eval.max_samples / dist.world_size)
+    total = torch.zeros(len(modes) + 1, device=dist.device)  # summed loss x samples per mode, then samples
     for batch in loader:
         batch = to_device(batch, dist.device)
-        with distributed.autocast(dist.device, cfg.training.dtype):
-            loss, _ = compute_loss(inner, reference, batch, cfg)
         n = len(batch["frames"])
-        total += torch.stack([loss.float() * n, torch.tensor(float(n), device=dist.device)])
+        for i, mode in enumerate(modes):
+            with distributed.autocast(dist.device, cfg.training.dtype):
+                loss, _ = compute_loss(inner, reference, batch, cfg, mode)
+            total[i] += loss.float() * n
+        total[-1] += n
         samples += n
         if samples >= limit:
             break
     inner.train()
-    distributed.all_reduce(total)
-    return (total[0] / total[1].clamp(min=1)).item()
+    means = (distributed.all_reduce(total)[:-1] / total[-1].clamp(min=1)).tolist()
+    return {("val_loss" if i == 0 else f"val_loss_{mode}"): v for i, (mode, v) in enumerate(zip(modes, means))}
 
 
 def resume(cfg, model, optimizer, scheduler, dist):
@@ -287,8 +299,9 @@ def fit(run, batches, val, progress, ranking):
             run.logger.log(step, figures, group_lrs(run.optimizer), speed)
             window, tick = [], time.time()
         if val is not None and (step % cfg.eval.every_steps == 0 or step == run.total_steps):
-            last["val_loss"] = evaluate(run.step_module, run.reference, val, cfg, run.dist)
-            run.logger.log(step, {"val_loss": last["val_loss"]})
+            figures = evaluate(run.step_module, run.reference, val, cfg, run.dist)
+            last.update(figures)
+            run.logger.log(step, figures)
             tick = time.time()
         if step % c.save_every_steps == 0 or step == run.total_steps:
             progress = {"step": step, "samples_seen": samples,

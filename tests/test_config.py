@@ -35,6 +35,7 @@ def test_loads_defaults_and_spec_number_forms(tmp_path):
     ("training: {compile: 1}", "training.compile"),
     ("loss: {type: ppo}", "loss.type"),
     ("data: {train_shards: [1, 2]}", "data.train_shards"),
+    ("eval: {modes: [coarse_only, fine_only]}", "eval.modes"),
 ])
 def test_bad_key_or_type_names_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)

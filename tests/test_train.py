@@ -102,14 +102,17 @@ def test_loss_falls_with_validation_and_text_retention(tmp_path, shards, one_thr
     data = {"train_shards": str(shards / "train.tar"), "val_shards": str(shards / "val.tar"),
             "text_shards": str(shards / "text.tar"), "text_ratio": 0.25}
     path = write_config(tmp_path, data=data,
-                        training={"total_samples": 96}, eval={"every_steps": 12, "max_samples": 8},
+                        training={"total_samples": 96},
+                        eval={"every_steps": 12, "max_samples": 8, "modes": ["autoregressive", "coarse_only"]},
                         checkpoint={"save_every_steps": 12})
     train.main(["--config", path])
     rows = read_log(str(tmp_path / "run"))
     losses = [float(r["loss"]) for r in rows if r.get("loss")]
-    vals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    vals = {k: [float(r[k]) for r in rows if r.get(k)] for k in
+            ("val_loss", "val_loss_autoregressive", "val_loss_coarse_only")}
     assert losses[-1] < losses[0] - 1.0, losses
-    assert len(vals) == 2 and vals[-1] < vals[0]
+    assert all(len(v) == 2 and v[-1] < v[0] for v in vals.values()), vals
+    assert vals["val_loss"] != vals["val_loss_coarse_only"]  # a static query instead of the LLM's
     assert os.path.exists(tmp_path / "run" / "best" / "model.safetensors")
 
 
