@@ -204,7 +204,8 @@ def torchrun(tmp_path, config_path):
 def test_two_process_gloo_keeps_ranks_identical_ce_then_dpo(tmp_path, shards):
     init = {k: v.clone() for k, v in train.FoveatedVLM(llm_config=TINY_LLM, dino_config=TINY_DINO,
                                                        query_dim=24).state_dict().items()}
-    ce = write_config(tmp_path, "ce", data={"train_shards": str(shards / "train.tar"),
+    write_shard(tmp_path / "bad.tar", 64, 5, corrupt=48)  # rank 1's shard; rank 0 reads train.tar
+    ce = write_config(tmp_path, "ce", data={"train_shards": [str(shards / "train.tar"), str(tmp_path / "bad.tar")],
                                             "text_shards": str(shards / "text.tar"), "text_ratio": 0.5},
                       training={"total_samples": 32, "batch_size": 2, "grad_accum": 2},
                       checkpoint={"save_every_steps": 100})
@@ -213,6 +214,8 @@ def test_two_process_gloo_keeps_ranks_identical_ce_then_dpo(tmp_path, shards):
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
     assert any(not torch.equal(r0[k], init[k]) for k in init if k in r0)
+    summary = json.loads((tmp_path / "ce" / "summary.json").read_text())
+    assert summary["skipped"] > 0 and summary["skip_reasons"] == {}  # rank 1's skips, summed into rank 0's log
     dpo = write_config(tmp_path, "dpo", model={"init_from": str(tmp_path / "ce" / "latest")},
                        data={"train_shards": str(shards / "dpo.tar")}, loss={"type": "dpo", "beta": 0.1},
                        training={"total_samples": 16, "batch_size": 2, "lr_llm": 1e-3})
