@@ -239,8 +239,8 @@ def parse_args(argv=None):
     p.add_argument("--fps", type=int, default=1, help="video frame rate (1 = every frame at 1 fps sampling)")
     p.add_argument("--multi-turn", type=float, default=1.0,
                    help="share of stage-2 samples that ask every question as one multi-turn chat (the rest ask "
-                        "one); all of them by default: with three answers per video (and LR 2e-3) the quickstart "
-                        "scored ~95%% at the seeds that learn, against ~84%% with half")
+                        "one); all of them by default: three answers per video teach the tiny quickstart model more "
+                        "per step (README, Quickstart)")
     p.add_argument("--shuffle-options", action="store_true",
                    help="list the MCQ options in a random order (harder: the letter must be read from the prompt)")
     args = p.parse_args(argv)

@@ -287,9 +287,8 @@ def fit(run, batches, val, progress, ranking):
         step, samples = step + 1, samples + run.global_batch
         window.append(torch.stack([loss, *metrics.values()]))
         if step % t.log_every == 0 or step == run.total_steps:
-            figures = torch.stack(window).mean(0)
-            figures = torch.cat([figures, figures.new_tensor([batches.recent])])  # skips ride the same all-reduce
-            *means, skipped = distributed.all_reduce(figures, "mean").tolist()
+            packed = torch.cat([torch.stack(window).mean(0), loss.new_tensor([batches.recent])])  # skips ride along
+            *means, skipped = distributed.all_reduce(packed, "mean").tolist()
             batches.recent, last["skipped"] = 0, last["skipped"] + round(skipped * run.dist.world_size)
             figures = dict(zip(["loss", *metrics], means))
             if last["skipped"]:
