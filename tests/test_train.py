@@ -1,6 +1,7 @@
 """train.py: the loss falls, a SIGKILLed run resumes where it stopped, DPO's loss, and 2-process DDP on gloo."""
 
 import csv
+import glob
 import io
 import json
 import math
@@ -148,6 +149,19 @@ def test_quickstart_configs_run_and_the_loss_falls_on_the_synthetic_set(tmp_path
         vals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
         assert len(losses) == 6 and losses[-1] < losses[0] - 1.0, (stage, losses)
         assert len(vals) == 2 and vals[-1] < vals[0], (stage, vals)
+
+
+def test_wandb_offline_run_holds_the_logged_figures(tmp_path, shards, one_thread, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = write_config(tmp_path, data={"train_shards": str(shards / "train.tar")}, training={"total_samples": 16},
+                        wandb={"mode": "offline", "project": "fvlm-test", "run_name": "tiny"})
+    train.main(["--config", path])
+    runs = glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1, runs  # what `wandb sync` uploads later
+    records = open(runs[0], "rb").read()
+    for name in (b"fvlm-test", b"grad_norm", b"lr_connector", b"samples_per_s", b"final_loss"):
+        assert name in records, name
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # small ops on a busy CPU: one thread per process is fastest
