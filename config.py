@@ -189,8 +189,8 @@ def _section(cls, values, name, source):
             raise ConfigError(f"{source}: '{name}.{key}' must be {_type_name(hints[key])}, "
                               f"got {type(value).__name__} {value!r}")
         choices = CHOICES.get(f"{name}.{key}")
-        if choices and value is not None and any(v not in choices for v in (value if isinstance(value, list)
-                                                                             else [value])):
+        items = value if isinstance(value, list) else [value]  # eval.modes: each item is a choice
+        if choices and value is not None and any(v not in choices for v in items):
             raise ConfigError(f"{source}: '{name}.{key}' must be one of {choices}, got {value!r}")
     floats = {k: float(v) for k, v in values.items() if type(v) is int and _type_ok(1.5, hints[k])}
     return cls(**{**values, **floats})

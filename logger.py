@@ -2,7 +2,8 @@
 
 wandb (https://docs.wandb.ai) is imported only when `wandb.mode` is online or offline; with the default
 `disabled` a do-nothing stand-in takes its place, so nothing needs installing and the loop never branches on it.
-Offline runs write to <save_dir>/wandb and sync later with `wandb sync <save_dir>/wandb/offline-run-*`. Only rank 0 logs (others get enabled=False).
+Offline runs write to <save_dir>/wandb and sync later with `wandb sync <save_dir>/wandb/offline-run-*`.
+Only rank 0 logs (others get enabled=False).
 """
 
 import csv
