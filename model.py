@@ -185,11 +185,11 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
-    def _text_states(self, frames, frame_mask, txts, mode):
+    def _text_states(self, frames, frame_mask, txts, mode, encoded=None):
         """Hidden states of each text in `txts` (list of (embeds, counts)) after the same frames; DINO and the
-        visual tokens are computed once. Returns (list of hidden [B,S,D], the first text's hidden after the coarse
-        tokens when lambda_coarse adds their loss, else None)."""
-        kv, frame_idx, counts = self.encode(frames, frame_mask)
+        visual tokens are computed once (DINO not at all when `encoded` is given). Returns (list of hidden
+        [B,S,D], the first text's hidden after the coarse tokens when lambda_coarse adds their loss, else None)."""
+        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
         k, S = len(txts), max(t.shape[1] for t, _ in txts)
         txt = torch.stack([F.pad(t, (0, 0, 0, S - t.shape[1])) for t, _ in txts], 1)  # [B, k, S, D]
         n_txt = torch.stack([n for _, n in txts], 1)  # [B, k]
@@ -225,16 +225,17 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         return -(logp * w).sum() / w.sum().clamp(min=1.0)
 
     def forward(self, frames, input_ids, attention_mask=None, loss_mask=None, frame_mask=None,
-                mode="coarse_fine", return_logits=True):
+                mode="coarse_fine", return_logits=True, encoded=None):
         """frames [B,T,3,H,W], input_ids [B,S] -> {"loss", "logits" [B,S,V]}; logits[:, i] predicts token i+1.
         The loss is the mean cross-entropy over text tokens i >= 1 whose loss_mask (default attention_mask)
-        is 1. Training passes return_logits=False: the vocabulary projection then runs on the targets only."""
+        is 1. Training passes return_logits=False: the vocabulary projection then runs on the targets only.
+        `encoded`, this model's `encode(frames, frame_mask)`, lets several modes share one DINO pass."""
         self._check_mode(mode)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         loss_mask = attention_mask if loss_mask is None else loss_mask * attention_mask
         ids, index, n_txt, txt = self._embed_text(input_ids, attention_mask)
         weights = torch.zeros_like(ids, dtype=torch.float).scatter(1, index, loss_mask.float())
-        (h,), coarse_h = self._text_states(frames, frame_mask, [(txt, n_txt)], mode)
+        (h,), coarse_h = self._text_states(frames, frame_mask, [(txt, n_txt)], mode, encoded)
         loss = self._ce(h, ids, weights)
         if coarse_h is not None:
             loss = loss + self.lambda_coarse * self._ce(coarse_h, ids, weights)
@@ -244,13 +245,13 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         return {"loss": loss, "logits": logits}
 
     def forward_dpo(self, frames, frame_mask, chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids,
-                    rejected_mask, rejected_loss_mask, mode="coarse_fine"):
+                    rejected_mask, rejected_loss_mask, mode="coarse_fine", encoded=None):
         """Summed log-probabilities of the chosen and rejected answers (loss-mask tokens), both read after ONE
-        encoding of the frames. Returns {"chosen_logps": [B], "rejected_logps": [B]}."""
+        encoding of the frames (`encoded`, as in forward). Returns {"chosen_logps": [B], "rejected_logps": [B]}."""
         self._check_mode(mode)
         texts = [(chosen_ids, chosen_mask, chosen_loss_mask), (rejected_ids, rejected_mask, rejected_loss_mask)]
         embedded = [self._embed_text(i, m) for i, m, _ in texts]
-        hs, _ = self._text_states(frames, frame_mask, [(e[3], e[2]) for e in embedded], mode)
+        hs, _ = self._text_states(frames, frame_mask, [(e[3], e[2]) for e in embedded], mode, encoded)
         out = {}
         for name, h, (ids, index, _, _), (_, m, lm) in zip(("chosen", "rejected"), hs, embedded, texts):
             w = torch.zeros_like(ids, dtype=torch.float).scatter(1, index, (lm * m).float())

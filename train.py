@@ -42,11 +42,11 @@ class StepModule(nn.Module):
         super().__init__()
         self.model, self.dpo, self.mode = model, dpo, mode
 
-    def forward(self, batch, mode=None):
+    def forward(self, batch, mode=None, encoded=None):
         mode = mode or self.mode
         if self.dpo:
-            return self.model.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=mode)
-        return self.model(**{k: batch[k] for k in CE_KEYS}, mode=mode, return_logits=False)
+            return self.model.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=mode, encoded=encoded)
+        return self.model(**{k: batch[k] for k in CE_KEYS}, mode=mode, return_logits=False, encoded=encoded)
 
 
 def dpo_loss(policy, reference, beta):
@@ -60,15 +60,16 @@ def dpo_loss(policy, reference, beta):
                   "reward_chosen": beta * chosen.mean(), "reward_rejected": beta * rejected.mean()}
 
 
-def compute_loss(step_module, reference, batch, cfg, mode=None):
+def compute_loss(step_module, reference, batch, cfg, mode=None, encoded=(None, None)):
     """(loss, metrics) of one micro-batch in `mode` (default model.mode); `reference` is the frozen DPO
-    reference or None for CE."""
+    reference or None for CE; `encoded`: the policy's and the reference's DINO pass over the batch's frames,
+    when already made (see FoveatedVLM.forward)."""
     mode = mode or cfg.model.mode
-    out = step_module(batch, mode)
+    out = step_module(batch, mode, encoded[0])
     if reference is None:
         return out["loss"], {}
     with torch.no_grad():
-        ref = reference.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=mode)
+        ref = reference.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=mode, encoded=encoded[1])
     return dpo_loss(out, ref, cfg.loss.beta)
 
 
@@ -185,10 +186,12 @@ def evaluate(step_module, reference, loader, cfg, dist):
     for batch in loader:
         batch = to_device(batch, dist.device)
         n = len(batch["frames"])
-        for i, mode in enumerate(modes):
-            with distributed.autocast(dist.device, cfg.training.dtype):
-                loss, _ = compute_loss(inner, reference, batch, cfg, mode)
-            total[i] += loss.float() * n
+        with distributed.autocast(dist.device, cfg.training.dtype):
+            encoded = [m.encode(batch["frames"], batch["frame_mask"]) if m is not None else None
+                       for m in (inner.model, reference)]  # DINO once per batch, whatever the modes
+            for i, mode in enumerate(modes):
+                loss, _ = compute_loss(inner, reference, batch, cfg, mode, encoded)
+                total[i] += loss.float() * n
         total[-1] += n
         samples += n
         if samples >= limit:

@@ -76,6 +76,10 @@ def test_modes_differ_and_bad_mode_is_rejected(tiny_model):
     x, t = frames(1, 3), ids(1, 5)
     losses = {m: tiny_model(x, t, mode=m)["loss"].item() for m in MODES}
     assert len({round(v, 6) for v in losses.values()}) == 3
+    encoded, before = tiny_model.encode(x), tiny_model.encoder.frames_encoded
+    for m in MODES:  # one DINO pass shared by every mode (validation in several modes)
+        assert tiny_model(x, t, mode=m, encoded=encoded)["loss"].item() == pytest.approx(losses[m], abs=1e-6)
+    assert tiny_model.encoder.frames_encoded == before
     with pytest.raises(ValueError, match="mode must be one of"):
         tiny_model(x, t, mode="fine")
 

@@ -246,8 +246,8 @@ def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tmp_path, shards
                         checkpoint={"save_every_steps": 2})
     forward, calls = train.StepModule.forward, []
 
-    def nan_after_four(self, batch, mode=None):  # steps 1-4 train normally, then every loss is NaN
-        out = forward(self, batch, mode)
+    def nan_after_four(self, batch, *args):  # steps 1-4 train normally, then every loss is NaN
+        out = forward(self, batch, *args)
         calls.append(1)
         return {**out, "loss": out["loss"] * float("nan")} if len(calls) > 4 else out
 
