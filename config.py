@@ -56,7 +56,13 @@ class DataConfig:
     frame_sampling: str = "uniform"  # beyond max_frames at sample_fps: "uniform" over the video, or the "head"
     sample_fps: float = 1.0
     shuffle_buffer: int = 100  # training: samples shuffled in a buffer before decoding
-    prompt: Optional[str] = None  # user prompt for caption-only samples (stage 1); None = the data default
+    # Prompts (tokenization.py): the system turn every conversation starts with (null: the LLM template's
+    # own default, this project's behaviour before it followed the original recipe), the user prompt of
+    # caption-only samples by their json `source` (null: the original's table; a sample's own `user` text
+    # wins), and `prompt`, which when set replaces the per-source prompt for every caption-only sample.
+    system_prompt: Optional[str] = "You are a helpful AI assistant."
+    caption_prompts: Optional[dict] = None
+    prompt: Optional[str] = None
 
 
 @dataclass

@@ -6,9 +6,12 @@ basename; the rest, lowercased, is the field). Formats follow ../shared/FORMATS.
   uniformly over its whole length (`frame_sampling: uniform`) or keeps its first `max_frames` (`head`).
   Samples whose json `status` is not "success" (failed downloads, written without mp4) are skipped.
 - pre-extracted frames: one image field (`jpg`/`jpeg`/`png`/`webp`) or numbered `000.jpg`, `001.jpg`, ...;
-  a single image becomes `replicate_image_frames` views of one tensor (stride 0, no copy), so the model's
-  content dedup encodes it once.
-- text: json `messages` | `user`+`assistant` | `question`+`chosen`+`rejected` (DPO) | `caption`, or `txt`.
+  a single image (or a single numbered frame) becomes `replicate_image_frames` views of one tensor
+  (stride 0, no copy), so the model's content dedup encodes it once.
+- text: json `messages` | `user`+`assistant` | `question`+`chosen`+`rejected` (DPO; the original's
+  `user`+`chosen_assistant`+`rejected_assistant` too) | `caption`, or `txt` | pre-tokenized `token_ids` +
+  `loss_mask`. Prompts follow the original recipe (tokenization.py): an explicit system turn, and a
+  caption's user prompt chosen by the sample's `source` unless it has its own `user` text.
 Frames are square-resized to `frame_size` and ImageNet-normalised: [T, 3, H, W] float32.
 
 Training reads an endless stream (each pass over this worker's shards in a new random order, then a
@@ -38,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from collate import BudgetBatches, collate
 from shards import assign_shards, expand_shards, iter_tar
-from tokenization import PromptTooLong, caption_messages, tokenize_chat, tokenize_dpo
+from tokenization import SYSTEM_PROMPT, PromptTooLong, caption_messages, caption_prompt, tokenize_chat, tokenize_dpo
 
 log = logging.getLogger("fvlm.data")
 
@@ -47,7 +50,6 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 VIDEO_FIELDS = ("mp4", "webm", "mkv", "avi", "mov")
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 NUMBERED_FRAME = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
-DEFAULT_PROMPT = "Describe this video."
 LOSS_TYPES = ("text_ce_all", "text_ce_answer_only", "dpo")
 FRAME_SAMPLING = ("uniform", "head")
 
@@ -137,12 +139,13 @@ def sample_frames(fields, cfg):
         return "video", video, decode_video(fields[video], cfg["frame_size"], cfg["max_frames"],
                                      cfg["frame_sampling"], cfg["sample_fps"])
     numbered = sorted((int(m.group(1)), f) for f in fields if (m := NUMBERED_FRAME.match(f)))
-    if numbered:
+    if len(numbered) > 1:
         names = [f for _, f in numbered]  # already extracted: every frame, unless more than max_frames
         keep = frame_indices(len(names), 0, cfg["max_frames"], cfg["frame_sampling"])
         frames = [_image(fields[names[i]], cfg["frame_size"], names[i]) for i in keep]
         return "video", names[0].split(".")[-1] + " frames", torch.stack(frames)
-    image = next((f for f in IMAGE_FIELDS if f in fields), None)
+    # One image, or ONE numbered frame: an image either way (the original replicates any single frame).
+    image = numbered[0][1] if numbered else next((f for f in IMAGE_FIELDS if f in fields), None)
     if image:
         frame = _image(fields[image], cfg["frame_size"], image)  # [3, H, W]
         return "image", image, frame.unsqueeze(0).expand(max(1, cfg["replicate_image_frames"]), -1, -1, -1)
@@ -167,38 +170,56 @@ def sample_meta(fields):
     return meta
 
 
-def conversation(meta, fields, prompt):
-    """Metadata -> ("chat", messages) or ("dpo", (question, chosen, rejected))."""
+def conversation(meta, fields, cfg):
+    """Metadata -> ("tokens", {input_ids, loss_mask}) when the shard is pre-tokenized (the original's
+    `token_ids` + `loss_mask`), ("chat", messages), or ("dpo", (question, chosen, rejected)) from
+    `question`/`user` + `chosen`/`chosen_assistant` + `rejected`/`rejected_assistant` (the original's keys).
+    A sample without its own user text gets `data.prompt` when set, else its source's caption prompt."""
+    if "token_ids" in meta and "loss_mask" in meta:
+        ids, mask = meta["token_ids"], meta["loss_mask"]
+        if not (isinstance(ids, list) and isinstance(mask, list) and len(ids) == len(mask) and ids):
+            raise SkipSample("bad_json", "token_ids and loss_mask must be lists of the same non-zero length")
+        return "tokens", {"input_ids": torch.tensor(ids, dtype=torch.long),
+                          "loss_mask": torch.tensor(mask, dtype=torch.float).round().long()}
     if "messages" in meta:
         return "chat", meta["messages"]
+    user = meta.get("user") or meta.get("question") or cfg["prompt"] or caption_prompt(meta.get("source"),
+                                                                                         cfg["caption_prompts"])
+    chosen, rejected = meta.get("chosen", meta.get("chosen_assistant")), meta.get("rejected",
+                                                                                  meta.get("rejected_assistant"))
+    if chosen is not None or rejected is not None:
+        if not (chosen and rejected):
+            raise SkipSample("missing_field", "a preference pair needs both a chosen and a rejected answer")
+        return "dpo", (user, chosen, rejected)
     if "user" in meta or "assistant" in meta:
-        if not (meta.get("user") and meta.get("assistant")):
-            raise SkipSample("missing_field", "needs both user and assistant")
-        return "chat", [{"role": "user", "content": meta["user"]}, {"role": "assistant", "content": meta["assistant"]}]
-    if "chosen" in meta or "rejected" in meta:
-        if not all(meta.get(k) for k in ("question", "chosen", "rejected")):
-            raise SkipSample("missing_field", "needs question, chosen and rejected")
-        return "dpo", (meta["question"], meta["chosen"], meta["rejected"])
+        if not meta.get("assistant"):
+            raise SkipSample("missing_field", "needs an assistant answer")
+        return "chat", [{"role": "user", "content": user}, {"role": "assistant", "content": meta["assistant"]}]
     caption = meta.get("caption")
     if not caption and "txt" in fields:
         caption = fields["txt"].decode("utf-8", errors="replace")
     if not caption or not caption.strip():
         raise SkipSample("no_text")
-    return "chat", caption_messages(caption, prompt)
+    return "chat", caption_messages(caption, user)
 
 
 def tokenize_sample(tokenizer, meta, fields, cfg):
-    """Token ids and loss masks for the configured loss type."""
-    form, content = conversation(meta, fields, cfg["prompt"])
+    """Token ids and loss masks for the configured loss type, with the configured system prompt."""
+    form, content = conversation(meta, fields, cfg)
+    n, system = cfg["max_text_tokens"], cfg["system_prompt"]
     try:
+        if form == "tokens":
+            if cfg["loss"] == "dpo":
+                raise SkipSample("not_dpo", "a pre-tokenized sample cannot be a preference pair")
+            return {k: v[:n] for k, v in content.items()}
         if cfg["loss"] == "dpo":
             if form != "dpo":
-                raise SkipSample("not_dpo", "loss.type dpo needs question/chosen/rejected")
-            return tokenize_dpo(tokenizer, *content, max_tokens=cfg["max_text_tokens"])
+                raise SkipSample("not_dpo", "loss.type dpo needs a chosen and a rejected answer")
+            return tokenize_dpo(tokenizer, *content, max_tokens=n, system_prompt=system)
         if form == "dpo":  # a preference pair in a CE stage trains on its chosen answer
             content = [{"role": "user", "content": content[0]}, {"role": "assistant", "content": content[1]}]
         loss = "all" if cfg["loss"] == "text_ce_all" else "assistant"
-        return tokenize_chat(tokenizer, content, loss=loss, max_tokens=cfg["max_text_tokens"])
+        return tokenize_chat(tokenizer, content, loss=loss, max_tokens=n, system_prompt=system)
     except PromptTooLong as e:
         raise SkipSample("prompt_too_long", str(e)) from e
     except (ValueError, TypeError, AttributeError) as e:
@@ -231,7 +252,8 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards, tokenizer, *, loss="text_ce_all", train=True, max_frames=64, frame_size=224,
                  replicate_image_frames=1, max_text_tokens=1024, frame_sampling="uniform", sample_fps=1.0,
-                 prompt=None, shuffle_buffer=100, seed=0, rank=None, world=None, warn_limit=5):
+                 prompt=None, system_prompt=SYSTEM_PROMPT, caption_prompts=None, shuffle_buffer=100, seed=0,
+                 rank=None, world=None, warn_limit=5):
         if loss not in LOSS_TYPES:
             raise ValueError(f"loss must be one of {LOSS_TYPES}, got {loss!r}")
         if frame_sampling not in FRAME_SAMPLING:
@@ -241,7 +263,8 @@ class ShardDataset(IterableDataset):
         self.train, self.seed, self.shuffle_buffer, self.warn_limit = train, seed, shuffle_buffer, warn_limit
         self.cfg = dict(loss=loss, max_frames=max_frames, frame_size=frame_size, sample_fps=sample_fps,
                         replicate_image_frames=replicate_image_frames, max_text_tokens=max_text_tokens,
-                        frame_sampling=frame_sampling, prompt=prompt or DEFAULT_PROMPT)
+                        frame_sampling=frame_sampling, prompt=prompt, system_prompt=system_prompt,
+                        caption_prompts=caption_prompts)
         if rank is None:
             ddp = dist.is_available() and dist.is_initialized()
             rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -327,19 +350,18 @@ def make_loader(dataset, batch_size, pad_id, num_workers=0, prefetch_factor=2, m
 # ---------------------------------------------------------------- from a config, and the inspector
 
 DATASET_KEYS = ("max_frames", "frame_size", "replicate_image_frames", "max_text_tokens", "frame_sampling",
-                "sample_fps", "prompt", "shuffle_buffer")
+                "sample_fps", "prompt", "system_prompt", "caption_prompts", "shuffle_buffer")
 STAGE_LOSS = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}
 
 
 def dataset_from_config(cfg, tokenizer, split="train", loss=None, rank=None, world=None):
     """The ShardDataset of one shard set of a config.Config: train (endless), text (endless) or val (one pass).
 
-    Data keys the config does not set keep ShardDataset's defaults.
     """
     shards = {"train": cfg.data.train_shards, "text": cfg.data.text_shards, "val": cfg.data.val_shards}[split]
     if not shards:
         raise ValueError(f"data.{split}_shards is not set")
-    kwargs = {k: getattr(cfg.data, k) for k in DATASET_KEYS if getattr(cfg.data, k, None) is not None}
+    kwargs = {k: getattr(cfg.data, k) for k in DATASET_KEYS}
     return ShardDataset(shards, tokenizer, loss=loss or cfg.loss.type, train=split != "val",
                         seed=cfg.training.seed, rank=rank, world=world, **kwargs)
 

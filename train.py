@@ -111,6 +111,7 @@ def build_loader(cfg, tokenizer, dist, shards, train, start=0):
                                frame_size=d.frame_size, replicate_image_frames=d.replicate_image_frames,
                                max_text_tokens=d.max_text_tokens, frame_sampling=d.frame_sampling,
                                sample_fps=d.sample_fps, shuffle_buffer=d.shuffle_buffer, prompt=d.prompt,
+                               system_prompt=d.system_prompt, caption_prompts=d.caption_prompts,
                                seed=seed, rank=dist.rank, world=dist.world_size)
         return make_loader(dataset, cfg.training.batch_size, tokenizer.pad_token_id, d.num_workers,
                            d.prefetch_factor, d.max_total_frames)

@@ -101,7 +101,7 @@ def test_jpg_frames_in_order_and_image_replicated(tmp_path, tokenizer):
     assert still["kind"] == "image" and still["frames"].shape == (8, 3, SIZE, SIZE)
     assert still["frames"].stride(0) == 0  # one tensor, eight views: no copy
     assert torch.unique(still["frames"].reshape(8, -1), dim=0).shape[0] == 1
-    assert tokenizer.decode(still["input_ids"][still["loss_mask"].bool()]) == "A. red<|im_end|>"
+    assert tokenizer.decode(still["input_ids"][still["loss_mask"].bool()]) == "A. red<|im_end|>\n"
     pil = Image.open(io.BytesIO(solid_jpg(200)))
     assert torch.equal(load_image_frames(pil, SIZE), still["frames"][0])  # inference decodes as training
 
@@ -114,8 +114,8 @@ def test_dpo_and_text_samples(tmp_path, tokenizer):
     samples, skipped = read(tmp_path / "d.tar", tokenizer, loss="dpo")
     assert [s["kind"] for s in samples] == ["dpo"] and skipped == {"not_dpo": 1}
     s = samples[0]
-    assert tokenizer.decode(s["chosen_ids"][s["chosen_loss_mask"].bool()]) == "A. red<|im_end|>"
-    assert tokenizer.decode(s["rejected_ids"][s["rejected_loss_mask"].bool()]) == "B. blue<|im_end|>"
+    assert tokenizer.decode(s["chosen_ids"][s["chosen_loss_mask"].bool()]) == "A. red<|im_end|>\n"
+    assert tokenizer.decode(s["rejected_ids"][s["rejected_loss_mask"].bool()]) == "B. blue<|im_end|>\n"
     text, skipped = read(tmp_path / "t.tar", tokenizer, loss="text_ce_answer_only")
     assert skipped == {"missing_field": 1, "no_text": 1}
     assert text[0]["kind"] == "text" and text[0]["frames"].shape == (0, 3, SIZE, SIZE)
