@@ -1,13 +1,17 @@
 """MCQ evaluation of a checkpoint on MVBench, Video-MME, ScienceQA (image subset), POPE and the original's
 eval shards, in the three inference modes.
 
-Scoring follows the original fVLM benchmark: for each option, the mean cross-entropy of the option's answer
-tokens after the chat-formatted question; the lowest wins. `model.score_options` runs DINOv2 once per
-question for all modes and options and shares each mode's visual prefix through the LLM's KV cache.
+The protocol is the original fVLM benchmark's (spsanps/nanoSmol, fVLM/benchmark.py), so a published
+checkpoint scores here what it scored there: the prompt is the system turn "You are a helpful AI assistant."
+and the question as the user turn, then the assistant header; each option ("B. text") is the assistant turn,
+and its score is the mean cross-entropy of the tokens after the prompt (the option, <|im_end|> and the
+newline), with the <|im_end|> target counted as 0 (the original's `ignore_index=pad_id`, pad = eos); the
+lowest score wins. Every one-frame question is replicated to 8 frames. `Protocol` names each choice
+(`--scoring`, `--system-prompt`, ...); `model.option_nll` runs DINOv2 once per question for all options and
+modes, several questions per call with --batch-size.
 
-    python benchmark.py --checkpoint checkpoints/stage2 --data-config configs/eval_data.yaml \
+    python benchmark.py --checkpoint checkpoints/stage3_135M --data-config configs/eval_data.yaml \
         [--only MVBench ScienceQA] [--modes coarse_only coarse_fine autoregressive] [--limit N] [--out results.json]
-    python benchmark.py --speed          # shared-encoding scoring vs naive per-option re-encoding, 135M shapes
 """
 
 import argparse
@@ -16,18 +20,23 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 import yaml
 from tqdm import tqdm
 
+import config
 import eval_readers
+from collate import pad_frames
 from data import SkipSample
 from distributed import autocast
+from checkpoint import CONFIG_NAME as TRAIN_CONFIG
 from generate import load_checkpoint
 from model import MODES, FoveatedVLM
 from pretrained import SHAPES
-from tokenization import answer_ids, prompt_ids
+from tokenization import SCORING, SYSTEM_PROMPT, option_targets, prompt_ids
 
 READERS = {
     "MVBench": eval_readers.read_mvbench,
@@ -77,31 +86,70 @@ def option_scores_naive(model, frames, prompt, options, modes):
     return out
 
 
+@dataclass
+class Protocol:
+    """How questions become scores (README, Evaluation). The defaults are the original fVLM benchmark's."""
+
+    modes: tuple = MODES
+    scoring: str = "original"  # tokenization.SCORING
+    system_prompt: Optional[str] = SYSTEM_PROMPT  # None: the LLM chat template's own default system turn
+    max_frames: int = 64
+    frame_size: int = 224
+    batch_size: int = 1  # questions per forward; scores equal batch 1's
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, questions, modes=MODES, max_frames=64, frame_size=224, limit=None, desc="eval"):
-    """Score MCQ questions in every mode -> result dict (see `summarize`). Skips never count as answers."""
-    device = next(model.parameters()).device
+def evaluate(model, tokenizer, questions, protocol=Protocol(), limit=None, desc="eval"):
+    """Score MCQ questions in every mode -> (result dict (see `summarize`), per-question records). Questions
+    that cannot be scored are skipped, counted by reason, and never count as answers."""
     if limit is not None:
         questions = list(itertools.islice(questions, limit))
     total = len(questions) if hasattr(questions, "__len__") else None
-    answered, skipped, yes_no, start = [], Counter(), True, time.perf_counter()
+    records, pending, skipped, start = [], [], Counter(), time.perf_counter()
     for q in tqdm(questions, desc=desc, total=total, unit="q"):
         try:
-            frames = eval_readers.load_media(q.media, max_frames, frame_size)
+            if q.skip is not None:
+                raise q.skip
+            pending.append((q, eval_readers.load_media(q.media, protocol.max_frames, protocol.frame_size)))
         except SkipSample as e:
             if sum(skipped.values()) < WARN_SKIPS:
                 tqdm.write(f"{desc}: skipping {q.qid}: {e}")
             skipped[e.reason] += 1
-            continue
-        frames = frames.unsqueeze(0).to(device)  # [1, T, 3, H, W]
-        prompt = prompt_ids(tokenizer, q.prompt)
-        options = [answer_ids(tokenizer, q.prompt, o) for o in q.options]
-        with autocast(device):
-            scores = model.score_options(frames, prompt, options, modes=tuple(modes))
-        preds = {m: int(torch.argmin(scores[m]).item()) for m in modes}
-        answered.append((q.answer, q.categories, preds))  # not q: its media may hold the frames' bytes
-        yes_no = yes_no and q.options == eval_readers.YES_NO
-    return summarize(answered, modes, skipped, time.perf_counter() - start, yes_no and bool(answered))
+        if len(pending) == protocol.batch_size:
+            records += score_batch(model, tokenizer, pending, protocol)
+            pending = []
+    if pending:
+        records += score_batch(model, tokenizer, pending, protocol)
+    yes_no = bool(records) and all(r["options"] == eval_readers.YES_NO for r in records)
+    return summarize(records, protocol.modes, skipped, time.perf_counter() - start, yes_no), records
+
+
+def score_batch(model, tokenizer, questions, protocol):
+    """Score (question, frames [T, 3, H, W]) pairs in one batched call -> one record per question: its
+    answer, categories, and per mode every option's score and the prediction (the lowest score; the first
+    of equal ones, as the original's min)."""
+    param = next(model.parameters())
+    frames, frame_mask = pad_frames([{"frames": f} for _, f in questions])
+    prompts, options, weights = [], [], []
+    for q, _ in questions:
+        prompts.append(prompt_ids(tokenizer, q.prompt, protocol.system_prompt))
+        targets = [option_targets(tokenizer, q.prompt, o, protocol.scoring, protocol.system_prompt)
+                   for o in q.options]
+        options.append([ids for ids, _ in targets])
+        weights.append([w for _, w in targets])
+    with autocast(param.device):
+        nll = model.option_nll(frames.to(param.device, param.dtype), prompts, options, tuple(protocol.modes),
+                               frame_mask=frame_mask.to(param.device))
+    records = []
+    for i, (q, _) in enumerate(questions):
+        modes = {}
+        for mode in protocol.modes:
+            scores = [float((n.float().cpu() * torch.tensor(w)).sum() / len(w)) for n, w in zip(nll[mode][i], weights[i])]
+            pred = min(range(len(scores)), key=scores.__getitem__)
+            modes[mode] = {"prediction": pred, "correct": pred == q.answer, "scores": scores}
+        records.append({"id": q.qid, "answer": q.answer, "options": q.options, "categories": q.categories,
+                        "modes": modes})  # not q itself: its media may hold the frames' bytes
+    return records
 
 
 def _accuracy(correct, total):
@@ -122,23 +170,24 @@ def pope_metrics(preds, answers):
             "yes_ratio": 100 * yes / n if n else 0.0}
 
 
-def summarize(answered, modes, skipped, seconds, yes_no=False):
-    """answered: (answer, categories, {mode: prediction}) per question -> per mode: accuracy, counts and
-    per-category accuracy, plus the yes/no metrics when the questions are yes/no; skips by reason; speed."""
-    result = {"questions": len(answered) + sum(skipped.values()), "answered": len(answered),
+def summarize(records, modes, skipped, seconds, yes_no=False):
+    """Per-question records -> per mode: accuracy, counts and per-category accuracy, plus the yes/no metrics
+    when the questions are yes/no; skips by reason; speed."""
+    result = {"questions": len(records) + sum(skipped.values()), "answered": len(records),
               "skipped": sum(skipped.values()), "skip_reasons": dict(skipped), "seconds": seconds,
-              "questions_per_s": len(answered) / seconds if seconds > 0 else 0.0, "modes": {}}
+              "questions_per_s": len(records) / seconds if seconds > 0 else 0.0, "modes": {}}
     for mode in modes:
         by_cat = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-        for answer, categories, preds in answered:
-            for axis, value in categories.items():
-                by_cat[axis][str(value)][0] += preds[mode] == answer
+        for r in records:
+            for axis, value in r["categories"].items():
+                by_cat[axis][str(value)][0] += r["modes"][mode]["correct"]
                 by_cat[axis][str(value)][1] += 1
-        stats = _accuracy(sum(preds[mode] == answer for answer, _, preds in answered), len(answered))
+        stats = _accuracy(sum(r["modes"][mode]["correct"] for r in records), len(records))
         stats["per_category"] = {axis: {v: _accuracy(*ct) for v, ct in sorted(values.items())}
                                  for axis, values in by_cat.items()}
         if yes_no:
-            stats.update(pope_metrics([p[mode] for _, _, p in answered], [a for a, _, _ in answered]))
+            stats.update(pope_metrics([r["modes"][mode]["prediction"] for r in records],
+                                      [r["answer"] for r in records]))
         result["modes"][mode] = stats
     return result
 
@@ -160,22 +209,39 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def run(checkpoint, roots, only=None, modes=MODES, limit=None, max_frames=64, frame_size=None, device="cpu"):
-    """Evaluate a checkpoint folder on the benchmarks in `roots` (name -> data root) -> results dict."""
+def training_config(checkpoint):
+    """The training config saved beside a checkpoint (train_config.yaml), or None (e.g. published weights)."""
+    path = os.path.join(checkpoint, TRAIN_CONFIG)
+    return config.load_saved(path) if os.path.exists(path) else None
+
+
+def run(checkpoint, roots, only=None, limit=None, device="cpu", dtype="auto", **protocol):
+    """Evaluate a checkpoint folder on the benchmarks in `roots` (name -> data root) -> (results, records,
+    the Protocol used). Protocol fields not given come from the checkpoint's training config (frame size,
+    system prompt), else the defaults. dtype "auto" is bfloat16 weights on CUDA (the original benchmark's
+    `model.to(bfloat16)`), float32 elsewhere."""
+    if not roots:
+        raise ValueError("no benchmark data given: pass --data-config FILE or a data root flag "
+                         f"({', '.join('--' + f for f in ROOT_FLAGS.values())})")
     names = only or list(roots)
     missing = [n for n in names if n not in roots]
     if missing:
         raise ValueError(f"no data root for {', '.join(missing)}: give it in --data-config or its flag")
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in protocol.get("modes", ()) if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {MODES}")
     model, tokenizer, saved_size = load_checkpoint(checkpoint, device)
-    frame_size = frame_size or saved_size
-    results = {}
+    saved = training_config(checkpoint)
+    protocol = replace(Protocol(frame_size=saved_size, system_prompt=saved.data.system_prompt if saved
+                                else SYSTEM_PROMPT), **protocol)
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    model.to(getattr(torch, dtype))
+    results, records = {}, {}
     for name in names:
         questions = READERS[name](roots[name])
-        results[name] = evaluate(model, tokenizer, questions, modes, max_frames, frame_size, limit, desc=name)
-    return results
+        results[name], records[name] = evaluate(model, tokenizer, questions, protocol, limit, desc=name)
+    return results, records, protocol
 
 
 def _best_times(fns, repeats):
@@ -232,13 +298,21 @@ def main(argv=None):
     for name, flag in ROOT_FLAGS.items():
         p.add_argument(f"--{flag}", help=f"{name} data root (overrides --data-config)")
     p.add_argument("--only", nargs="+", choices=list(READERS), help="benchmarks to run (default: all given)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
     p.add_argument("--limit", type=int, help="score only the first N questions of each benchmark")
-    p.add_argument("--max-frames", type=int, default=64)
+    p.add_argument("--max-frames", type=int, help="default 64")
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
+    p.add_argument("--batch-size", type=int, help="questions scored per forward (default 1; same scores)")
+    p.add_argument("--scoring", choices=SCORING, help="option score: 'original' (default: the original benchmark's "
+                   "mean over the tokens after the prompt, <|im_end|> counted as 0) or 'mean' (this project's "
+                   "rule before it followed the original: the answer and its <|im_end|>)")
+    p.add_argument("--system-prompt", help="system turn of every question (default: the checkpoint's "
+                   "data.system_prompt, else the original's); 'template' for the chat template's own default")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="model weights' dtype (auto: bfloat16 on CUDA, as the original benchmark; float32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--out", help="write the results and per-question records as JSON here")
     p.add_argument("--speed", action="store_true", help="time shared vs naive scoring (random 135M shapes)")
     args = p.parse_args(argv)
     if args.threads:
@@ -249,14 +323,18 @@ def main(argv=None):
     if not args.checkpoint:
         p.error("--checkpoint is required (or --speed)")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
-    results = run(args.checkpoint, roots, args.only, args.modes, args.limit, args.max_frames, args.frame_size,
-                  args.device)
+    flags = {"modes": args.modes and tuple(args.modes), "max_frames": args.max_frames, "scoring": args.scoring,
+             "frame_size": args.frame_size, "batch_size": args.batch_size,
+             "system_prompt": None if args.system_prompt == "template" else args.system_prompt}
+    keep = {k: v for k, v in flags.items() if v is not None or (k == "system_prompt" and args.system_prompt)}
+    results, records, protocol = run(args.checkpoint, roots, args.only, args.limit, args.device, args.dtype, **keep)
     print(format_table(results))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "benchmarks": results}, f, indent=2)
-        print(f"results written to {args.out}")
+            json.dump({"checkpoint": args.checkpoint, "protocol": {**asdict(protocol), "dtype": args.dtype},
+                       "benchmarks": results, "questions": records}, f, indent=2)
+        print(f"results and per-question records written to {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""Readers for the evaluation benchmarks in their published layouts (see ../shared/FORMATS.md).
+"""Readers for the evaluation benchmarks in their published layouts (see the README's Evaluation section).
 
 Every reader turns one benchmark into `MCQ` records: the user-turn text, the answer strings to score (one
 per option), the index of the right one, the categories to break accuracy down by, and a `Media` that says
-where the frames come from. Questions are laid out as in training and in the original's eval shards
-(`tokenization.format_mcq`: the question, then one 'A. option' line per candidate; the scored answer is
-'B. option', `mcq_answer`), whatever the benchmark's own harness prompt. Frames are decoded only when the
-question is scored (`load_media`, with data.py's decoders), so a missing or unreadable video becomes a
-skip with a reason instead of a crash.
+where the frames come from. The original fVLM's eval shards are read as its benchmark read them (options and
+answer letter parsed by its rules, see `original_options`); for the raw layouts the question is laid out as
+in training (`tokenization.format_mcq`: the question, then one 'A. option' line per candidate; the scored
+answer is 'B. option', `mcq_answer`), whatever the benchmark's own harness prompt. Frames are decoded only
+when the question is scored (`load_media`, with data.py's decoders), so a missing or unreadable video becomes
+a skip with a reason instead of a crash; a question with one frame is replicated to 8, as the original does.
 
 Layouts: MVBench (OpenGVLab/MVBench: json/<task>.json + video/<folder>/...), Video-MME (lmms-lab/Video-MME:
 videomme/test-*.parquet + data/{videoID}.mp4), ScienceQA (derek-thomas/ScienceQA test parquet, image subset),
@@ -68,24 +69,18 @@ class MCQ:
     answer: int
     media: Media
     categories: dict = field(default_factory=dict)
+    skip: SkipSample = None  # set when the question cannot be scored (the benchmark counts it by reason)
 
 
 # ---------------------------------------------------------------- options and letters
 
 OPTION_RE = re.compile(r"^\s*\(?([A-Z])[.)]\s*(.*)$")
-ANSWER_RE = re.compile(r"^\s*\(?([A-Z])(?:[.):]|\s|$)")
 
 
 def parse_option(line):
     """'A. Apples.' or '(A) Apples.' -> ('A', 'Apples.'); None when the line is not an option."""
     m = OPTION_RE.match(line)
     return (m.group(1), m.group(2).strip()) if m else None
-
-
-def answer_letter(text):
-    """The option letter an answer starts with: 'B', 'B. red', '(B) red' -> 'B'; None if there is none."""
-    m = ANSWER_RE.match(text)
-    return m.group(1) if m else None
 
 
 # ---------------------------------------------------------------- frames
@@ -151,13 +146,18 @@ def _load_video(path, bound, max_frames, frame_size):
 
 
 def load_media(media, max_frames=64, frame_size=224):
-    """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised). Raises data.SkipSample."""
+    """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised); one frame, whatever it came
+    from, becomes REPLICATE_IMAGE_FRAMES views of it (the original replicates every one-frame sample).
+    Raises data.SkipSample."""
     if media.fields is not None:
-        return _decode_fields(media.fields, max_frames, frame_size)
-    path = find_video(media.path)
-    if os.path.isdir(path):
-        return _load_frame_folder(path, media.bound, max_frames, frame_size)
-    return _load_video(path, media.bound, max_frames, frame_size)
+        frames = _decode_fields(media.fields, max_frames, frame_size)
+    else:
+        path = find_video(media.path)
+        if os.path.isdir(path):
+            frames = _load_frame_folder(path, media.bound, max_frames, frame_size)
+        else:
+            frames = _load_video(path, media.bound, max_frames, frame_size)
+    return frames.expand(REPLICATE_IMAGE_FRAMES, -1, -1, -1) if frames.shape[0] == 1 else frames
 
 
 # ---------------------------------------------------------------- readers
@@ -264,27 +264,60 @@ def read_pope(root):
     return questions
 
 
+ORIGINAL_OPTION_RE = re.compile(r"([A-Z])\.\s*(.+?)(?=\n[A-Z]\.|$)", re.DOTALL)
+
+
+def original_options(user):
+    """The options the original benchmark scores for a `user` text: every 'X.' (X a capital letter) starts an
+    option that runs to the next line starting 'Y.' or to the end of the text (so a trailing instruction line
+    stays part of the last option, and a capital followed by a dot inside the question starts one too: the
+    original's rule, kept so that its eval shards score the same). -> (sorted letters, 'X. text' strings)."""
+    options = {m.group(1): f"{m.group(1)}. {m.group(2).strip()}" for m in ORIGINAL_OPTION_RE.finditer(user)}
+    letters = sorted(options)
+    return letters, [options[letter] for letter in letters]
+
+
+def original_answer_letter(assistant):
+    """The original's answer letter: the capital before the first '.', else the first character."""
+    text = assistant.strip()
+    m = re.match(r"([A-Z])\.", text)
+    return m.group(1) if m else (text[0] if text else "?")
+
+
 def _shard_question(meta, where):
-    """(options, answer index) of an eval-shard sample: lettered options in `user`, or yes/no (POPE)."""
-    option_lines = [line for line in meta["user"].splitlines() if parse_option(line)]
-    truth = meta["assistant"].strip().rstrip(".").lower()
-    if not option_lines and truth in ("yes", "no"):
-        return list(YES_NO), 0 if truth == "yes" else 1
-    letters, texts = split_options(option_lines, where)
-    letter = answer_letter(meta["assistant"])
-    if letter not in letters:
-        raise ValueError(f"{where}: assistant {meta['assistant']!r} names none of the options {letters}")
-    return [f"{l}. {t}" for l, t in zip(letters, texts)], letters.index(letter)
+    """(options, answer index) of an eval-shard sample as the original scores it, or yes/no (POPE) for a
+    question without options whose answer is yes or no. An answer letter that names no option gives index
+    -1: counted, never right (the original counts it so). Raises SkipSample("no_options") otherwise."""
+    user, assistant = meta.get("user"), meta.get("assistant")
+    if not isinstance(user, str) or not isinstance(assistant, str):
+        raise SkipSample("missing_field", f"{where}: json needs string user and assistant")
+    letters, options = original_options(user)
+    if not letters:
+        truth = assistant.strip().rstrip(".").lower()
+        if truth in ("yes", "no"):
+            return list(YES_NO), 0 if truth == "yes" else 1
+        raise SkipSample("no_options", f"{where}: no 'A.'-style option in the question")
+    letter = original_answer_letter(assistant)
+    return options, letters.index(letter) if letter in letters else -1
 
 
 def read_eval_shards(pattern):
     """The original's eval shards: json {user, assistant[, source]} with one image or numbered frames. MCQs
-    carry their options as lines 'A. ...' or '(A) ...' inside `user` and `assistant` starts with the letter;
-    yes/no questions (POPE) have no option lines. Yields questions lazily (shards can be large); the last
-    path part of `source` is the category."""
+    carry their options as lines 'A. ...' inside `user` and `assistant` starts with the letter (both parsed
+    by the original's rules); yes/no questions (POPE) have no option lines. Yields questions lazily (shards
+    can be large); the last path part of `source` is the category. A sample whose question cannot be scored
+    is yielded as an MCQ with `skip` set (its reason), so the benchmark counts it."""
     for path in expand_shards(pattern):
         for key, sample, _ in iter_tar(path):
-            meta = json.loads(sample["json"])
-            options, answer = _shard_question(meta, f"{path} sample {key}")
-            category = str(meta.get("source", "unknown")).rstrip("/").split("/")[-1]
-            yield MCQ(key, meta["user"], options, answer, Media(fields=sample), {"source": category})
+            where = f"{path} sample {key}"
+            try:
+                meta = json.loads(sample["json"])
+                options, answer = _shard_question(meta, where)
+            except SkipSample as e:
+                yield MCQ(key, "", [], -1, Media(fields={}), {}, skip=e)
+                continue
+            except (KeyError, ValueError) as e:  # no json member, or not JSON
+                yield MCQ(key, "", [], -1, Media(fields={}), {}, skip=SkipSample("bad_json", f"{where}: {e}"))
+                continue
+            source = str(meta.get("source", "unknown"))
+            yield MCQ(key, meta["user"], options, answer, Media(fields=sample), {"source": source.split("/")[-1]})

@@ -19,7 +19,7 @@ import eval_readers as er
 from conftest import tiny_model_kwargs
 from data import IMAGENET_MEAN, IMAGENET_STD
 from model import FoveatedVLM
-from tokenization import answer_ids, prompt_ids
+from tokenization import option_targets, prompt_ids
 
 SIZE = 56  # the tiny DINO's image size
 
@@ -94,13 +94,14 @@ class FirstOptionModel(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.frames_seen = []
 
-    def score_options(self, frames, prompt_ids, options, modes=("coarse_fine",), frame_mask=None):
+    def option_nll(self, frames, prompts, options, modes=("coarse_fine",), frame_mask=None):
         self.frames_seen.append(frames.shape)
-        return {m: torch.arange(len(options), dtype=torch.float) for m in modes}
+        return {m: [[torch.full((len(o),), float(i)) for i, o in enumerate(opts)] for opts in options] for m in modes}
 
 
-def run(questions, tokenizer, modes=("coarse_only", "coarse_fine"), max_frames=4):
-    return benchmark.evaluate(FirstOptionModel(), tokenizer, questions, modes, max_frames, SIZE)
+def run(questions, tokenizer, modes=("coarse_only", "coarse_fine"), max_frames=4, **protocol):
+    protocol = benchmark.Protocol(modes=modes, max_frames=max_frames, frame_size=SIZE, **protocol)
+    return benchmark.evaluate(FirstOptionModel(), tokenizer, questions, protocol)[0]
 
 
 # ---------------------------------------------------------------- frames and letters
@@ -116,12 +117,10 @@ def test_segment_indices_never_repeat_frames_of_a_short_range():
     assert er.segment_indices(3, 10, 64) == [0, 1, 2]
 
 
-def test_option_and_answer_letter_parsing():
+def test_option_parsing():
     assert er.parse_option("A. Apples.") == ("A", "Apples.")
     assert er.parse_option("(B) two red cubes") == ("B", "two red cubes")
     assert er.parse_option("Apples") is None
-    assert er.answer_letter("C. blue") == "C" and er.answer_letter("(D) x") == "D"
-    assert er.answer_letter(" B") == "B" and er.answer_letter("Because it rains") is None
     assert er.split_options(["A. x", "B. y"], "q") == (["A", "B"], ["x", "y"])
     with pytest.raises(ValueError, match="lettered"):
         er.split_options(["A. x", "C. y"], "q")
@@ -153,9 +152,10 @@ def test_mvbench_reader_bounds_folders_and_skips(mvbench_root, tokenizer):
 
 
 def test_limit_and_unknown_benchmark_name(mvbench_root, tokenizer, tmp_path):
-    result = benchmark.evaluate(FirstOptionModel(), tokenizer, er.read_mvbench(mvbench_root),
-                                ("coarse_only",), 4, SIZE, limit=2)
-    assert result["questions"] == 2
+    protocol = benchmark.Protocol(modes=("coarse_only",), max_frames=4, frame_size=SIZE)
+    result, records = benchmark.evaluate(FirstOptionModel(), tokenizer, er.read_mvbench(mvbench_root), protocol,
+                                         limit=2)
+    assert result["questions"] == 2 and len(records) == 1  # the second question's video is missing
     bad = tmp_path / "roots.yaml"
     bad.write_text("MVbench: data/mvbench\n")
     with pytest.raises(ValueError, match="MVbench"):
@@ -241,28 +241,51 @@ def test_eval_shards(tmp_path, tokenizer):
     def meta(user, assistant, source):
         return json.dumps(dict(user=user, assistant=assistant, source=source)).encode()
 
-    video_q = "What is counted?\n(A) three\n(B) four\n(C) five"
+    video_q = "What is counted?\nA. three\nB. four\nC. five"
     write_tar(tmp_path / "eval_000.tar", [
-        ("s0.json", meta(video_q, "(A) three", "mvbench/action_count")),
+        ("s0.json", meta(video_q, "A. three", "mvbench/action_count")),
         *[(f"s0.{i:03d}.jpg", image_bytes(8 * i, "JPEG")) for i in range(5)],
         ("s1.jpg", image_bytes(50, "JPEG")),
         ("s1.json", meta("Which colour?\nA. red\nB. green", "B", "scienceqa")),
     ])
     write_tar(tmp_path / "eval_001.tar", [("s2.json", meta("Q?\nA. x\nB. y", "A. x", "other")),
                                           ("s3.json", meta("Is there a cat?", "No.", "pope/adversarial")),
-                                          ("s3.png", image_bytes())])
+                                          ("s3.png", image_bytes()),
+                                          ("s4.json", meta("Count?\n(A) one\n(B) two", "(A) one", "x")),
+                                          ("s4.png", image_bytes()),
+                                          ("s5.json", b"{broken"), ("s5.png", image_bytes())])
     qs = list(er.read_eval_shards(str(tmp_path / "eval_*.tar")))
-    assert [(q.qid, q.answer, q.categories["source"]) for q in qs] == [
+    assert [(q.qid, q.answer, q.categories.get("source")) for q in qs if q.skip is None] == [
         ("s0", 0, "action_count"), ("s1", 1, "scienceqa"), ("s2", 0, "other"), ("s3", 1, "adversarial")]
+    assert [(q.qid, q.skip.reason) for q in qs if q.skip is not None] == [("s4", "no_options"), ("s5", "bad_json")]
     assert qs[3].options == er.YES_NO
     assert qs[0].options == ["A. three", "B. four", "C. five"] and qs[0].prompt == video_q
     assert er.load_media(qs[0].media, 3, SIZE).shape == (3, 3, SIZE, SIZE)
     assert er.load_media(qs[1].media, 64, SIZE).shape == (8, 3, SIZE, SIZE)  # an image, replicated
     result = run(qs, tokenizer)
-    assert (result["answered"], result["skip_reasons"]) == (3, {"no_frames": 1})
-    assert result["modes"]["coarse_fine"]["correct"] == 1
+    assert (result["answered"], result["skip_reasons"]) == (3, {"no_frames": 1, "no_options": 1, "bad_json": 1})
+    assert result["modes"]["coarse_fine"]["correct"] == 1  # s0 (A); s1 answers B, s3 "No"
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         list(er.read_eval_shards(str(tmp_path / "nothing_here*.tar")))
+
+
+def test_records_batches_and_protocol(mvbench_root, tokenizer):
+    """Per-question records carry the answer, every option's score and the prediction per mode; batching
+    questions does not change them."""
+    questions = er.read_mvbench(mvbench_root)
+    one = benchmark.evaluate(FirstOptionModel(), tokenizer, questions, benchmark.Protocol(frame_size=SIZE))[1]
+    three = benchmark.evaluate(FirstOptionModel(), tokenizer, questions,
+                               benchmark.Protocol(frame_size=SIZE, batch_size=3))[1]
+    assert one == three and [r["id"] for r in one] == ["action_localization/0", "episodic_reasoning/0", "shapes/0"]
+    r = one[0]
+    assert (r["answer"], r["options"][1], r["categories"]) == (1, "B. close", {"task": "action_localization"})
+    # Option i's tokens all score i: the original rule counts its <|im_end|> target as 0 in a mean over n
+    n = [len(option_targets(tokenizer, questions[0].prompt, o)[0]) for o in r["options"]]
+    assert r["modes"]["autoregressive"]["scores"] == pytest.approx([i * (k - 1) / k for i, k in enumerate(n)])
+    assert (r["modes"]["autoregressive"]["prediction"], r["modes"]["autoregressive"]["correct"]) == (0, False)
+    mean = benchmark.evaluate(FirstOptionModel(), tokenizer, questions[:1],
+                              benchmark.Protocol(frame_size=SIZE, scoring="mean"))[1]
+    assert mean[0]["modes"]["coarse_fine"]["scores"] == [0.0, 1.0, 2.0]
 
 
 # ---------------------------------------------------------------- the real (tiny) model
