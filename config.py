@@ -18,20 +18,17 @@ from typing import Optional, Union
 
 import yaml
 
+from model import MODES, ModelSettings
+
 Paths = Union[str, list]  # one glob, or a list of globs
 
 
 @dataclass
-class ModelConfig:
-    llm: Optional[str] = None  # hub id, folder or pkg://package/file.gguf
-    dino: Optional[str] = None
-    llm_config: Optional[dict] = None  # a transformers config as a dict -> random init (tests, quickstart)
-    dino_config: Optional[dict] = None
+class ModelConfig(ModelSettings):
+    """The model's settings (model.ModelSettings: llm, dino, their configs, query_dim, visual_scale, deep_query,
+    lambda_coarse) and how training uses the model."""
+
     tokenizer: Optional[str] = None  # default: llm, else init_from
-    deep_query: bool = True
-    query_dim: int = 384
-    visual_scale: float = 0.14
-    lambda_coarse: float = 0.0
     mode: str = "coarse_fine"  # forward mode for training and validation
     gradient_checkpointing: bool = False
     init_from: Optional[str] = None  # a checkpoint folder (save_pretrained layout) to start from
@@ -133,8 +130,8 @@ class Config:
 
 
 CHOICES = {
-    "model.mode": ("coarse_fine", "coarse_only", "autoregressive"),
-    "eval.modes": ("coarse_fine", "coarse_only", "autoregressive"),  # each item of the list
+    "model.mode": MODES,
+    "eval.modes": MODES,  # each item of the list
     "data.frame_sampling": ("uniform", "head"),
     "training.schedule": ("cosine", "constant", "converging"),
     "training.dtype": ("bfloat16", "float16", "float32"),

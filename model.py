@@ -2,58 +2,89 @@
 
 Frame t is read by the FoveatedEncoder with a query; the token `dino_to_llm(z_t) * visual_scale` enters the
 LLM (SmolLM2) before the text, and `llm_to_query` of the LLM's hidden state at frame t is the query for frame
-t+1. Modes:
-- coarse_fine (training): a coarse pass with the static query on every frame, an LLM pass over those tokens
-  only, then a fine pass whose queries are [q_init, the coarse pass's queries shifted by one frame].
-- coarse_only: static-query tokens, then the text.
+t+1. The visual tokens of each mode:
+- coarse_fine (training): a coarse pass with the static query on every frame, an LLM pass over those tokens,
+  then a fine pass whose queries are [q_init, the coarse pass's queries shifted by one frame].
+- coarse_only: static-query tokens.
 - autoregressive (inference): frame by frame with the LLM's KV cache, each query from the previous step.
-
-Batches are variable length: the padded frames (frame_mask False) are never encoded, and each sample's real
-tokens are laid out contiguously from position 0 ([its visual tokens, its text], padding after), so a sample
-gives the same outputs alone or in any padded batch. DINOv2 runs once per distinct frame: consecutive
-identical frames (a replicated image) are encoded once.
+Then one LLM pass reads [visual tokens, text]. Batches are variable length (layout.py): padded frames
+(frame_mask False) are never encoded, and a sample gives the same outputs alone or in any padded batch.
+DINOv2 runs once per distinct frame: consecutive identical frames (a replicated image) are encoded once.
 """
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from encoder import FoveatedEncoder
+from encoder import FoveatedEncoder, prepare_frames
+from layout import compact_text, gather_rows, option_tree, pack, pad_packed
 from pretrained import PretrainedMixin, build_dino, build_llm
+from tokenization import answer_ids, prompt_ids
 
 MODES = ("coarse_fine", "coarse_only", "autoregressive")
 
 
-def _gather_rows(x, index):
-    """x [B, L, D], index [B, S] -> [B, S, D]."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+@dataclass
+class ModelSettings:
+    """What defines a FoveatedVLM besides its weights, written once: the constructor's defaults, config.ModelConfig
+    (which adds the training-only fields), bench.py and a checkpoint's config.json all use it."""
+
+    llm: Optional[str] = None  # hub id, folder, .gguf or pkg://package/file.gguf
+    dino: Optional[str] = None  # hub id or folder
+    llm_config: Optional[dict] = None  # a transformers config as a dict -> random init (tests, quickstart)
+    dino_config: Optional[dict] = None
+    query_dim: int = 384
+    visual_scale: float = 0.14  # the visual tokens' scale on entering the LLM
+    deep_query: bool = True  # the query goes through every DINO layer (False: one cross-attention at the end)
+    lambda_coarse: float = 0.0  # weight of the coarse tokens' own text loss in coarse_fine
+
+    @classmethod
+    def of(cls, source, where="model settings"):
+        """The settings of an object with these fields (config.ModelConfig) or of a dict (a saved config.json);
+        a dict key that is not a setting is an error naming it and `where`."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(source, dict):
+            return cls(**{name: getattr(source, name) for name in names})
+        unknown = sorted(set(source) - set(names))
+        if unknown:
+            raise ValueError(f"{where}: unknown model setting(s) {unknown}; the settings are {', '.join(names)}")
+        return cls(**source)
+
+    def constructor_kwargs(self):
+        """FoveatedVLM's keywords for these settings (the spec names the backbones llm_name and dino_name)."""
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)}
+        kwargs["llm_name"], kwargs["dino_name"] = kwargs.pop("llm"), kwargs.pop("dino")
+        return kwargs
 
 
-def _pad_tokens(packed, counts):
-    """Packed per-sample tokens [M, D] (sample-major) -> ([B, max(counts), D] right-padded, mask [B, max])."""
-    L = int(counts.max()) if len(counts) else 0
-    mask = torch.arange(L, device=counts.device) < counts[:, None]
-    out = packed.new_zeros(len(counts), L, packed.shape[-1])
-    return out.masked_scatter(mask[..., None], packed), mask
+class _Text(NamedTuple):
+    """Text in compact form: ids [B, S] (real tokens first), embeds [B, S, D], n [B] real tokens per row, and
+    branch [B, S] for an option tree (layout.pack), else None."""
 
-
-def _compact_text(input_ids, attention_mask):
-    """Move each row's real tokens to the front, in order (padding after). Returns (ids [B,S] with zeros as
-    padding, dest [B,S] giving every original position's compact position, counts [B])."""
-    mask = attention_mask.bool()
-    counts = mask.sum(1)
-    dest = torch.where(mask, torch.cumsum(mask, 1) - 1, counts[:, None] + torch.cumsum(~mask, 1) - 1)
-    ids = torch.zeros_like(input_ids).scatter(1, dest, input_ids * mask)
-    return ids, dest, counts
+    ids: torch.Tensor
+    embeds: torch.Tensor
+    n: torch.Tensor
+    branch: Optional[torch.Tensor] = None
 
 
 class FoveatedVLM(PretrainedMixin, nn.Module):
-    def __init__(self, llm_name=None, dino_name=None, query_dim=384, visual_scale=0.14, deep_query=True,
-                 lambda_coarse=0.0, *, llm_config=None, dino_config=None, dtype=None):
+    settings_class = ModelSettings  # what PretrainedMixin writes to and reads from config.json
+
+    def __init__(self, llm_name=None, dino_name=None, query_dim=ModelSettings.query_dim,
+                 visual_scale=ModelSettings.visual_scale, deep_query=ModelSettings.deep_query,
+                 lambda_coarse=ModelSettings.lambda_coarse, *, llm_config=None, dino_config=None, dtype=None):
         super().__init__()
-        assert llm_name or llm_config, "give llm_name (hub id, folder or .gguf) or llm_config"
-        assert dino_name or dino_config, "give dino_name (hub id or folder) or dino_config"
+        if not (llm_name or llm_config):
+            raise ValueError("FoveatedVLM needs llm_name (hub id, folder or .gguf) or llm_config")
+        if not (dino_name or dino_config):
+            raise ValueError("FoveatedVLM needs dino_name (hub id or folder) or dino_config")
+        self.settings = ModelSettings(llm_name, dino_name, llm_config, dino_config, query_dim, visual_scale,
+                                      deep_query, lambda_coarse)
         self.llm = build_llm(llm_name, llm_config, dtype)
         self.encoder = FoveatedEncoder(build_dino(dino_name, dino_config, dtype), query_dim, deep_query)
         llm_dim = self.llm.config.hidden_size
@@ -62,24 +93,27 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         # Unit-variance queries: with a small init the projection's output is too weak to shape attention.
         self.q_static = nn.Parameter(torch.randn(1, query_dim))
         self.q_init = nn.Parameter(torch.randn(1, query_dim))
-        self.llm_name, self.dino_name = llm_name, dino_name
-        self.query_dim, self.visual_scale = query_dim, visual_scale
-        self.deep_query, self.lambda_coarse = deep_query, lambda_coarse
-        self.dedup_frames = True  # encode consecutive identical frames once (off only to measure its worth)
+        self.tokenizer = None  # from_pretrained sets the folder's; lets generate / score_options take strings
+
+    @classmethod
+    def from_config(cls, settings):
+        """Build from ModelSettings, config.ModelConfig (which extends it) or a dict of settings."""
+        return cls(**ModelSettings.of(settings).constructor_kwargs())
+
+    @property
+    def llm_name(self):
+        """The constructor's llm_name (settings.llm)."""
+        return self.settings.llm
 
     # ---------------------------------------------------------------- vision
     def encode(self, frames, frame_mask=None):
-        """frames [B,T,3,H,W] -> (PatchKV of the distinct real frames, frame_idx [M] for the M real frames in
-        sample-major order, counts [B] of real frames per sample)."""
-        B, T = frames.shape[:2]
-        if frame_mask is None:
-            frame_mask = torch.ones(B, T, dtype=torch.bool, device=frames.device)
-        frame_mask = frame_mask.bool()
+        """frames [B, T, 3, H, W] (what else is accepted: encoder.prepare_frames) -> (PatchKV of the distinct
+        real frames, frame_idx [M] for the M real frames in sample-major order, counts [B] real frames per sample)."""
+        frames, frame_mask = prepare_frames(frames, frame_mask, self.encoder.patch_size)
         counts = frame_mask.sum(1)
-        real = frames[frame_mask]  # [M, 3, H, W]
-        real = real.to(self.encoder.query_input_proj.weight.dtype)
-        new = torch.ones(real.shape[0], dtype=torch.bool, device=frames.device)
-        if self.dedup_frames and real.shape[0] > 1:
+        real = frames[frame_mask].to(self.encoder.query_input_proj.weight.dtype)  # [M, 3, H, W]
+        new = torch.ones(real.shape[0], dtype=torch.bool, device=real.device)
+        if real.shape[0] > 1:
             new[1:] = (real[1:] != real[:-1]).flatten(1).any(1)
         frame_idx = torch.cumsum(new, 0) - 1
         kv = self.encoder.encode_patches(real[new]) if real.shape[0] else None
@@ -89,127 +123,73 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         """queries [M, query_dim] -> LLM-space visual tokens [M, llm_dim]."""
         if kv is None:  # no frames at all (a text-only batch)
             return queries.new_zeros(queries.shape[0], self.dino_to_llm.out_features)
-        return self.dino_to_llm(self.encoder.query_attend(queries, kv, frame_idx)) * self.visual_scale
+        return self.dino_to_llm(self.encoder.query_attend(queries, kv, frame_idx)) * self.settings.visual_scale
 
-    def _first_in_sample(self, counts):
-        """[M] bool: which packed frame is the first of its sample."""
-        starts = torch.cumsum(counts, 0) - counts
-        first = torch.zeros(int(counts.sum()), dtype=torch.bool, device=counts.device)
-        first[starts[counts > 0]] = True
-        return first
-
-    def _fine_queries(self, coarse, counts):
-        """The coarse tokens go through the LLM alone; the query for frame t+1 comes from its state at t."""
-        has = counts > 0
-        vis, mask = _pad_tokens(coarse, counts[has])
-        h = self._llm_hidden(vis, mask)  # [B', T, D]
-        q_next = self.llm_to_query(h[mask])  # [M, query_dim], the query each frame proposes for the next
-        q_prev = torch.cat([self.q_init, q_next[:-1]])
-        return torch.where(self._first_in_sample(counts)[:, None], self.q_init, q_prev)
-
-    def visual_tokens(self, kv, frame_idx, counts, mode):
-        """Packed visual tokens [M, llm_dim] for coarse_only or coarse_fine (plus the coarse ones)."""
+    def visual_tokens(self, kv, frame_idx, counts, mode, text=None):
+        """The packed visual tokens [M, llm_dim] of `mode`, and None or, for coarse_fine given `text`, the text's
+        hidden states [B, S, D] after the coarse tokens: the coarse LLM pass then reads [coarse tokens, text],
+        whose states at the coarse tokens are those of the coarse tokens alone (causal attention), so coarse_only's
+        reading of the text comes with it (lambda_coarse's loss; scoring both modes)."""
         M = frame_idx.shape[0]
+        if mode == "autoregressive":
+            return self._autoregressive_tokens(kv, frame_idx, counts), None
         coarse = self._tokens(self.q_static.expand(M, -1), kv, frame_idx)
-        if mode == "coarse_only" or M == 0:
-            return coarse, coarse
-        return self._tokens(self._fine_queries(coarse, counts), kv, frame_idx), coarse
+        if mode == "coarse_only" or (M == 0 and text is None):
+            return coarse, None
+        coarse_h, text_h = self._llm(coarse, counts, text)
+        return self._tokens(self._fine_queries(coarse_h, counts), kv, frame_idx), text_h
+
+    def _fine_queries(self, coarse_h, counts):
+        """The fine pass's queries [M, query_dim]: frame t+1's from the LLM's state at coarse token t (coarse_h
+        [M, D], packed), and q_init for each sample's first frame."""
+        first = torch.zeros(coarse_h.shape[0], dtype=torch.bool, device=counts.device)
+        first[(torch.cumsum(counts, 0) - counts)[counts > 0]] = True
+        shifted = torch.cat([self.q_init, self.llm_to_query(coarse_h)])[:-1]  # [M, query_dim]
+        return torch.where(first[:, None], self.q_init, shifted)
+
+    def _autoregressive_tokens(self, kv, frame_idx, counts):
+        """Frame t read with the query the LLM proposes after frames < t (KV cache), frame 0 with q_init ->
+        packed tokens [M, llm_dim]. The text is read afterwards by one pass over them, like the other modes."""
+        B, T = counts.shape[0], int(counts.max()) if counts.numel() else 0
+        dev, dtype = counts.device, self.llm.get_input_embeddings().weight.dtype
+        cache, mask = DynamicCache(config=self.llm.config), torch.zeros(B, 0, dtype=torch.bool, device=dev)
+        start = torch.cumsum(counts, 0) - counts
+        q, toks = self.q_init.expand(B, -1), []
+        for t in range(T):
+            live = t < counts  # [B]: the samples with a frame t; the others read a placeholder, masked out
+            toks.append(self._tokens(q, kv, frame_idx[(start + t).clamp(max=frame_idx.shape[0] - 1)]))
+            if t + 1 < T:  # the state after the last frame proposes no query
+                mask = torch.cat([mask, live[:, None]], 1)
+                tok = (toks[-1] * live[:, None]).to(dtype)[:, None]  # [B, 1, D]
+                q = self.llm_to_query(self._llm_hidden(tok, mask, torch.full((B, 1), t, device=dev), cache)[:, 0])
+        if not toks:
+            return self._tokens(q[:0], kv, frame_idx[:0])
+        return torch.stack(toks, 1)[torch.arange(T, device=dev) < counts[:, None]]
 
     # ---------------------------------------------------------------- language
     def _llm_hidden(self, embeds, mask, position_ids=None, cache=None):
-        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=position_ids,
+        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                                   past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
-    def _pack(self, vis, n_vis, txt, n_txt):
-        """[vis_b, txt_b] per sample, contiguous from position 0 and right-padded. vis [B,Tv,D] and txt [B,S,D]
-        hold their n_vis / n_txt real entries first. Returns embeds [B,L,D], mask [B,L], text index [B,S]."""
-        Tv, S = vis.shape[1], txt.shape[1]
-        L = max(int((n_vis + n_txt).max()), 1)
-        col = torch.arange(L, device=vis.device)[None]
-        src = torch.where(col < n_vis[:, None], col, Tv + col - n_vis[:, None]).clamp(max=Tv + S - 1)
-        mask = col < (n_vis + n_txt)[:, None]
-        embeds = _gather_rows(torch.cat([vis.to(txt.dtype), txt], 1), src) * mask[..., None]
-        text_index = (n_vis[:, None] + torch.arange(S, device=vis.device)).clamp(max=L - 1)
-        return embeds, mask, text_index
+    def _llm(self, vis, counts, text=None):
+        """One LLM pass over each sample's [visual tokens, text]: vis [M, D] packed, text a _Text or None.
+        Returns (hidden states at the visual tokens [M, D] packed, at the text [B, S, D] or None)."""
+        vis, vis_mask = pad_packed(vis, counts)  # [B, T, D]
+        if text is None:
+            text = _Text(None, vis[:, :0], torch.zeros_like(counts))
+        embeds, mask, position_ids, text_index = pack(vis, counts, text.embeds, text.n, text.branch)
+        h = self._llm_hidden(embeds, mask, position_ids)
+        text_h = gather_rows(h, text_index) if text.ids is not None else None
+        return h[:, :vis.shape[1]][vis_mask], text_h
 
-    def _text_hidden(self, vis, n_vis, txt, n_txt):
-        """One LLM pass over [visual tokens, text]; the hidden states at the text positions [B, S, D]."""
-        embeds, mask, text_index = self._pack(vis, n_vis, txt, n_txt)
-        return _gather_rows(self._llm_hidden(embeds, mask), text_index)
-
-    def _autoregressive(self, kv, frame_idx, counts):
-        """Frame by frame with the KV cache; returns the cache state after the last frame."""
-        B, Tv = counts.shape[0], int(counts.max()) if counts.numel() else 0
-        dev = counts.device
-        cache, mask = DynamicCache(config=self.llm.config), torch.zeros(B, 0, dtype=torch.bool, device=dev)
-        start = torch.cumsum(counts, 0) - counts
-        q = self.q_init.expand(B, -1)
-        for t in range(Tv):
-            live = t < counts  # samples that have a frame t; the others get a masked placeholder
-            idx = frame_idx[(start + t).clamp(max=frame_idx.shape[0] - 1)]
-            tok = self._tokens(q, kv, idx).to(self.llm.get_input_embeddings().weight.dtype)
-            mask = torch.cat([mask, live[:, None]], 1)
-            pos = torch.full((B, 1), t, device=dev)
-            h = self._llm_hidden(tok[:, None] * live[:, None, None], mask, pos, cache)
-            q = self.llm_to_query(h[:, 0])
-        return _State(cache, mask, counts.clone(), None)
-
-    def _continue(self, state, txt, n_txt):
-        """Append compact text [B,S,D] (n_txt real per row) to a cached state; returns its hidden [B,S,D]."""
-        S = txt.shape[1]
-        ar = torch.arange(S, device=txt.device)
-        mask = torch.cat([state.mask, ar[None] < n_txt[:, None]], 1)
-        h = self._llm_hidden(txt, mask, state.next_pos[:, None] + ar, state.cache)
-        last = _gather_rows(h, (n_txt - 1).clamp(min=0)[:, None])[:, 0]
-        keep = (n_txt > 0)[:, None]
-        prev = state.last_hidden if state.last_hidden is not None else torch.zeros_like(last)
-        return h, _State(state.cache, mask, state.next_pos + n_txt, torch.where(keep, last, prev))
-
-    def _prefix_state(self, kv, frame_idx, counts, mode, txt, n_txt):
-        """KV-cached state after [visual tokens, txt] in a mode, for generation and option scoring."""
-        if mode == "autoregressive":
-            return self._continue(self._autoregressive(kv, frame_idx, counts), txt, n_txt)[1]
-        vis = _pad_tokens(self.visual_tokens(kv, frame_idx, counts, mode)[0], counts)[0]
-        embeds, mask, _ = self._pack(vis, counts, txt, n_txt)
-        cache = DynamicCache(config=self.llm.config)
-        h = self._llm_hidden(embeds, mask, None, cache)
-        last = _gather_rows(h, (counts + n_txt - 1).clamp(min=0)[:, None])[:, 0]
-        return _State(cache, mask, counts + n_txt, last)
+    def _text(self, input_ids, attention_mask, branch=None):
+        """-> (_Text, dest [B, S]: where each input position went in the compact text)."""
+        ids, dest, n = compact_text(input_ids, attention_mask)
+        return _Text(ids, self.llm.get_input_embeddings()(ids), n, branch), dest
 
     def _logits(self, h):
         return self.llm.get_output_embeddings()(h)
-
-    # ---------------------------------------------------------------- training API
-    def _check_mode(self, mode):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-    def _text_states(self, frames, frame_mask, txts, mode, encoded=None):
-        """Hidden states of each text in `txts` (list of (embeds, counts)) after the same frames; DINO and the
-        visual tokens are computed once (DINO not at all when `encoded` is given). Returns (list of hidden
-        [B,S,D], the first text's hidden after the coarse tokens when lambda_coarse adds their loss, else None)."""
-        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
-        k, S = len(txts), max(t.shape[1] for t, _ in txts)
-        txt = torch.stack([F.pad(t, (0, 0, 0, S - t.shape[1])) for t, _ in txts], 1)  # [B, k, S, D]
-        n_txt = torch.stack([n for _, n in txts], 1)  # [B, k]
-        if mode == "autoregressive":
-            state = self._autoregressive(kv, frame_idx, counts).repeat(k)
-            hs = self._continue(state, txt.flatten(0, 1), n_txt.flatten())[0].unflatten(0, (-1, k))
-            return [hs[:, i, :t.shape[1]] for i, (t, _) in enumerate(txts)], None
-        fine, coarse = self.visual_tokens(kv, frame_idx, counts, mode)
-        vis = _pad_tokens(fine, counts)[0].repeat_interleave(k, 0)
-        hs = self._text_hidden(vis, counts.repeat_interleave(k), txt.flatten(0, 1), n_txt.flatten())
-        hs = hs.unflatten(0, (-1, k))
-        hs = [hs[:, i, :t.shape[1]] for i, (t, _) in enumerate(txts)]
-        coarse_hs = None
-        if self.lambda_coarse > 0 and mode == "coarse_fine" and fine.shape[0] > 0:
-            coarse_hs = self._text_hidden(_pad_tokens(coarse, counts)[0], counts, txts[0][0], txts[0][1])
-        return hs, coarse_hs
-
-    def _embed_text(self, input_ids, attention_mask):
-        ids, index, counts = _compact_text(input_ids, attention_mask)
-        return ids, index, counts, self.llm.get_input_embeddings()(ids)
 
     def _target_logps(self, h, ids, weights):
         """Log-probabilities of the target tokens: compact text token i >= 1 with weight > 0, predicted from
@@ -224,107 +204,169 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         logp, _, w = self._target_logps(h, ids, weights)
         return -(logp * w).sum() / w.sum().clamp(min=1.0)
 
+    # ---------------------------------------------------------------- training API
     def forward(self, frames, input_ids, attention_mask=None, loss_mask=None, frame_mask=None,
                 mode="coarse_fine", return_logits=True, encoded=None):
-        """frames [B,T,3,H,W], input_ids [B,S] -> {"loss", "logits" [B,S,V]}; logits[:, i] predicts token i+1.
-        The loss is the mean cross-entropy over text tokens i >= 1 whose loss_mask (default attention_mask)
+        """frames [B, T, 3, H, W], input_ids [B, S] -> {"loss", "logits" [B, S, V]}; logits[:, i] predicts token
+        i+1. The loss is the mean cross-entropy over text tokens i >= 1 whose loss_mask (default attention_mask)
         is 1. Training passes return_logits=False: the vocabulary projection then runs on the targets only.
         `encoded`, this model's `encode(frames, frame_mask)`, lets several modes share one DINO pass."""
-        self._check_mode(mode)
+        check_modes([mode])
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         loss_mask = attention_mask if loss_mask is None else loss_mask * attention_mask
-        ids, index, n_txt, txt = self._embed_text(input_ids, attention_mask)
-        weights = torch.zeros_like(ids, dtype=torch.float).scatter(1, index, loss_mask.float())
-        (h,), coarse_h = self._text_states(frames, frame_mask, [(txt, n_txt)], mode, encoded)
-        loss = self._ce(h, ids, weights)
+        text, dest = self._text(input_ids, attention_mask)
+        weights = torch.zeros_like(text.ids, dtype=torch.float).scatter(1, dest, loss_mask.float())
+        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
+        _check_rows(counts, input_ids.shape[0], "input_ids")
+        lambda_coarse = self.settings.lambda_coarse if mode == "coarse_fine" else 0.0
+        vis, coarse_h = self.visual_tokens(kv, frame_idx, counts, mode, text if lambda_coarse > 0 else None)
+        _, h = self._llm(vis, counts, text)
+        loss = self._ce(h, text.ids, weights)
         if coarse_h is not None:
-            loss = loss + self.lambda_coarse * self._ce(coarse_h, ids, weights)
+            loss = loss + lambda_coarse * self._ce(coarse_h, text.ids, weights)
         logits = None
         if return_logits:  # back to the input's layout
-            logits = _gather_rows(self._logits(h), index) * attention_mask[..., None]
+            logits = gather_rows(self._logits(h), dest) * attention_mask[..., None]
         return {"loss": loss, "logits": logits}
 
     def forward_dpo(self, frames, frame_mask, chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids,
                     rejected_mask, rejected_loss_mask, mode="coarse_fine", encoded=None):
-        """Summed log-probabilities of the chosen and rejected answers (loss-mask tokens), both read after ONE
-        encoding of the frames (`encoded`, as in forward). Returns {"chosen_logps": [B], "rejected_logps": [B]}."""
-        self._check_mode(mode)
-        texts = [(chosen_ids, chosen_mask, chosen_loss_mask), (rejected_ids, rejected_mask, rejected_loss_mask)]
-        embedded = [self._embed_text(i, m) for i, m, _ in texts]
-        hs, _ = self._text_states(frames, frame_mask, [(e[3], e[2]) for e in embedded], mode, encoded)
-        out = {}
-        for name, h, (ids, index, _, _), (_, m, lm) in zip(("chosen", "rejected"), hs, embedded, texts):
-            w = torch.zeros_like(ids, dtype=torch.float).scatter(1, index, (lm * m).float())
-            logp, rows, w = self._target_logps(h, ids, w)
-            out[f"{name}_logps"] = torch.zeros(h.shape[0], device=h.device).index_add(0, rows, logp * w)
-        return out
+        """Summed log-probabilities of the chosen and rejected answers (loss-mask tokens). The frames are encoded
+        and turned into visual tokens once; both answers are read in one LLM pass of 2B rows (chosen, then
+        rejected). `encoded` as in forward. Returns {"chosen_logps": [B], "rejected_logps": [B]}."""
+        check_modes([mode])
+        B, S = chosen_ids.shape[0], max(chosen_ids.shape[1], rejected_ids.shape[1])
+        both = lambda c, r: torch.cat([F.pad(c, (0, S - c.shape[1])), F.pad(r, (0, S - r.shape[1]))])  # [2B, S]
+        mask = both(chosen_mask, rejected_mask)
+        text, dest = self._text(both(chosen_ids, rejected_ids), mask)
+        loss_mask = both(chosen_loss_mask, rejected_loss_mask) * mask
+        weights = torch.zeros_like(text.ids, dtype=torch.float).scatter(1, dest, loss_mask.float())
+        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
+        _check_rows(counts, B, "chosen_ids")
+        vis, _ = self.visual_tokens(kv, frame_idx, counts, mode)
+        _, h = self._llm(torch.cat([vis, vis]), counts.repeat(2), text)
+        logp, rows, w = self._target_logps(h, text.ids, weights)
+        logps = torch.zeros(2 * B, dtype=logp.dtype, device=h.device).index_add(0, rows, logp * w)
+        return {"chosen_logps": logps[:B], "rejected_logps": logps[B:]}
 
     # ---------------------------------------------------------------- inference API
     @torch.no_grad()
     def generate(self, frames, input_ids, attention_mask=None, frame_mask=None, max_new_tokens=64,
-                 mode="autoregressive", do_sample=False, temperature=1.0, top_p=1.0, eos_token_id=None):
+                 mode="autoregressive", do_sample=False, temperature=1.0, top_p=1.0, eos_token_id=None,
+                 tokenizer=None):
         """New token ids [B, <= max_new_tokens] after [frames, prompt], read with the LLM's KV cache. Rows that
-        finish early are filled with eos_token_id."""
-        self._check_mode(mode)
+        finish early are filled with eos_token_id. The prompt is input_ids [B, S], or a user message string (or
+        B of them), chat-formatted with `tokenizer` (default model.tokenizer), whose eos then ends a row."""
+        check_modes([mode])
+        if isinstance(input_ids, (str, list)):
+            tokenizer = self._tokenizer(tokenizer)
+            input_ids, attention_mask = _prompt_batch(tokenizer, input_ids, self.q_init.device)
+            eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        text, _ = self._text(input_ids, attention_mask)
         kv, frame_idx, counts = self.encode(frames, frame_mask)
-        _, _, n_txt, txt = self._embed_text(input_ids, attention_mask)
-        state = self._prefix_state(kv, frame_idx, counts, mode, txt, n_txt)
-        embed = self.llm.get_input_embeddings()
+        _check_rows(counts, input_ids.shape[0], "input_ids")
+        vis, _ = self.visual_tokens(kv, frame_idx, counts, mode)
+        vis = pad_packed(vis, counts)[0]
+        embeds, mask, _, _ = pack(vis, counts, text.embeds, text.n)
+        cache = DynamicCache(config=self.llm.config)
+        h = self._llm_hidden(embeds, mask, None, cache)
+        last, next_pos = gather_rows(h, (counts + text.n - 1).clamp(min=0)[:, None])[:, 0], counts + text.n
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         out = []
         for _ in range(max_new_tokens):
-            tok = _pick(self._logits(state.last_hidden).float(), do_sample, temperature, top_p)
+            tok = _pick(self._logits(last).float(), do_sample, temperature, top_p)
             if eos_token_id is not None:
                 tok = torch.where(done, eos_token_id, tok)
                 done |= tok == eos_token_id
             out.append(tok)
             if bool(done.all()) or len(out) == max_new_tokens:
                 break
-            _, state = self._continue(state, embed(tok[:, None]), torch.ones_like(tok))
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            embed = self.llm.get_input_embeddings()(tok[:, None])
+            last = self._llm_hidden(embed, mask, next_pos[:, None], cache)[:, 0]
+            next_pos = next_pos + 1
         return torch.stack(out, 1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
 
     @torch.no_grad()
-    def score_options(self, frames, prompt_ids, options, modes=("coarse_fine",), frame_mask=None):
-        """Mean cross-entropy of each option's tokens after [frames, prompt], per mode: {mode: [n_options]}.
-        DINO runs once for every mode and option; each mode's prefix is computed once and its KV cache
-        shared by the options."""
-        dev = frames.device
-        kv, frame_idx, counts = self.encode(frames[:1], None if frame_mask is None else frame_mask[:1])
-        embed = self.llm.get_input_embeddings()
-        prompt = embed(torch.tensor([prompt_ids], device=dev))
-        n_opt, S = len(options), max(len(o) for o in options)
-        ids = torch.tensor([o + [0] * (S - len(o)) for o in options], device=dev)
-        n = torch.tensor([len(o) for o in options], device=dev)
-        scores = {}
+    def option_nll(self, frames, prompts, options, modes=("coarse_fine",), frame_mask=None):
+        """Per-token negative log-likelihoods of multiple-choice options, for a batch of Q questions.
+
+        frames [Q, T, 3, H, W] (frame_mask [Q, T] for questions with fewer frames); prompts: Q token-id lists;
+        options: Q lists of option token-id lists (any number per question, any lengths). Returns {mode: [Q] lists
+        of [n_options] float32 tensors [len(option)]}: -log p(option[j] | frames, prompt, option[:j]) in `mode`.
+        DINO runs once for the batch. Each mode is one LLM pass per question in which every option reads the
+        shared [visual tokens, prompt] (layout.option_tree: no per-option copy of it); with both coarse modes,
+        coarse_only's pass is coarse_fine's coarse pass."""
+        modes = check_modes(modes)
+        prompts, options = _check_questions(prompts, options)
+        kv, frame_idx, counts = self.encode(frames, frame_mask)
+        _check_rows(counts, len(prompts), "prompts")
+        ids, branch, n_txt, source, target = option_tree(prompts, options, counts.device)
+        text = _Text(ids, self.llm.get_input_embeddings()(ids), n_txt, branch)
+        states = {}
+        if "coarse_fine" in modes:
+            vis, states["coarse_only"] = self.visual_tokens(kv, frame_idx, counts, "coarse_fine",
+                                                            text if "coarse_only" in modes else None)
+            states["coarse_fine"] = self._llm(vis, counts, text)[1]
+        for mode in set(modes) - set(states):
+            states[mode] = self._llm(self.visual_tokens(kv, frame_idx, counts, mode)[0], counts, text)[1]
+        sizes = [len(option) for question in options for option in question]
+        out = {}
         for mode in modes:
-            self._check_mode(mode)
-            state = self._prefix_state(kv, frame_idx, counts, mode, prompt, torch.tensor([len(prompt_ids)], device=dev))
-            state = state.repeat(n_opt)
-            h, _ = self._continue(state, embed(ids), n)
-            h = torch.cat([state.last_hidden[:, None], h[:, :-1]], 1)  # state before each option token
-            ce = F.cross_entropy(self._logits(h).float().transpose(1, 2), ids, reduction="none")  # [n_opt, S]
-            valid = torch.arange(S, device=dev) < n[:, None]
-            scores[mode] = (ce * valid).sum(1) / n
-        return scores
+            logits = self._logits(states[mode].flatten(0, 1)[source]).float()  # [K, V]: K option tokens in all
+            nll = iter(F.cross_entropy(logits, target, reduction="none").split(sizes))
+            out[mode] = [[next(nll) for _ in question] for question in options]
+        return out
+
+    @torch.no_grad()
+    def score_options(self, frames, prompt, options, modes=("coarse_fine",), frame_mask=None, tokenizer=None):
+        """Each option's mean negative log-likelihood per token after [frames, prompt] (lower is more likely), per
+        mode: {mode: [n_options]}. One question: frames [T, 3, H, W] or [1, T, 3, H, W]. The prompt and the
+        options are token ids, or strings chat-formatted with `tokenizer` (default model.tokenizer) as in
+        training (tokenization.prompt_ids / answer_ids). option_nll scores a batch of questions."""
+        prompt, options = self._mcq_ids(prompt, options, tokenizer)
+        nll = self.option_nll(frames, [prompt], [options], modes, frame_mask)
+        return {mode: torch.stack([t.mean() for t in per_question[0]]) for mode, per_question in nll.items()}
 
     @torch.no_grad()
     def attention_maps(self, frames, frame_mask=None):
         """Per-layer attention of the coarse (static) and fine (LLM-chosen) queries over each frame's tokens:
         {"coarse"|"fine": [L, B, T, heads, 1+P]} (CLS first; zeros at padded frames)."""
+        frames, frame_mask = prepare_frames(frames, frame_mask, self.encoder.patch_size)
         kv, frame_idx, counts = self.encode(frames, frame_mask)
-        M = frame_idx.shape[0]
-        coarse = self.visual_tokens(kv, frame_idx, counts, "coarse_only")[0]
-        queries = {"coarse": self.q_static.expand(M, -1), "fine": self._fine_queries(coarse, counts)}
+        q_static = self.q_static.expand(frame_idx.shape[0], -1)
+        coarse_h, _ = self._llm(self._tokens(q_static, kv, frame_idx), counts)
         B, T = frames.shape[:2]
-        fm = torch.ones(B, T, dtype=torch.bool, device=frames.device) if frame_mask is None else frame_mask.bool()
         out = {}
-        for name, q in queries.items():
+        for name, q in (("coarse", q_static), ("fine", self._fine_queries(coarse_h, counts))):
             _, maps = self.encoder.query_attend(q, kv, frame_idx, return_attention=True)
             grid = maps[0].new_zeros(len(maps), B, T, *maps[0].shape[1:])
-            grid[:, fm] = torch.stack(maps)
+            grid[:, frame_mask] = torch.stack(maps)
             out[name] = grid
         return out
+
+    # ---------------------------------------------------------------- user input
+    def _tokenizer(self, tokenizer):
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if tokenizer is None:
+            raise ValueError("text given as strings needs a tokenizer: pass tokenizer= (tokenization.load_tokenizer"
+                             "(name)), or set model.tokenizer (FoveatedVLM.from_pretrained sets it from a folder "
+                             "saved with one: model.save_pretrained(path, tokenizer=tokenizer)); or pass token ids")
+        return tokenizer
+
+    def _mcq_ids(self, prompt, options, tokenizer):
+        """(prompt ids, [option ids]) from ids or strings; option strings are tokenized after the prompt string."""
+        if isinstance(options, (str, torch.Tensor)) or not options:
+            raise ValueError(f"options must be a non-empty list of options (strings or token-id lists), got {options!r}")
+        if isinstance(prompt, str) or any(isinstance(o, str) for o in options):
+            tokenizer = self._tokenizer(tokenizer)
+            if not isinstance(prompt, str):
+                raise ValueError("options given as strings need the prompt as a string too: an option's tokens "
+                                 "are those that follow the chat-formatted prompt")
+            options = [answer_ids(tokenizer, prompt, o) if isinstance(o, str) else o for o in options]
+            prompt = prompt_ids(tokenizer, prompt)
+        return prompt, options
 
     # ---------------------------------------------------------------- training helpers
     def param_groups(self):
@@ -374,15 +416,48 @@ def _pick(logits, do_sample, temperature, top_p):
     return torch.multinomial(probs, 1)[:, 0]
 
 
-class _State:
-    """The LLM's KV cache after a prefix: mask [B, C] over cached columns, next position [B], and the last
-    real token's hidden state [B, D] (which predicts the next token)."""
+# ---------------------------------------------------------------- argument checks
+def check_modes(modes):
+    """modes (one name or several) -> a tuple of distinct modes; an unknown one is a ValueError."""
+    modes = (modes,) if isinstance(modes, str) else tuple(dict.fromkeys(modes))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"mode must be one of {MODES}, got {unknown or modes!r}")
+    return modes
 
-    def __init__(self, cache, mask, next_pos, last_hidden):
-        self.cache, self.mask, self.next_pos, self.last_hidden = cache, mask, next_pos, last_hidden
 
-    def repeat(self, n):
-        """The state for n continuations of each row (rows repeated in place)."""
-        self.cache.batch_repeat_interleave(n)
-        rep = lambda x: None if x is None else x.repeat_interleave(n, 0)
-        return _State(self.cache, rep(self.mask), rep(self.next_pos), rep(self.last_hidden))
+def _check_rows(counts, rows, name):
+    if counts.shape[0] != rows:
+        raise ValueError(f"frames hold {counts.shape[0]} clip(s) [B, T, 3, H, W] but {name} has {rows}: one each")
+
+
+def _id_list(ids, what):
+    """Token ids as a list of ints (from a list or a 1-D tensor); anything else is a ValueError naming `what`."""
+    if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"{what} must be a non-empty list of token ids, got {ids!r}")
+    return list(ids)
+
+
+def _check_questions(prompts, options):
+    """option_nll's text: Q prompts and Q non-empty lists of options, each a non-empty list of token ids (or a
+    1-D tensor) -> (prompts, options) as lists of ints."""
+    if len(prompts) != len(options):
+        raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists: one per question")
+    for q, opts in enumerate(options):
+        if not isinstance(opts, (list, tuple)) or not opts:
+            raise ValueError(f"question {q}'s options must be a non-empty list of token-id lists, got {opts!r}")
+    return ([_id_list(p, f"question {q}'s prompt") for q, p in enumerate(prompts)],
+            [[_id_list(o, f"question {q}'s option {k}") for k, o in enumerate(opts)] for q, opts in enumerate(options)])
+
+
+def _prompt_batch(tokenizer, prompts, device):
+    """A user message (or a list of them) -> chat-formatted prompt ids [B, S] and attention mask (right-padded)."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"a prompt given as text must be a string or a list of strings, got {prompts!r}")
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    S = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (S - len(r)) for r in rows], device=device)
+    return ids, (torch.arange(S, device=device) < torch.tensor([len(r) for r in rows], device=device)[:, None]).long()

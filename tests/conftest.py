@@ -38,3 +38,31 @@ def tokenizer():
     from tokenization import load_tokenizer
 
     return load_tokenizer(SMOLLM2_GGUF)
+
+
+class DinoCounter:
+    """Counts DINOv2's work from outside the model: a forward hook on the patch embeddings sees every batch of
+    frames DINO encodes. `frames` and `calls` accumulate; use as a context manager."""
+
+    def __init__(self, model):
+        self.frames = self.calls = 0
+        self._handle = model.encoder.dino.embeddings.register_forward_hook(self._count)
+
+    def _count(self, module, inputs, output):
+        self.frames += inputs[0].shape[0]
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+
+
+def rand_frames(B, T, size=56, seed=0):
+    """Random frames [B, T, 3, size, size] within the ImageNet-normalised range the model accepts."""
+    return torch.rand(B, T, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 4 - 2
+
+
+def rand_ids(B, S, seed=0):
+    return torch.randint(3, 2000, (B, S), generator=torch.Generator().manual_seed(seed))

@@ -5,20 +5,14 @@ import torch
 import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model
 
-from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, tiny_model_kwargs
+from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, DinoCounter, tiny_model_kwargs
+from conftest import rand_frames as frames
+from conftest import rand_ids as ids
 from encoder import FoveatedEncoder
 from model import MODES, FoveatedVLM
 from pretrained import WEIGHTS_NAME
 
 ATOL = 1e-5
-
-
-def frames(B, T, size=56, seed=0):
-    return torch.randn(B, T, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def ids(B, S, seed=0):
-    return torch.randint(3, 2000, (B, S), generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------- encoder
@@ -76,10 +70,11 @@ def test_modes_differ_and_bad_mode_is_rejected(tiny_model):
     x, t = frames(1, 3), ids(1, 5)
     losses = {m: tiny_model(x, t, mode=m)["loss"].item() for m in MODES}
     assert len({round(v, 6) for v in losses.values()}) == 3
-    encoded, before = tiny_model.encode(x), tiny_model.encoder.frames_encoded
-    for m in MODES:  # one DINO pass shared by every mode (validation in several modes)
-        assert tiny_model(x, t, mode=m, encoded=encoded)["loss"].item() == pytest.approx(losses[m], abs=1e-6)
-    assert tiny_model.encoder.frames_encoded == before
+    encoded = tiny_model.encode(x)
+    with DinoCounter(tiny_model) as dino:
+        for m in MODES:  # one DINO pass shared by every mode (validation in several modes)
+            assert tiny_model(x, t, mode=m, encoded=encoded)["loss"].item() == pytest.approx(losses[m], abs=1e-6)
+    assert dino.frames == 0
     with pytest.raises(ValueError, match="mode must be one of"):
         tiny_model(x, t, mode="fine")
 
@@ -101,10 +96,9 @@ def test_padded_batch_matches_each_sample_alone(tiny_model, mode):
 
 def test_padded_frames_cost_no_dino_work(tiny_model):
     fmask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    tiny_model.dedup_frames = False
-    before = tiny_model.encoder.frames_encoded
-    tiny_model(frames(2, 4), ids(2, 5), frame_mask=fmask)
-    assert tiny_model.encoder.frames_encoded - before == 3
+    with DinoCounter(tiny_model) as dino:
+        tiny_model(frames(2, 4), ids(2, 5), frame_mask=fmask)
+    assert (dino.calls, dino.frames) == (1, 3)
 
 
 def test_text_only_batch(tiny_model):
@@ -116,13 +110,12 @@ def test_replicated_images_encode_once_with_the_same_loss(tiny_model):
     img = frames(2, 1)
     x = img.expand(2, 8, 3, 56, 56)  # two images replicated to 8 frames, no copy
     t = ids(2, 6)
-    before = tiny_model.encoder.frames_encoded
-    deduped = tiny_model(x, t)["loss"]
-    assert tiny_model.encoder.frames_encoded - before == 2
-    tiny_model.dedup_frames = False
-    before = tiny_model.encoder.frames_encoded
-    full = tiny_model(x.contiguous(), t)["loss"]
-    assert tiny_model.encoder.frames_encoded - before == 16
+    with DinoCounter(tiny_model) as dino:
+        deduped = tiny_model(x, t)["loss"]
+    assert dino.frames == 2
+    # the same step with every frame encoded on its own (as without dedup)
+    every = (tiny_model.encoder.encode_patches(x.flatten(0, 1)), torch.arange(16), torch.tensor([8, 8]))
+    full = tiny_model(x, t, encoded=every)["loss"]
     assert abs(deduped.item() - full.item()) < ATOL
 
 
@@ -142,7 +135,7 @@ def test_lambda_coarse_adds_the_coarse_loss():
     x, t = frames(1, 3), ids(1, 6)
     fine = base(x, t, mode="coarse_fine")["loss"]
     coarse = base(x, t, mode="coarse_only")["loss"]
-    base.lambda_coarse = 0.5
+    base.settings.lambda_coarse = 0.5
     both = base(x, t, mode="coarse_fine")["loss"]
     assert abs(both.item() - (fine + 0.5 * coarse).item()) < ATOL
 
@@ -193,9 +186,9 @@ def test_dpo_logps_match_forward_and_encode_once(tiny_model):
     clm[:, 4:] = 1
     rlm[:, 2:] = 1
     for mode in MODES:
-        before = tiny_model.encoder.frames_encoded
-        out = tiny_model.forward_dpo(x, fmask, chosen, cm, clm, rejected, rm, rlm, mode=mode)
-        assert tiny_model.encoder.frames_encoded - before == 5  # one encoding for both answers
+        with DinoCounter(tiny_model) as dino:
+            out = tiny_model.forward_dpo(x, fmask, chosen, cm, clm, rejected, rm, rlm, mode=mode)
+        assert (dino.calls, dino.frames) == (1, 5)  # one encoding for both answers
         for name, t, m, lm in (("chosen", chosen, cm, clm), ("rejected", rejected, rm, rlm)):
             logits = tiny_model(x, t, m, frame_mask=fmask, mode=mode)["logits"]
             logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, t[:, 1:, None])[..., 0]
@@ -238,20 +231,6 @@ def test_generation_stops_at_eos(tiny_model):
     assert sampled.shape == (1, 4)
 
 
-def test_score_options_matches_forward_and_encodes_once(tiny_model):
-    x, prompt = frames(1, 4), [5, 6, 7, 8]
-    options = [[11, 12], [13], [14, 15, 16], [17, 18]]
-    before = tiny_model.encoder.frames_encoded
-    scores = tiny_model.score_options(x, prompt, options, modes=MODES)
-    assert tiny_model.encoder.frames_encoded - before == 4
-    for mode in MODES:
-        for i, opt in enumerate(options):
-            seq = torch.tensor([prompt + opt])
-            logits = tiny_model(x, seq, mode=mode)["logits"][0, len(prompt) - 1:-1]
-            ref = F.cross_entropy(logits, torch.tensor(opt))
-            assert abs(scores[mode][i].item() - ref.item()) < 1e-4, (mode, i)
-
-
 def test_attention_maps_are_distributions(tiny_model):
     fmask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
     maps = tiny_model.attention_maps(frames(1, 3), fmask)
@@ -272,7 +251,7 @@ def outputs(model):
 def test_save_and_from_pretrained_round_trip(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     loaded = FoveatedVLM.from_pretrained(str(tmp_path))
-    assert loaded.query_dim == 24 and loaded.llm.config.hidden_size == TINY_LLM["hidden_size"]
+    assert loaded.settings.query_dim == 24 and loaded.llm.config.hidden_size == TINY_LLM["hidden_size"]
     assert torch.equal(outputs(loaded), outputs(tiny_model))
 
 
