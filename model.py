@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from encoder import FoveatedEncoder, prepare_frames
 from layout import compact_text, gather_rows, option_tree, pack, pad_packed
 from pretrained import PretrainedMixin, build_dino, build_llm
-from tokenization import answer_ids, prompt_ids
+from tokenization import option_targets, prompt_ids
 
 MODES = ("coarse_fine", "coarse_only", "autoregressive")
 
@@ -321,13 +321,15 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
 
     @torch.no_grad()
     def score_options(self, frames, prompt, options, modes=("coarse_fine",), frame_mask=None, tokenizer=None):
-        """Each option's mean negative log-likelihood per token after [frames, prompt] (lower is more likely), per
-        mode: {mode: [n_options]}. One question: frames [T, 3, H, W] or [1, T, 3, H, W]. The prompt and the
-        options are token ids, or strings chat-formatted with `tokenizer` (default model.tokenizer) as in
-        training (tokenization.prompt_ids / answer_ids). option_nll scores a batch of questions."""
-        prompt, options = self._mcq_ids(prompt, options, tokenizer)
+        """Each option's score after [frames, prompt] (lower is more likely), per mode: {mode: [n_options]}. One
+        question: frames [T, 3, H, W] or [1, T, 3, H, W]. Token ids give the mean negative log-likelihood of the
+        option's tokens. Strings are chat-formatted with `tokenizer` (default model.tokenizer) and scored as
+        benchmark.py does by default (tokenization.option_targets: the original benchmark's rule). option_nll
+        scores a batch of questions."""
+        prompt, options, weights = self._mcq_ids(prompt, options, tokenizer)
         nll = self.option_nll(frames, [prompt], [options], modes, frame_mask)
-        return {mode: torch.stack([t.mean() for t in per_question[0]]) for mode, per_question in nll.items()}
+        return {mode: torch.stack([(t * w.to(t)).sum() / len(w) for t, w in zip(per_question[0], weights)])
+                for mode, per_question in nll.items()}
 
     @torch.no_grad()
     def attention_maps(self, frames, frame_mask=None):
@@ -356,7 +358,8 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         return tokenizer
 
     def _mcq_ids(self, prompt, options, tokenizer):
-        """(prompt ids, [option ids]) from ids or strings; option strings are tokenized after the prompt string."""
+        """(prompt ids, [option ids], [option target weights]) from ids (weights 1) or strings (option strings
+        tokenized after the prompt string, weighted by tokenization.option_targets)."""
         if isinstance(options, (str, torch.Tensor)) or not options:
             raise ValueError(f"options must be a non-empty list of options (strings or token-id lists), got {options!r}")
         if isinstance(prompt, str) or any(isinstance(o, str) for o in options):
@@ -364,9 +367,10 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
             if not isinstance(prompt, str):
                 raise ValueError("options given as strings need the prompt as a string too: an option's tokens "
                                  "are those that follow the chat-formatted prompt")
-            options = [answer_ids(tokenizer, prompt, o) if isinstance(o, str) else o for o in options]
-            prompt = prompt_ids(tokenizer, prompt)
-        return prompt, options
+            targets = [option_targets(tokenizer, prompt, o) if isinstance(o, str) else (o, [1.0] * len(o))
+                       for o in options]
+            return prompt_ids(tokenizer, prompt), [t[0] for t in targets], [torch.tensor(t[1]) for t in targets]
+        return prompt, options, [torch.ones(len(o)) for o in options]
 
     # ---------------------------------------------------------------- training helpers
     def param_groups(self):

@@ -296,13 +296,13 @@ def test_one_dino_encoding_per_question_and_shared_scores_equal_naive(mvbench_ro
     q = er.mcq("q", "What moves?", ["a red ball", "a blue cube", "nothing", "two cats"], 1,
                er.Media(path=os.path.join(mvbench_root, "video", "sta", "sta_video", "clip.mp4")), {})
     with DinoCounter(model) as dino:
-        result = benchmark.evaluate(model, tokenizer, [q], benchmark.MODES, max_frames=6, frame_size=SIZE)
+        result, _ = benchmark.evaluate(model, tokenizer, [q], benchmark.Protocol(max_frames=6, frame_size=SIZE))
     assert (dino.calls, dino.frames) == (1, 6)  # 6 distinct frames, encoded once for 4 options x 3 modes
     assert result["answered"] == 1
 
     frames = er.load_media(q.media, 6, SIZE).unsqueeze(0)
     prompt = prompt_ids(tokenizer, q.prompt)
-    options = [answer_ids(tokenizer, q.prompt, o) for o in q.options]
+    options = [option_targets(tokenizer, q.prompt, o)[0] for o in q.options]
     shared = model.score_options(frames, prompt, options, modes=benchmark.MODES)
     for mode in benchmark.MODES:  # the naive way: one full forward per option and mode
         for k, option in enumerate(options):
@@ -317,5 +317,5 @@ def test_replicated_image_costs_one_frame(tmp_path, tokenizer):
     model = FoveatedVLM(**tiny_model_kwargs()).eval()
     q = er.mcq("q", "Colour?", ["red", "green", "blue", "grey"], 0, er.Media(fields={"jpg": image_bytes()}), {})
     with DinoCounter(model) as dino:
-        benchmark.evaluate(model, tokenizer, [q], benchmark.MODES, frame_size=SIZE)
+        benchmark.evaluate(model, tokenizer, [q], benchmark.Protocol(frame_size=SIZE))
     assert dino.frames == 1

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import DinoCounter
 from conftest import rand_frames as frames
 from model import MODES
-from tokenization import answer_ids, prompt_ids
+from tokenization import option_targets, prompt_ids
 
 ATOL = 1e-5
 # (real frames, prompt, options): different frame counts, prompt lengths, option counts and option lengths
@@ -74,9 +74,12 @@ def test_dino_runs_once_for_a_batch_in_every_mode(tiny_model):
 
 
 def test_score_options_is_the_mean_nll_and_takes_strings(tiny_model, tokenizer):
+    """Ids: the mean NLL of the given tokens. Strings: the benchmark's default rule (option_targets' tokens after
+    the prompt, weighted: the original's <|im_end|> target counted as 0)."""
     x = frames(1, 2)
     question, options = "Which colour is the ball?\nA. red\nB. blue", ["A. red", "B. blue"]
-    ids = prompt_ids(tokenizer, question), [answer_ids(tokenizer, question, o) for o in options]
+    targets = [option_targets(tokenizer, question, o) for o in options]
+    ids = prompt_ids(tokenizer, question), [t[0] for t in targets]
     by_ids = tiny_model.score_options(x, *ids, modes=MODES)
     nll = tiny_model.option_nll(x, [ids[0]], [ids[1]], MODES)
     for mode in MODES:
@@ -87,8 +90,10 @@ def test_score_options_is_the_mean_nll_and_takes_strings(tiny_model, tokenizer):
     tiny_model.tokenizer = tokenizer
     by_model_tokenizer = tiny_model.score_options(x, question, options, "coarse_fine")
     for mode in MODES:
-        assert torch.equal(by_text[mode], by_ids[mode])
-    assert torch.equal(by_model_tokenizer["coarse_fine"], by_ids["coarse_fine"])
+        rule = [(t * torch.tensor(w)).sum() / len(w) for t, (_, w) in zip(nll[mode][0], targets)]
+        assert torch.allclose(by_text[mode], torch.stack(rule), atol=1e-6)
+        assert not torch.allclose(by_text[mode], by_ids[mode])  # the <|im_end|> target's weight is 0
+    assert torch.equal(by_model_tokenizer["coarse_fine"], by_text["coarse_fine"])
     with pytest.raises(ValueError, match="prompt as a string"):
         tiny_model.score_options(x, ids[0], options)
 
