@@ -36,6 +36,8 @@ import re
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
+import torch
+import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
 import published
@@ -102,7 +104,7 @@ def with_checks(events, workers, max_frames):
     if workers <= 1:
         yield from ((e, now(e)) for e in events)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:  # as DataLoader workers
         ahead = collections.deque()
         for e in events:
             ahead.append((e, pool.submit(checked, e.media, max_frames) if isinstance(e, Item) and e.media else now(e)))
@@ -164,7 +166,7 @@ def write_json(path, obj):
 
 
 def shard_files(out, name):
-    """{shard number: path} of `<out>/<name>-NNNNNN.tar` and unfinished `.tar.tmp` files (number -1)."""
+    """{path: shard number} of `<out>/<name>-NNNNNN.tar`, and of unfinished `.tar.tmp` files (number -1)."""
     found = {}
     for f in os.listdir(out):
         m = re.fullmatch(re.escape(name) + r"-(\d{6})\.tar(\.tmp)?", f)
@@ -211,8 +213,6 @@ class Shards:
         self.seconds = state["seconds"]
 
     def write(self, sample, pos, tally):
-        import webdataset as wds
-
         if self.writer is None:
             self.writer = wds.ShardWriter(self.pattern, self.maxcount, self.maxsize, post=self._closed,
                                           start_shard=self.state["shards"], verbose=0, opener=self._open,
@@ -343,7 +343,8 @@ def parse_args(argv=None):
         s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
         s.add_argument("--shard-mb", type=float, default=2000, help="MB per shard at most, give or take one "
                        "sample (default: %(default)s)")
-        s.add_argument("--workers", type=int, default=1, help="processes for the decode checks (default: 1)")
+        s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="processes for the decode checks, the bottleneck (default: all CPUs, %(default)s here)")
         s.add_argument("--max-frames", type=int, default=64, help="the decode check reads a video's frames as "
                        "training does: 1 fps, at most this many (data.max_frames; default: %(default)s)")
         s.add_argument("--overwrite", action="store_true", help="delete this converter's shards and state "

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import webdataset as wds
 
 from data import VIDEO_FIELDS
 from streams import CsvIndex, csv_header, json_array, open_zip, parquet_rows, read_span
@@ -122,7 +123,10 @@ def parquet_inputs(pattern, what, required):
     if not found:
         raise InputError(f"no {what} files {pattern}")
     for path in found:
-        names = pq.read_schema(path).names
+        try:
+            names = pq.read_schema(path).names
+        except (pa.ArrowException, OSError):
+            continue  # unreadable: counted when read
         if not set(required) <= set(names):
             raise InputError(f"{path}: needs columns {list(required)}, has {names}")
     return found
@@ -204,7 +208,7 @@ def read_openvid(args, found, after):
     col = index.header.index("video")
     for r, _, fields in index.records():
         if len(fields) != len(index.header):
-            yield Skip((len(zips), r), "bad_record", f"{table} row {r + 2}")
+            yield Skip((len(zips), r), "bad_record", f"{os.path.basename(table)} record {r + 1}")
         elif not index.seen[r]:
             yield Skip((len(zips), r), "video_missing", fields[col])
     index.close()
@@ -241,8 +245,6 @@ def webvid_sample(sample, pos, ident):
 
 def read_webvid(args, tars, after):
     """WebVid as video2dataset writes it (NNNNN.tar) -> video caption; failed downloads are skipped."""
-    import webdataset as wds
-
     for t, path in enumerate(tars):
         if (t,) < after[:1]:
             continue

@@ -1,9 +1,11 @@
 """prepare.py on tiny folders in each published layout (built here from ../shared/FORMATS.md): exact counts by
 reason, sample kinds and turns, frames through the loader, resume after a crash, --limit, and a training start."""
 
+import csv
 import io
 import json
 import os
+import shutil
 import tarfile
 import zipfile
 from collections import Counter
@@ -73,7 +75,6 @@ def openvid(root):
             ("split_b.mp4", "right", 3), ("gone_1.mp4", "not downloaded", 2), ("gone_2.mp4", "nor this", 2)]
     os.makedirs(root / "data" / "train")
     with open(root / "data" / "train" / "OpenVid-1M.csv", "w", newline="") as f:
-        import csv
         w = csv.writer(f)
         w.writerow(columns)
         w.writerows([name, cap, 5.5, 1.25, 0.99, "pan_right", secs * 4, 4, secs] for name, cap, secs in rows)
@@ -90,7 +91,6 @@ def openvid(root):
     (root / "OpenVid_part1_partaa").write_bytes(data[:len(data) // 2])
     (root / "OpenVid_part1_partab").write_bytes(data[len(data) // 2:])
     os.remove(root / "whole.zip")
-    return {"abc_13_0to241.mp4": 3, "-dash_start_1.mp4": 2, "split_a.mp4": 2, "split_b.mp4": 3}
 
 
 def v2d(key, caption, video=None, status="success"):
@@ -111,7 +111,6 @@ def webvid(root):
         pq.write_table(pa.Table.from_pylist([{k: v for k, v in f["json"].items() if k != "yt_meta_dict"}
                                              for _, f in samples]), root / f"{i:05d}.parquet")
         (root / f"{i:05d}_stats.json").write_text(json.dumps({"count": len(samples), "successes": len(samples) - 1}))
-    return {"00000002": 3, "00000001": 2, "00010000": 2, "00010001_0": 3}
 
 
 def turns(*pairs):
@@ -230,7 +229,8 @@ def src(tmp_path_factory):
 
 
 def run(src, dataset, out, *extra):
-    return prepare.main([dataset, "--src", str(src / dataset), "--out", str(out), "--shard-size", "2", *extra])
+    return prepare.main([dataset, "--src", str(src / dataset), "--out", str(out), "--shard-size", "2", "--workers", "1",
+                         *extra])
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +275,6 @@ def test_openvid_csv_and_zip_parts_split_included(src, converted, tokenizer):
     assert "stray.mp4" in rep["skipped"]["not_in_csv"]["examples"][0]
     assert rep["shards"] == ["openvid-000000.tar", "openvid-000001.tar"]
     assert json.loads((out / "openvid" / "report.json").read_text()) == rep
-    expected = openvid_seconds = {"abc_13_0to241.mp4": 3, "-dash_start_1.mp4": 2, "split_a.mp4": 2, "split_b.mp4": 3}
     raw = shard_samples(out / "openvid")
     metas = {json.loads(f["json"])["video"]: json.loads(f["json"]) for f in raw.values()}
     assert metas["abc_13_0to241.mp4"]["caption"] == 'A man, smiling, says "hi".'
@@ -284,12 +283,12 @@ def test_openvid_csv_and_zip_parts_split_included(src, converted, tokenizer):
     with zipfile.ZipFile(src / "openvid" / "OpenVid_part0.zip") as zf:  # the mp4 bytes, never re-encoded
         original = zf.read("OpenVid_part/abc_13_0to241.mp4")
     assert any(f.get("mp4") == original for f in raw.values())
-    by_caption = {json.loads(f["json"])["caption"]: json.loads(f["json"])["video"] for f in raw.values()}
+    by_caption = {m["caption"]: m["video"] for m in metas.values()}
+    seconds = {"abc_13_0to241.mp4": 3, "-dash_start_1.mp4": 2, "split_a.mp4": 2, "split_b.mp4": 3}  # 1 fps: frames
     for s in load(out / "openvid", tokenizer, "text_ce_all"):
         text = tokenizer.decode(s["input_ids"])
         video = next(v for c, v in by_caption.items() if c in text)
-        assert s["kind"] == "video" and s["frames"].shape[0] == openvid_seconds[video], video
-    assert len(expected) == 4
+        assert s["kind"] == "video" and s["frames"].shape[0] == seconds[video], video
 
 
 def test_webvid_from_video2dataset_skips_failed_downloads(converted, tokenizer):
@@ -413,19 +412,54 @@ def test_missing_inputs_are_errors_naming_the_path(tmp_path):
         prepare.main(["cauldron", "--src", str(tmp_path), "--subsets", "nosuch", "--out", str(tmp_path / "o")])
 
 
-def test_a_tiny_training_run_starts_on_the_converted_sets(converted, tmp_path):
-    out, _ = converted
-    cfg = {"model": {"llm_config": TINY_LLM, "dino_config": TINY_DINO, "query_dim": 24, "tokenizer": SMOLLM2_GGUF},
-           "data": {"train_shards": [str(out / "cauldron" / "*.tar"), str(out / "llava-video" / "*.tar")],
-                    "text_shards": str(out / "smoltalk" / "*.tar"), "text_ratio": 0.5, "frame_size": 56,
-                    "max_frames": 4, "num_workers": 0, "max_text_tokens": 128},
-           "training": {"total_samples": 4, "batch_size": 2, "warmup_ratio": 0.5, "device": "cpu", "log_every": 1,
-                        "seed": 0},
-           "loss": {"type": "text_ce_answer_only"},
-           "checkpoint": {"save_dir": str(tmp_path / "run"), "save_every_steps": 100}}
-    path = tmp_path / "stage2.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    train.main(["--config", str(path)])
-    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
-    assert len([r for r in rows[1:] if r.split(",")[0].isdigit()]) >= 2, rows
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_three_stages_start_on_the_converted_sets(converted, tmp_path, one_thread):
+    """Two steps of each stage with the tiny model: stage 1 on OpenVid + WebVid, stage 2 (from stage 1) on The
+    Cauldron + LLaVA-Video, both with SmolTalk text, stage 3 (DPO, from stage 2) on RLAIF-V: nothing skipped."""
+    out, _ = converted
+    stages = [("stage1", ["openvid", "webvid"], "text_ce_all", None),
+              ("stage2", ["cauldron", "llava-video"], "text_ce_answer_only", "stage1"),
+              ("stage3", ["rlaif-v"], "dpo", "stage2")]
+    for name, sets, loss, init in stages:
+        model = {"llm_config": TINY_LLM, "dino_config": TINY_DINO, "query_dim": 24, "tokenizer": SMOLLM2_GGUF}
+        data = {"train_shards": [str(out / s / "*.tar") for s in sets], "frame_size": 56, "max_frames": 4,
+                "num_workers": 0, "max_text_tokens": 128, "replicate_image_frames": 2}
+        if loss != "dpo":
+            data.update(text_shards=str(out / "smoltalk" / "*.tar"), text_ratio=0.5)
+        cfg = {"model": {**model, **({"init_from": str(tmp_path / init / "latest")} if init else {})}, "data": data,
+               "training": {"total_samples": 4, "batch_size": 2, "warmup_ratio": 0.5, "device": "cpu", "seed": 0},
+               "loss": {"type": loss}, "checkpoint": {"save_dir": str(tmp_path / name), "save_every_steps": 2}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        train.main(["--config", str(tmp_path / f"{name}.yaml")])
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["steps"] == 2 and summary["samples"] == 4 and summary["skipped"] == 0, summary
+
+
+def test_damaged_archives_and_files_are_counted_never_a_crash(src, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    os.remove(bad / "openvid" / "OpenVid_part1_partab")  # half of a split zip: no central directory
+    tar = (bad / "webvid" / "00000.tar").read_bytes()
+    (bad / "webvid" / "00000.tar").write_bytes(tar[:len(tar) // 2])
+    gz = bad / "llava-video" / "0_30_s_academic_v0_1" / "0_30_s_academic_v0_1_videos_2.tar.gz"
+    gz.write_bytes(gz.read_bytes()[:-40])
+    (bad / "smoltalk" / "data" / "all" / "train-00001-of-00002.parquet").write_bytes(b"PAR1 not a parquet file")
+    reports = {name: run(bad, name, tmp_path / name) for name in ("openvid", "webvid", "llava-video", "smoltalk")}
+    assert {k: (r["written"], skipped(r)) for k, r in reports.items()} == {
+        # part1's two videos are now missing from the archives
+        "openvid": (2, {"unreadable_file": 1, "video_missing": 4, "bad_record": 1, "bad_video": 1,
+                        "empty_caption": 1, "not_in_csv": 1}),
+        # the shard ends inside 00000001's mp4: its json came through without it
+        "webvid": (3, {"unreadable_file": 1, "no_video": 1, "failed_download": 1, "empty_caption": 1}),
+        # the cut falls after the last video: every video is read, then the archive's end is missing
+        "llava-video": (4, {"unreadable_file": 1, "bad_video": 2, "video_missing": 1, "empty_turn": 1,
+                            "unreferenced_video": 1}),
+        "smoltalk": (3, {"unreadable_file": 1, "empty_turn": 1})}
+    assert "OpenVid_part1_partaa" in reports["openvid"]["skipped"]["unreadable_file"]["examples"][0]
