@@ -39,8 +39,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 import published
+import published_video
 from data import VIDEO_FIELDS, SkipSample, frame_indices, read_video
 from published import END, InputError, Item, Skip
 
@@ -50,8 +52,10 @@ EXAMPLES = 5  # example ids kept per skip reason
 
 
 class BadMedia(Exception):
+    """Media that does not decode; args (reason, detail) so that it pickles back from a worker process."""
+
     def __init__(self, reason, detail):
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(reason, detail)
         self.reason, self.detail = reason, detail
 
 
@@ -104,7 +108,7 @@ def with_checks(events, workers, max_frames):
     if workers <= 1:
         yield from ((e, now(e)) for e in events)
         return
-    with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:  # as DataLoader workers
+    with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:  # as DataLoader's
         ahead = collections.deque()
         for e in events:
             ahead.append((e, pool.submit(checked, e.media, max_frames) if isinstance(e, Item) and e.media else now(e)))
@@ -291,8 +295,6 @@ def write_events(events, shards, tally, limit, bar):
 
 def convert(args):
     """Run one converter (args from parse_args) to the end of its input or --limit; returns the report."""
-    from tqdm import tqdm
-
     name, inputs, read = DATASETS[args.dataset]
     found = inputs(args)
     signature = {"dataset": args.dataset, "src": os.path.abspath(args.src),
@@ -319,12 +321,12 @@ def convert(args):
 
 
 DATASETS = {  # command -> (output name, input finder, reader)
-    "openvid": ("openvid", published.openvid_inputs, published.read_openvid),
-    "webvid": ("webvid", published.webvid_inputs, published.read_webvid),
+    "openvid": ("openvid", published_video.openvid_inputs, published_video.read_openvid),
+    "webvid": ("webvid", published_video.webvid_inputs, published_video.read_webvid),
     "cauldron": ("cauldron", published.cauldron_inputs, published.read_cauldron),
     "smoltalk": ("smoltalk", published.smoltalk_inputs, published.read_smoltalk),
     "rlaif-v": ("rlaif_v", published.rlaif_inputs, published.read_rlaif),
-    "llava-video": ("llava_video", published.llava_inputs, published.read_llava),
+    "llava-video": ("llava_video", published_video.llava_inputs, published_video.read_llava),
 }
 
 

@@ -401,8 +401,16 @@ def test_limit_then_resume_gives_the_full_set(src, converted, tmp_path):
     assert shard_samples(tmp_path / "c") == shard_samples(out / "cauldron")
     with pytest.raises(SystemExit, match="--overwrite"):
         run(src, "cauldron", tmp_path / "c", "--shard-size", "3")  # other settings: not a resume
-    rep = run(src, "cauldron", tmp_path / "c", "--subsets", "nlvr2", "--overwrite", "--workers", "2")
+    rep = run(src, "cauldron", tmp_path / "c", "--subsets", "nlvr2", "--overwrite")
     assert rep["written"] == 2 and rep["by_source"] == {"cauldron/nlvr2": 2}
+
+
+def test_decode_checks_in_worker_processes_write_the_same_shards(src, converted, tmp_path):
+    out, reports = converted
+    rep = run(src, "webvid", tmp_path / "w", "--workers", "2")
+    assert skipped(rep) == skipped(reports["webvid"]) and rep["shards"] == reports["webvid"]["shards"]
+    for name in rep["shards"]:
+        assert (tmp_path / "w" / name).read_bytes() == (out / "webvid" / name).read_bytes()
 
 
 def test_missing_inputs_are_errors_naming_the_path(tmp_path):
