@@ -264,7 +264,7 @@ def report(out, name, args, state, tally):
     del rep["examples"]
     write_json(os.path.join(out, "report.json"), rep)
     kinds = ", ".join(f"{k} {c}" for k, c in sorted(tally.by_kind.items()))
-    print(f"{args.dataset}: wrote {tally.written} samples ({kinds or 'none'}) in {len(shards)} shards under {out}, "
+    print(f"{args.dataset}: wrote {tally.written} samples ({kinds or 'none'}) in {len(shards)} shard(s) under {out}, "
           f"{rep['seconds']} s ({rep['samples_per_s']} samples/s)"
           + ("" if state["done"] else "; stopped before the end of the input (re-run to go on)"))
     print(f"skipped {sum(tally.skipped.values())}: " + (", ".join(
