@@ -1,7 +1,8 @@
 """WebDataset shard reading for all training stages: video2dataset mp4, pre-extracted frames, images, text.
 
 A sample is the run of consecutive tar members sharing a key (the member name up to the first dot of its
-basename; the rest, lowercased, is the field). Formats follow ../shared/FORMATS.md:
+basename; the rest, lowercased, is the field). Shards are local files, globs, brace ranges or any URL the
+webdataset library opens (`pipe:`, http(s), `hf://`): see shards.py. Formats follow ../shared/FORMATS.md:
 - `mp4` (+ `txt`/`json`, video2dataset): frames at `sample_fps` up to `max_frames`; a longer video is sampled
   uniformly over its whole length (`frame_sampling: uniform`) or keeps its first `max_frames` (`head`).
   Samples whose json `status` is not "success" (failed downloads, written without mp4) are skipped.
@@ -9,15 +10,17 @@ basename; the rest, lowercased, is the field). Formats follow ../shared/FORMATS.
   a single image becomes `replicate_image_frames` views of one tensor (stride 0, no copy), so the model's
   content dedup encodes it once.
 - text: json `messages` | `user`+`assistant` | `question`+`chosen`+`rejected` (DPO) | `caption`, or `txt`.
-Frames are square-resized to `frame_size` and ImageNet-normalised: [T, 3, H, W] float32.
+Frames are square-resized to `frame_size` and ImageNet-normalised: [T, 3, H, W] float32. Videos are decoded
+by decord where it installs (x86_64 Linux, Windows), else by PyAV at the same frame indices (`read_video`).
 
-Training reads an endless stream (each pass over this worker's shards in a new random order, then a
-shuffle buffer of undecoded samples); evaluation reads one ordered pass. Shards are split across DDP ranks
-and DataLoader workers so no sample is read twice per pass. Bad samples are skipped and counted by reason;
-each yielded sample carries the counts since the previous one (`sample["skipped"]`), so the counts reach
-the main process with the batches whatever the number of workers.
+Training reads an endless stream (each pass over this worker's shards in a new random order, or shards drawn
+with replacement when `resampled`, then a shuffle buffer of undecoded samples); evaluation reads one ordered
+pass. Shards are split across DDP ranks and DataLoader workers so no sample is read twice per pass. Bad samples
+and shards are skipped and counted by reason; each yielded sample carries the counts since the previous one
+(`sample["skipped"]`), so the counts reach the main process with the batches whatever the number of workers.
 
-Inspector: `python data.py --config CONFIG [--stage N] [--limit K]` (see `inspect_main`).
+Inspector and decode throughput: `python data.py --config CONFIG [--workers N] [--limit K] [--set data.KEY=V]`
+(see `inspect_main`).
 """
 
 import functools
@@ -29,18 +32,26 @@ import re
 import time
 from collections import Counter
 
+import av
 import numpy as np
 import torch
 import torch.distributed as dist
-from decord import VideoReader
+import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from collate import BudgetBatches, collate
-from shards import assign_shards, expand_shards, iter_tar
+from shards import SHARD_REASONS, ShardStream, expand_shards, names
 from tokenization import PromptTooLong, caption_messages, tokenize_chat, tokenize_dpo
 
+try:
+    from decord import DECORDError, VideoReader
+except ImportError:  # decord has wheels for x86_64 Linux and Windows only; PyAV decodes elsewhere
+    DECORDError, VideoReader = RuntimeError, None
+
 log = logging.getLogger("fvlm.data")
+VIDEO_DECODER = "decord" if VideoReader is not None else "pyav"  # tests set "pyav" to take the fallback path
+VIDEO_ERRORS = (RuntimeError, OSError, av.FFmpegError, DECORDError)  # decord raises RuntimeError for bad data
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -97,18 +108,59 @@ def frame_indices(num_frames, fps, max_frames, sampling="uniform", sample_fps=1.
 
 
 def read_video(source, frame_size, choose):
-    """A video (encoded bytes or a file path) -> [T, 3, H, W] at the frame indices `choose(num_frames, fps)`;
-    decord resizes while decoding. The one video decoder, for training and evaluation alike."""
+    """A video (encoded bytes or a file path) -> [T, 3, H, W] at the frame indices `choose(num_frames, fps)`,
+    square-resized (bilinear) while decoding. The one video decoder, for training and evaluation alike: decord
+    where installed, else PyAV, which counts frames and fps as decord does so both pick the same indices."""
     name = source if isinstance(source, str) else "video bytes"
+    decode = _decord_frames if VIDEO_DECODER == "decord" else _pyav_frames
     try:
-        vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source,
-                         width=frame_size, height=frame_size, num_threads=1)
-        idx = choose(len(vr), vr.get_avg_fps()) if len(vr) else []
-        if not idx:
-            raise SkipSample("empty_video", name)
-        return normalise(vr.get_batch(idx).asnumpy())
-    except (RuntimeError, OSError) as e:  # decord raises DECORDError (a RuntimeError) for unreadable data
+        return normalise(decode(source, frame_size, choose, name))
+    except VIDEO_ERRORS as e:
         raise SkipSample("bad_video", f"{name}: {str(e).splitlines()[0][:200]}") from e
+
+
+def _chosen(choose, num_frames, fps, name):
+    idx = choose(num_frames, fps) if num_frames else []
+    if not idx:
+        raise SkipSample("empty_video", name)
+    return idx
+
+
+def _decord_frames(source, size, choose, name):
+    """uint8 [T, size, size, 3]; decord's scale filter resizes (FFmpeg 4's default: bilinear)."""
+    vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
+                     num_threads=1)
+    return vr.get_batch(_chosen(choose, len(vr), vr.get_avg_fps(), name)).asnumpy()
+
+
+def _pyav_frames(source, size, choose, name):
+    """uint8 [T, size, size, 3] as decord gives them: frames counted as the video stream's packets, fps its
+    average rate, frames in presentation order, bilinear resize, the display rotation applied."""
+    def container():
+        return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+    with container() as c:  # demux only, no decoding
+        stream = _video_stream(c, name)
+        idx = _chosen(choose, sum(1 for p in c.demux(stream) if p.size), float(stream.average_rate or 0), name)
+    wanted, got = set(idx), {}
+    with container() as c:
+        stream = _video_stream(c, name)
+        stream.codec_context.thread_count = 1  # as decord's num_threads=1: loader workers are the parallelism
+        for i, frame in enumerate(c.decode(stream)):
+            if i in wanted:
+                rgb = frame.to_ndarray(format="rgb24", width=size, height=size, interpolation="BILINEAR")
+                got[i] = np.rot90(rgb, round(frame.rotation / 90) % 4)  # rotation: degrees counter-clockwise
+                if len(got) == len(wanted):
+                    break
+    if len(got) < len(wanted):
+        raise SkipSample("bad_video", f"{name}: decoding ended before frame {min(wanted - got.keys())}")
+    return np.stack([got[i] for i in idx])
+
+
+def _video_stream(container, name):
+    if not container.streams.video:
+        raise SkipSample("bad_video", f"{name}: no video stream")
+    return container.streams.video[0]
 
 
 def decode_video(data, frame_size, max_frames, sampling="uniform", sample_fps=1.0):
@@ -223,15 +275,16 @@ class ShardDataset(IterableDataset):
     """Decoded samples from WebDataset shards: endless and shuffled (train=True) or one ordered pass.
 
     rank/world default to torch.distributed when it is initialised (else 0/1); DataLoader workers split the
-    rank's share further. Each sample carries `skipped`: a Counter of samples skipped (by reason) since the
-    previous sample from the same worker; the last sample of a pass also carries the skips after it. A
-    worker that yields no sample at all has nobody to carry its counts: they show only in its warnings and in
-    `dataset.skipped` when iterating in-process.
+    rank's share further (resampled=True: each draws shards with replacement instead, training only). Each
+    sample carries `skipped`: a Counter of samples and shards skipped (by reason) since the previous sample from
+    the same worker; the last sample of a pass also carries the skips after it. A worker that yields no sample
+    at all has nobody to carry its counts: they show only in its warnings and in `dataset.skipped` when
+    iterating in-process.
     """
 
     def __init__(self, shards, tokenizer, *, loss="text_ce_all", train=True, max_frames=64, frame_size=224,
                  replicate_image_frames=1, max_text_tokens=1024, frame_sampling="uniform", sample_fps=1.0,
-                 prompt=None, shuffle_buffer=100, seed=0, rank=None, world=None, warn_limit=5):
+                 prompt=None, shuffle_buffer=100, seed=0, resampled=False, rank=None, world=None, warn_limit=5):
         if loss not in LOSS_TYPES:
             raise ValueError(f"loss must be one of {LOSS_TYPES}, got {loss!r}")
         if frame_sampling not in FRAME_SAMPLING:
@@ -239,6 +292,7 @@ class ShardDataset(IterableDataset):
         self.shards = expand_shards(shards)
         self.tokenizer = tokenizer
         self.train, self.seed, self.shuffle_buffer, self.warn_limit = train, seed, shuffle_buffer, warn_limit
+        self.resampled = resampled
         self.cfg = dict(loss=loss, max_frames=max_frames, frame_size=frame_size, sample_fps=sample_fps,
                         replicate_image_frames=replicate_image_frames, max_text_tokens=max_text_tokens,
                         frame_sampling=frame_sampling, prompt=prompt or DEFAULT_PROMPT)
@@ -252,57 +306,44 @@ class ShardDataset(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         return self.rank * workers + worker, self.world * workers
 
-    def _raw(self, parts, rng):
-        """(key, fields, shard) in order, or endlessly: each pass in a new order, through a shuffle buffer."""
-        if not self.train:
-            for shard, stride, offset in parts:
-                yield from iter_tar(shard, stride, offset, self._count)
-            return
-        buffer = []
-        while True:
-            n = 0
-            for shard, stride, offset in rng.sample(parts, len(parts)):
-                for item in iter_tar(shard, stride, offset, self._count):
-                    n += 1
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(item)
-                        continue
-                    i = rng.randrange(len(buffer))
-                    buffer[i], item = item, buffer[i]
-                    yield item
-            if n == 0:
-                raise RuntimeError(f"no sample in {[p[0] for p in parts]}: skipped {dict(self.skipped)}")
-            self._pass_size = n
-
     def _count(self, reason, key, shard, detail=""):
         self._skipped[reason] += 1
         self.skipped[reason] += 1
+        if reason in SHARD_REASONS:  # a shard: always named, once per pass
+            if shard not in self._warned_shards:
+                self._warned_shards.add(shard)
+                log.warning("skipping shard %s: %s (%s)", shard, reason, detail)
+            return
         self._warned += 1
         if self._warned <= self.warn_limit:
             log.warning("skipping sample %r in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
 
-    def _check_all_bad(self, parts):
+    def _check_all_bad(self, stream):
         """An endless stream whose samples are all bad would loop forever: stop once it is certain. A sample
         survives 20 * buffer draws from the shuffle buffer with probability (1 - 1/buffer)^(20 buffer) < e^-20."""
-        limit = self._pass_size + 20 * self.shuffle_buffer
-        if self.train and self._good == 0 and self._pass_size and sum(self.skipped.values()) > limit:
-            raise RuntimeError(f"no usable sample in {[p[0] for p in parts]}: skipped {dict(self.skipped)}")
+        limit = stream.pass_size + 20 * self.shuffle_buffer
+        if self.train and self._good == 0 and stream.pass_size and sum(self.skipped.values()) > limit:
+            raise RuntimeError(f"no usable sample in {names(stream.shards)}: skipped {dict(self.skipped)}")
 
     def __iter__(self):
         split, n_splits = self._split()
-        parts = assign_shards(self.shards, split, n_splits)
         rng = random.Random(self.seed * 100003 + split)
-        self._skipped, self._warned, self._good, self._pass_size = Counter(), 0, 0, 0
+        stream = ShardStream(self.shards, split, n_splits, self._count, train=self.train,
+                             resampled=self.resampled, seed=self.seed, rng=rng)
+        raw = iter(stream)
+        if self.train:  # a buffer of undecoded samples, as webdataset's shuffle stage
+            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
+        self._skipped, self._warned, self._warned_shards, self._good = Counter(), 0, set(), 0
         self.skipped = Counter()  # this pass's totals in this process (the inspector, num_workers=0)
         held = None  # one sample of look-ahead, so skips after the last sample still travel with it
-        for key, fields, shard in self._raw(parts, rng):
+        for key, fields, shard in raw:
             start = time.perf_counter()
             try:
                 sample = decode_sample(key, fields, shard, self.tokenizer, self.cfg)
                 sample["seconds"] = time.perf_counter() - start  # decode + tokenize time
             except SkipSample as e:
                 self._count(e.reason, key, shard, str(e))
-                self._check_all_bad(parts)
+                self._check_all_bad(stream)
                 continue
             self._good += 1
             if held is not None:
@@ -314,11 +355,15 @@ class ShardDataset(IterableDataset):
             yield held
 
 
-def make_loader(dataset, batch_size, pad_id, num_workers=0, prefetch_factor=2, max_total_frames=None):
+def make_loader(dataset, batch_size, pad_id, num_workers=0, prefetch_factor=2, max_total_frames=None,
+                pin_memory=False):
     """Batches from a ShardDataset (see collate.collate). With max_total_frames, a batch holds at most that
-    many (padded) frames, so long videos make smaller batches."""
+    many (padded) frames, so long videos make smaller batches. Workers persist across passes (validation
+    re-reads its loader); pin_memory (for CUDA) puts batches in page-locked memory, which is what lets
+    `tensor.to(device, non_blocking=True)` copy asynchronously."""
     kwargs = dict(num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None,
-                  persistent_workers=num_workers > 0, collate_fn=functools.partial(collate, pad_id=pad_id))
+                  persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                  collate_fn=functools.partial(collate, pad_id=pad_id))
     if max_total_frames:
         return DataLoader(BudgetBatches(dataset, batch_size, max_total_frames), batch_size=None, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, **kwargs)
@@ -327,7 +372,7 @@ def make_loader(dataset, batch_size, pad_id, num_workers=0, prefetch_factor=2, m
 # ---------------------------------------------------------------- from a config, and the inspector
 
 DATASET_KEYS = ("max_frames", "frame_size", "replicate_image_frames", "max_text_tokens", "frame_sampling",
-                "sample_fps", "prompt", "shuffle_buffer")
+                "sample_fps", "prompt", "shuffle_buffer", "resampled")
 STAGE_LOSS = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}
 
 
