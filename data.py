@@ -110,7 +110,7 @@ def frame_indices(num_frames, fps, max_frames, sampling="uniform", sample_fps=1.
 def read_video(source, frame_size, choose):
     """A video (encoded bytes or a file path) -> [T, 3, H, W] at the frame indices `choose(num_frames, fps)`,
     square-resized (bilinear) while decoding. The one video decoder, for training and evaluation alike: decord
-    where installed, else PyAV, which counts frames and fps as decord does so both pick the same indices."""
+    where installed, else PyAV through the same FFmpeg filters, at the same frame indices."""
     name = source if isinstance(source, str) else "video bytes"
     decode = _decord_frames if VIDEO_DECODER == "decord" else _pyav_frames
     try:
@@ -127,34 +127,54 @@ def _chosen(choose, num_frames, fps, name):
 
 
 def _decord_frames(source, size, choose, name):
-    """uint8 [T, size, size, 3]; decord's scale filter resizes (FFmpeg 4's default: bilinear)."""
+    """uint8 [T, size, size, 3]."""
     vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
                      num_threads=1)
     return vr.get_batch(_chosen(choose, len(vr), vr.get_avg_fps(), name)).asnumpy()
 
 
 def _pyav_frames(source, size, choose, name):
-    """uint8 [T, size, size, 3] as decord gives them: frames counted as the video stream's packets, fps its
-    average rate, frames in presentation order, bilinear resize, the display rotation applied."""
+    """uint8 [T, size, size, 3] as decord decodes them: frames counted as the video stream's packets, fps its
+    average rate, frames in presentation order through decord's filter chain (`_decord_filters`)."""
     def container():
         return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
     with container() as c:  # demux only, no decoding
         stream = _video_stream(c, name)
         idx = _chosen(choose, sum(1 for p in c.demux(stream) if p.size), float(stream.average_rate or 0), name)
-    wanted, got = set(idx), {}
+    wanted, got, graph = set(idx), {}, None
     with container() as c:
         stream = _video_stream(c, name)
         stream.codec_context.thread_count = 1  # as decord's num_threads=1: loader workers are the parallelism
         for i, frame in enumerate(c.decode(stream)):
             if i in wanted:
-                rgb = frame.to_ndarray(format="rgb24", width=size, height=size, interpolation="BILINEAR")
-                got[i] = np.rot90(rgb, round(frame.rotation / 90) % 4)  # rotation: degrees counter-clockwise
+                graph = graph or _decord_filters(stream, frame.rotation, size)
+                graph.push(frame)
+                got[i] = graph.pull().to_ndarray()
                 if len(got) == len(wanted):
                     break
     if len(got) < len(wanted):
         raise SkipSample("bad_video", f"{name}: decoding ended before frame {min(wanted - got.keys())}")
     return np.stack([got[i] for i in idx])
+
+
+DECORD_TRANSPOSE = {90: ["1"], 180: ["1", "1"], 270: ["2"]}  # clockwise display rotation -> transpose filters
+
+
+def _decord_filters(stream, rotation, size):
+    """The FFmpeg filter graph decord 0.6 decodes through: transpose for the display rotation, scale to
+    size x size (bilinear: the scale filter's default in decord's FFmpeg 4.1), RGB24. On the same file this
+    gives decord's pixels exactly (tests/test_data.py), where PyAV's frame.reformat does not."""
+    graph = av.filter.Graph()
+    turns = [("transpose", t) for t in DECORD_TRANSPOSE.get(-round(rotation) % 360, [])]  # PyAV: counter-clockwise
+    nodes = [graph.add_buffer(template=stream)]
+    for name, args in [*turns, ("scale", f"{size}:{size}:flags=bilinear"), ("format", "rgb24")]:
+        nodes.append(graph.add(name, args))
+    nodes.append(graph.add("buffersink"))
+    for a, b in zip(nodes, nodes[1:]):
+        a.link_to(b)
+    graph.configure()
+    return graph
 
 
 def _video_stream(container, name):
