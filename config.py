@@ -8,7 +8,6 @@ overrides a loaded value (the value is parsed as YAML, so `--set training.lr_llm
 
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import yaml
 
 from model import MODES, ModelSettings
 
-Paths = Union[str, list]  # one glob, or a list of globs
+Paths = Union[str, list]  # shards: one name, glob, brace pattern or URL, or a list of them (shards.py)
 
 
 @dataclass
@@ -53,6 +52,7 @@ class DataConfig:
     frame_sampling: str = "uniform"  # beyond max_frames at sample_fps: "uniform" over the video, or the "head"
     sample_fps: float = 1.0
     shuffle_buffer: int = 100  # training: samples shuffled in a buffer before decoding
+    resampled: bool = False  # training: each rank/worker draws shards with replacement (fewer or uneven shards)
     # Prompts (tokenization.py): the system turn every conversation starts with (null: the LLM template's
     # own default, this project's behaviour before it followed the original recipe), the user prompt of
     # caption-only samples by their json `source` (null: the original's table; a sample's own `user` text
@@ -237,11 +237,17 @@ def globs(value):
 
 
 def check_paths(cfg, source):
-    """Every configured shard glob must match a file and init_from must be a folder: fail before any work."""
+    """Every local shard name or glob must match a file (URLs and pipe: commands are opened when read) and
+    init_from must be a folder: fail before any work."""
+    from shards import expand_shards  # imports webdataset (and torch): only when a config is checked
+
     for key in ("train_shards", "val_shards", "text_shards"):
-        for pattern in globs(getattr(cfg.data, key)):
-            if not glob.glob(pattern):
-                raise ConfigError(f"{source}: 'data.{key}' matches no file: {pattern}")
+        patterns = globs(getattr(cfg.data, key))
+        try:
+            if patterns:
+                expand_shards(patterns)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{source}: 'data.{key}': {e}") from None
     init = cfg.model.init_from
     if init is not None and not os.path.isdir(init):
         raise ConfigError(f"{source}: 'model.init_from' does not exist: {init}")

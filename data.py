@@ -1,7 +1,8 @@
 """WebDataset shard reading for all training stages: video2dataset mp4, pre-extracted frames, images, text.
 
 A sample is the run of consecutive tar members sharing a key (the member name up to the first dot of its
-basename; the rest, lowercased, is the field). Formats follow ../shared/FORMATS.md:
+basename; the rest, lowercased, is the field). Shards are local files, globs, brace ranges or any URL the
+webdataset library opens (`pipe:`, http(s), `hf://`): see shards.py. Formats follow ../shared/FORMATS.md:
 - `mp4` (+ `txt`/`json`, video2dataset): frames at `sample_fps` up to `max_frames`; a longer video is sampled
   uniformly over its whole length (`frame_sampling: uniform`) or keeps its first `max_frames` (`head`).
   Samples whose json `status` is not "success" (failed downloads, written without mp4) are skipped.
@@ -12,38 +13,49 @@ basename; the rest, lowercased, is the field). Formats follow ../shared/FORMATS.
   `user`+`chosen_assistant`+`rejected_assistant` too) | `caption`, or `txt` | pre-tokenized `token_ids` +
   `loss_mask`. Prompts follow the original recipe (tokenization.py): an explicit system turn, and a
   caption's user prompt chosen by the sample's `source` unless it has its own `user` text.
-Frames are square-resized to `frame_size` and ImageNet-normalised: [T, 3, H, W] float32.
+Frames are square-resized to `frame_size` and ImageNet-normalised: [T, 3, H, W] float32. Videos are decoded
+by decord where it installs (x86_64 Linux, Windows), else by PyAV at the same frame indices (`read_video`).
 
-Training reads an endless stream (each pass over this worker's shards in a new random order, then a
-shuffle buffer of undecoded samples); evaluation reads one ordered pass. Shards are split across DDP ranks
-and DataLoader workers so no sample is read twice per pass. Bad samples are skipped and counted by reason;
-each yielded sample carries the counts since the previous one (`sample["skipped"]`), so the counts reach
-the main process with the batches whatever the number of workers.
+Training reads an endless stream (each pass over this worker's shards in a new random order, or shards drawn
+with replacement when `resampled`, then a shuffle buffer of undecoded samples); evaluation reads one ordered
+pass. Shards are split across DDP ranks and DataLoader workers so no sample is read twice per pass. Bad samples
+and shards are skipped and counted by reason; each yielded sample carries the counts since the previous one
+(`sample["skipped"]`), so the counts reach the main process with the batches whatever the number of workers.
 
-Inspector: `python data.py --config CONFIG [--stage N] [--limit K]` (see `inspect_main`).
+Inspector and decode throughput: `python data.py --config CONFIG [--workers N] [--limit K] [--set data.KEY=V]`
+(see `inspect_main`).
 """
 
 import functools
 import io
 import json
 import logging
+import math
 import random
 import re
 import time
 from collections import Counter
 
+import av
 import numpy as np
 import torch
 import torch.distributed as dist
-from decord import VideoReader
+import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from collate import BudgetBatches, collate
-from shards import assign_shards, expand_shards, iter_tar
+from shards import SHARD_REASONS, ShardStream, expand_shards, names
 from tokenization import SYSTEM_PROMPT, PromptTooLong, caption_messages, caption_prompt, tokenize_chat, tokenize_dpo
 
+try:
+    from decord import DECORDError, VideoReader
+except ImportError:  # decord has wheels for x86_64 Linux and Windows only; PyAV decodes elsewhere
+    DECORDError, VideoReader = RuntimeError, None
+
 log = logging.getLogger("fvlm.data")
+VIDEO_DECODER = "decord" if VideoReader is not None else "pyav"  # tests set "pyav" to take the fallback path
+VIDEO_ERRORS = (RuntimeError, OSError, av.FFmpegError, DECORDError)  # decord raises RuntimeError for bad data
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -99,18 +111,79 @@ def frame_indices(num_frames, fps, max_frames, sampling="uniform", sample_fps=1.
 
 
 def read_video(source, frame_size, choose):
-    """A video (encoded bytes or a file path) -> [T, 3, H, W] at the frame indices `choose(num_frames, fps)`;
-    decord resizes while decoding. The one video decoder, for training and evaluation alike."""
+    """A video (encoded bytes or a file path) -> [T, 3, H, W] at the frame indices `choose(num_frames, fps)`,
+    square-resized (bilinear) while decoding. The one video decoder, for training and evaluation alike: decord
+    where installed, else PyAV through the same FFmpeg filters, at the same frame indices."""
     name = source if isinstance(source, str) else "video bytes"
+    decode = _decord_frames if VIDEO_DECODER == "decord" else _pyav_frames
     try:
-        vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source,
-                         width=frame_size, height=frame_size, num_threads=1)
-        idx = choose(len(vr), vr.get_avg_fps()) if len(vr) else []
-        if not idx:
-            raise SkipSample("empty_video", name)
-        return normalise(vr.get_batch(idx).asnumpy())
-    except (RuntimeError, OSError) as e:  # decord raises DECORDError (a RuntimeError) for unreadable data
+        return normalise(decode(source, frame_size, choose, name))
+    except VIDEO_ERRORS as e:
         raise SkipSample("bad_video", f"{name}: {str(e).splitlines()[0][:200]}") from e
+
+
+def _chosen(choose, num_frames, fps, name):
+    idx = choose(num_frames, fps) if num_frames else []
+    if not idx:
+        raise SkipSample("empty_video", name)
+    return idx
+
+
+def _decord_frames(source, size, choose, name):
+    """uint8 [T, size, size, 3]."""
+    vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
+                     num_threads=1)
+    return vr.get_batch(_chosen(choose, len(vr), vr.get_avg_fps(), name)).asnumpy()
+
+
+def _pyav_frames(source, size, choose, name):
+    """uint8 [T, size, size, 3] as decord decodes them: frames counted as the video stream's packets, fps its
+    average rate, frames in presentation order through decord's filter chain (`_decord_filters`)."""
+    def container():
+        return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+    with container() as c:  # demux only, no decoding
+        stream = _video_stream(c, name)
+        idx = _chosen(choose, sum(1 for p in c.demux(stream) if p.size), float(stream.average_rate or 0), name)
+    wanted, got, graph = set(idx), {}, None
+    with container() as c:
+        stream = _video_stream(c, name)
+        stream.codec_context.thread_count = 1  # as decord's num_threads=1: loader workers are the parallelism
+        for i, frame in enumerate(c.decode(stream)):
+            if i in wanted:
+                graph = graph or _decord_filters(stream, frame.rotation, size)
+                graph.push(frame)
+                got[i] = graph.pull().to_ndarray()
+                if len(got) == len(wanted):
+                    break
+    if len(got) < len(wanted):
+        raise SkipSample("bad_video", f"{name}: decoding ended before frame {min(wanted - got.keys())}")
+    return np.stack([got[i] for i in idx])
+
+
+DECORD_TRANSPOSE = {90: ["1"], 180: ["1", "1"], 270: ["2"]}  # clockwise display rotation -> transpose filters
+
+
+def _decord_filters(stream, rotation, size):
+    """The FFmpeg filter graph decord 0.6 decodes through: transpose for the display rotation, scale to
+    size x size (bilinear: the scale filter's default in decord's FFmpeg 4.1), RGB24. On the same file this
+    gives decord's pixels exactly (tests/test_data.py), where PyAV's frame.reformat does not."""
+    graph = av.filter.Graph()
+    turns = [("transpose", t) for t in DECORD_TRANSPOSE.get(-round(rotation) % 360, [])]  # PyAV: counter-clockwise
+    nodes = [graph.add_buffer(template=stream)]
+    for name, args in [*turns, ("scale", f"{size}:{size}:flags=bilinear"), ("format", "rgb24")]:
+        nodes.append(graph.add(name, args))
+    nodes.append(graph.add("buffersink"))
+    for a, b in zip(nodes, nodes[1:]):
+        a.link_to(b)
+    graph.configure()
+    return graph
+
+
+def _video_stream(container, name):
+    if not container.streams.video:
+        raise SkipSample("bad_video", f"{name}: no video stream")
+    return container.streams.video[0]
 
 
 def decode_video(data, frame_size, max_frames, sampling="uniform", sample_fps=1.0):
@@ -244,16 +317,17 @@ class ShardDataset(IterableDataset):
     """Decoded samples from WebDataset shards: endless and shuffled (train=True) or one ordered pass.
 
     rank/world default to torch.distributed when it is initialised (else 0/1); DataLoader workers split the
-    rank's share further. Each sample carries `skipped`: a Counter of samples skipped (by reason) since the
-    previous sample from the same worker; the last sample of a pass also carries the skips after it. A
-    worker that yields no sample at all has nobody to carry its counts: they show only in its warnings and in
-    `dataset.skipped` when iterating in-process.
+    rank's share further (resampled=True: each draws shards with replacement instead, training only). Each
+    sample carries `skipped`: a Counter of samples and shards skipped (by reason) since the previous sample from
+    the same worker; the last sample of a pass also carries the skips after it. A worker that yields no sample
+    at all has nobody to carry its counts: they show only in its warnings and in `dataset.skipped` when
+    iterating in-process.
     """
 
     def __init__(self, shards, tokenizer, *, loss="text_ce_all", train=True, max_frames=64, frame_size=224,
                  replicate_image_frames=1, max_text_tokens=1024, frame_sampling="uniform", sample_fps=1.0,
                  prompt=None, system_prompt=SYSTEM_PROMPT, caption_prompts=None, shuffle_buffer=100, seed=0,
-                 rank=None, world=None, warn_limit=5):
+                 resampled=False, rank=None, world=None, warn_limit=5):
         if loss not in LOSS_TYPES:
             raise ValueError(f"loss must be one of {LOSS_TYPES}, got {loss!r}")
         if frame_sampling not in FRAME_SAMPLING:
@@ -261,6 +335,7 @@ class ShardDataset(IterableDataset):
         self.shards = expand_shards(shards)
         self.tokenizer = tokenizer
         self.train, self.seed, self.shuffle_buffer, self.warn_limit = train, seed, shuffle_buffer, warn_limit
+        self.resampled = resampled
         self.cfg = dict(loss=loss, max_frames=max_frames, frame_size=frame_size, sample_fps=sample_fps,
                         replicate_image_frames=replicate_image_frames, max_text_tokens=max_text_tokens,
                         frame_sampling=frame_sampling, prompt=prompt, system_prompt=system_prompt,
@@ -275,57 +350,44 @@ class ShardDataset(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         return self.rank * workers + worker, self.world * workers
 
-    def _raw(self, parts, rng):
-        """(key, fields, shard) in order, or endlessly: each pass in a new order, through a shuffle buffer."""
-        if not self.train:
-            for shard, stride, offset in parts:
-                yield from iter_tar(shard, stride, offset, self._count)
-            return
-        buffer = []
-        while True:
-            n = 0
-            for shard, stride, offset in rng.sample(parts, len(parts)):
-                for item in iter_tar(shard, stride, offset, self._count):
-                    n += 1
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(item)
-                        continue
-                    i = rng.randrange(len(buffer))
-                    buffer[i], item = item, buffer[i]
-                    yield item
-            if n == 0:
-                raise RuntimeError(f"no sample in {[p[0] for p in parts]}: skipped {dict(self.skipped)}")
-            self._pass_size = n
-
     def _count(self, reason, key, shard, detail=""):
         self._skipped[reason] += 1
         self.skipped[reason] += 1
+        if reason in SHARD_REASONS:  # a shard: always named, once per pass
+            if shard not in self._warned_shards:
+                self._warned_shards.add(shard)
+                log.warning("skipping shard %s: %s (%s)", shard, reason, detail)
+            return
         self._warned += 1
         if self._warned <= self.warn_limit:
             log.warning("skipping sample %r in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
 
-    def _check_all_bad(self, parts):
+    def _check_all_bad(self, stream):
         """An endless stream whose samples are all bad would loop forever: stop once it is certain. A sample
         survives 20 * buffer draws from the shuffle buffer with probability (1 - 1/buffer)^(20 buffer) < e^-20."""
-        limit = self._pass_size + 20 * self.shuffle_buffer
-        if self.train and self._good == 0 and self._pass_size and sum(self.skipped.values()) > limit:
-            raise RuntimeError(f"no usable sample in {[p[0] for p in parts]}: skipped {dict(self.skipped)}")
+        limit = stream.pass_size + 20 * self.shuffle_buffer
+        if self.train and self._good == 0 and stream.pass_size and sum(self.skipped.values()) > limit:
+            raise RuntimeError(f"no usable sample in {names(stream.shards)}: skipped {dict(self.skipped)}")
 
     def __iter__(self):
         split, n_splits = self._split()
-        parts = assign_shards(self.shards, split, n_splits)
         rng = random.Random(self.seed * 100003 + split)
-        self._skipped, self._warned, self._good, self._pass_size = Counter(), 0, 0, 0
+        stream = ShardStream(self.shards, split, n_splits, self._count, train=self.train,
+                             resampled=self.resampled, seed=self.seed, rng=rng)
+        raw = iter(stream)
+        if self.train:  # a buffer of undecoded samples, as webdataset's shuffle stage
+            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
+        self._skipped, self._warned, self._warned_shards, self._good = Counter(), 0, set(), 0
         self.skipped = Counter()  # this pass's totals in this process (the inspector, num_workers=0)
         held = None  # one sample of look-ahead, so skips after the last sample still travel with it
-        for key, fields, shard in self._raw(parts, rng):
+        for key, fields, shard in raw:
             start = time.perf_counter()
             try:
                 sample = decode_sample(key, fields, shard, self.tokenizer, self.cfg)
                 sample["seconds"] = time.perf_counter() - start  # decode + tokenize time
             except SkipSample as e:
                 self._count(e.reason, key, shard, str(e))
-                self._check_all_bad(parts)
+                self._check_all_bad(stream)
                 continue
             self._good += 1
             if held is not None:
@@ -337,11 +399,15 @@ class ShardDataset(IterableDataset):
             yield held
 
 
-def make_loader(dataset, batch_size, pad_id, num_workers=0, prefetch_factor=2, max_total_frames=None):
+def make_loader(dataset, batch_size, pad_id, num_workers=0, prefetch_factor=2, max_total_frames=None,
+                pin_memory=False):
     """Batches from a ShardDataset (see collate.collate). With max_total_frames, a batch holds at most that
-    many (padded) frames, so long videos make smaller batches."""
+    many (padded) frames, so long videos make smaller batches. Workers persist across passes (validation
+    re-reads its loader); pin_memory (for CUDA) puts batches in page-locked memory, which is what lets
+    `tensor.to(device, non_blocking=True)` copy asynchronously."""
     kwargs = dict(num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None,
-                  persistent_workers=num_workers > 0, collate_fn=functools.partial(collate, pad_id=pad_id))
+                  persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                  collate_fn=functools.partial(collate, pad_id=pad_id))
     if max_total_frames:
         return DataLoader(BudgetBatches(dataset, batch_size, max_total_frames), batch_size=None, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, **kwargs)
@@ -350,7 +416,7 @@ def make_loader(dataset, batch_size, pad_id, num_workers=0, prefetch_factor=2, m
 # ---------------------------------------------------------------- from a config, and the inspector
 
 DATASET_KEYS = ("max_frames", "frame_size", "replicate_image_frames", "max_text_tokens", "frame_sampling",
-                "sample_fps", "prompt", "system_prompt", "caption_prompts", "shuffle_buffer")
+                "sample_fps", "prompt", "system_prompt", "caption_prompts", "shuffle_buffer", "resampled")
 STAGE_LOSS = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}
 
 
@@ -392,43 +458,80 @@ def _min_med_max(values):
     return f"{min(values)} / {int(np.median(values))} / {max(values)}"
 
 
-def format_report(rows, skipped, seconds):
-    """The inspector's table: samples by kind, decode rate by format, skips by reason, and the totals."""
+def format_report(rows, skipped, seconds, target=None):
+    """The inspector's table: samples by kind, decode rate by format, skips by reason, and the totals; with
+    `target` (samples/s the GPU trains at), the loader workers one-process decoding needs to feed it."""
     lines = [f"{'kind':<6} {'samples':>8} {'frames min/med/max':>20} {'text tokens min/med/max':>25}"]
     for kind in ("video", "image", "text", "dpo"):
         mine = [r for r in rows if r[0] == kind]
         if mine:
             lines.append(f"{kind:<6} {len(mine):>8} {_min_med_max([r[2] for r in mine]):>20} "
                          f"{_min_med_max([r[3] for r in mine]):>25}")
-    lines.append("decode + tokenize throughput by format (one process, 1 thread):")
+    lines.append("decode + tokenize throughput per worker by format (one process, 1 thread):")
     for fmt in sorted({r[1] for r in rows}):
-        mine = [r for r in rows if r[1] == fmt]
-        busy = sum(r[4] for r in mine)
-        lines.append(f"  {fmt:<12} {len(mine) / busy if busy else float('inf'):>9.1f} samples/s "
-                     f"{sum(r[2] for r in mine) / busy if busy else 0:>9.1f} frames/s")
+        lines.append(f"  {fmt:<12} " + _rate([r for r in rows if r[1] == fmt]))
+    if rows and target:
+        per_worker = len(rows) / max(sum(r[4] for r in rows), 1e-9)
+        lines.append(f"  all          {_rate(rows)}: data.num_workers >= {math.ceil(target / per_worker)} "
+                     f"to feed {target:g} samples/s")
     lines.append("skipped by reason: " + (", ".join(f"{r} {c}" for r, c in sorted(skipped.items())) or "none"))
     lines.append(f"read + decode + tokenize: {len(rows) / seconds:.1f} samples/s over {seconds:.1f}s")
     lines.append(f"samples: {len(rows)}  skipped: {sum(skipped.values())}")
     return "\n".join(lines)
 
 
+def _rate(rows):
+    busy = sum(r[4] for r in rows)  # decode + tokenize seconds
+    return f"{len(rows) / busy:>9.1f} samples/s {sum(r[2] for r in rows) / busy:>9.1f} frames/s"
+
+
+def loader_throughput(datasets, workers, batch_size, pad_id, limit=None):
+    """One pass over each dataset through make_loader with `workers` worker processes, up to `limit` samples.
+
+    Returns (samples, frames, seconds, start-up seconds): counted and timed from each loader's first batch on,
+    so the workers' start-up (process start, imports) is reported apart.
+    """
+    samples, frames, seconds, startup = 0, 0, 0.0, 0.0
+    for dataset in datasets:
+        created = time.perf_counter()
+        batches = iter(make_loader(dataset, batch_size, pad_id, num_workers=workers))
+        if next(batches, None) is None:
+            continue
+        first = time.perf_counter()
+        startup += first - created
+        for batch in batches:
+            samples, frames = samples + len(batch["frames"]), frames + int(batch["frame_mask"].sum())
+            if limit and samples >= limit:
+                break
+        seconds += time.perf_counter() - first
+        del batches  # stops the workers
+    return samples, frames, seconds, startup
+
+
 def inspect_main(argv=None):
-    """`python data.py --config CONFIG [--stage N] [--limit K] [--split ...]`: read a config's shards once."""
+    """`python data.py --config CONFIG [--workers N] [--limit K] [--split ...] [--set data.KEY=VALUE]`: read a
+    config's shards once in this process (kinds, lengths, skips, decode rate per worker), then with N loader
+    workers as training reads them."""
     import argparse
 
     import config
     from tokenization import load_tokenizer
 
-    parser = argparse.ArgumentParser(description="Inspect the shards of a training config.")
+    parser = argparse.ArgumentParser(description="Inspect the shards of a training config and time decoding.")
     parser.add_argument("--config", required=True, help="stage YAML")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. data.frame_size=224 (repeatable)")
     parser.add_argument("--stage", type=int, choices=sorted(STAGE_LOSS), help="tokenize as this stage "
                         "(1 all-text CE, 2 answer-only CE, 3 DPO); default: the config's loss.type")
-    parser.add_argument("--limit", type=int, help="stop after this many samples")
+    parser.add_argument("--limit", type=int, help="stop after this many samples (each pass)")
     parser.add_argument("--split", choices=("train", "text", "val"), action="append",
                         help="shard sets to read (repeatable); default: every one the config sets")
+    parser.add_argument("--workers", type=int, default=0, help="then time a pass with this many loader workers")
+    parser.add_argument("--target", type=float, default=27.0, help="samples/s the GPU trains at (default: the "
+                        "spec's A100 figure for 135M): prints the loader workers needed to feed it")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # as in a DataLoader worker
-    cfg = config.load(args.config, check=False)
+    cfg = config.load(args.config, args.set, check=False)
     tokenizer = load_tokenizer(config.tokenizer_name(cfg))
     splits = args.split or [s for s in ("train", "text", "val") if getattr(cfg.data, f"{s}_shards")]
     datasets = []
@@ -437,7 +540,16 @@ def inspect_main(argv=None):
         ds.train = False  # inspect: one ordered pass
         datasets.append(ds)
         print(f"{split}: {len(ds.shards)} shard(s) from {getattr(cfg.data, f'{split}_shards')}")
-    print(format_report(*inspect_shards(datasets, args.limit)))
+    print(f"frames at {cfg.data.frame_size} px, up to {cfg.data.max_frames} per video at {cfg.data.sample_fps:g} fps")
+    rows, skipped, seconds = inspect_shards(datasets, args.limit)
+    print(format_report(rows, skipped, seconds, args.target))
+    if args.workers:
+        n, frames, seconds, startup = loader_throughput(datasets, args.workers, cfg.training.batch_size,
+                                                        tokenizer.pad_token_id, args.limit)
+        one = len(rows) / max(sum(r[4] for r in rows), 1e-9)
+        print(f"{args.workers} loader workers (batches of {cfg.training.batch_size}): {n / seconds:.1f} samples/s "
+              f"{frames / seconds:.1f} frames/s = {n / seconds / one:.2f} x one worker's decode rate "
+              f"({n} samples after the first batch; worker start-up {startup:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 import config
 import eval_readers
 from checkpoint import CONFIG_NAME as TRAIN_CONFIG
-from data import SkipSample
+from data import IMAGE_FIELDS, SkipSample, load_video_frames
 from distributed import autocast
 from model import MODES, FoveatedVLM
 from tokenization import load_tokenizer, prompt_ids
@@ -48,16 +48,24 @@ def load_checkpoint(path, device="cpu"):
     return model, load_tokenizer(name), frame_size
 
 
-def load_frames(video=None, image=None, max_frames=64, frame_size=224):
-    """Frames of a video file (uniform, up to `max_frames`) or an image (replicated to 8) -> [T, 3, H, W]."""
+def load_frames(video=None, image=None, max_frames=64, frame_size=224, sample_fps=1.0):
+    """Frames sampled as in training -> [T, 3, H, W]: a video file at `sample_fps` up to `max_frames`, uniform
+    over the video beyond (data.frame_indices); a folder of frame images, every frame up to `max_frames`
+    (uniform beyond); an image, replicated to 8 frames."""
     if (video is None) == (image is None):
         raise ValueError("give exactly one of video= or image=")
+    if video is not None and not os.path.isdir(video):
+        return load_video_frames(video, max_frames, frame_size, sample_fps=sample_fps)
     if image is not None:
-        with open(image, "rb") as f:
-            media = eval_readers.Media(fields={"jpg": f.read()})
+        files = {"jpg": image}
     else:
-        media = eval_readers.Media(path=video)
-    return eval_readers.load_media(media, max_frames, frame_size)
+        images = sorted(f for f in os.listdir(video) if f.lower().rsplit(".", 1)[-1] in IMAGE_FIELDS)
+        files = {f"{i:05d}.jpg": os.path.join(video, f) for i, f in enumerate(images)}  # PIL reads any format
+    fields = {}
+    for field, path in files.items():
+        with open(path, "rb") as f:
+            fields[field] = f.read()
+    return eval_readers.load_media(eval_readers.Media(fields=fields), max_frames, frame_size)
 
 
 @torch.no_grad()

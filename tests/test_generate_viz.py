@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     path = tmp_path_factory.mktemp("media") / "clip.mp4"
-    write_video(str(path), 12, 6)
+    write_video(str(path), 12, 1)  # 12 s: more frames at 1 fps than the tests' max_frames
     return str(path)
 
 
