@@ -166,8 +166,9 @@ DECORD_TRANSPOSE = {90: ["1"], 180: ["1", "1"], 270: ["2"]}  # clockwise display
 
 def _decord_filters(stream, rotation, size):
     """The FFmpeg filter graph decord 0.6 decodes through: transpose for the display rotation, scale to
-    size x size (bilinear: the scale filter's default in decord's FFmpeg 4.1), RGB24. On the same file this
-    gives decord's pixels exactly (tests/test_data.py), where PyAV's frame.reformat does not."""
+    size x size (bilinear: the scale filter's default in decord's FFmpeg 4.1), RGB24. On every clip tried (x264
+    with B-frames, MPEG-4, 64 px to 640x360, each rotation) this gives decord's pixels exactly; PyAV's own
+    frame.reformat differs by up to ~55 levels on sharp colour edges."""
     graph = av.filter.Graph()
     turns = [("transpose", t) for t in DECORD_TRANSPOSE.get(-round(rotation) % 360, [])]  # PyAV: counter-clockwise
     nodes = [graph.add_buffer(template=stream)]

@@ -3,6 +3,7 @@
 from collections import Counter
 
 import torch
+from torch.utils.data import DataLoader
 
 from collate import BudgetBatches, collate
 from text_interleave import interleave, is_text_step
@@ -82,3 +83,14 @@ def test_interleave_uses_text_batches_at_text_steps():
                          iter([{"frames": torch.zeros(1, 0, 3, 4, 4)}] * 10), 0.25, seed=3, start_step=40)
     got = [(step, b["frames"].shape[1] == 0) for step, b in (next(resumed) for _ in range(5))]
     assert got == [(40 + i, kinds[40 + i]) for i in range(5)]  # a resumed run continues the same schedule
+
+
+def test_worker_batches_are_built_in_shared_memory():
+    """In a loader worker the padded frames are written straight into shared memory (nothing copied again to
+    reach the main process); padding stays zero though the tensor starts uninitialised."""
+    samples = [ce_sample(2, [5], [1]), ce_sample(3, [6], [1])]
+    loader = DataLoader([samples], batch_size=None, num_workers=1,
+                        collate_fn=lambda s: (collate(s, PAD)["frames"].is_shared(), collate(s, PAD)["frames"]))
+    shared, frames = next(iter(loader))
+    assert shared and not collate(samples, PAD)["frames"].is_shared()
+    assert torch.equal(frames, collate(samples, PAD)["frames"]) and frames[0, 2].abs().sum() == 0

@@ -271,9 +271,9 @@ def decode_with(decoder, monkeypatch, source, size, seen):
 @pytest.mark.parametrize("rotation", [0, 90])
 def test_decord_and_pyav_read_the_same_frames(tmp_path, monkeypatch, rotation):
     """Both decoders see the same frame count and fps, so choose the same indices, and give the same pixels:
-    PyAV runs decord's FFmpeg filters. Measured equal to the bit on these clips; the test allows one level of
-    255 on average and 8 on a pixel, since decord bundles FFmpeg 4.1 and PyAV FFmpeg 8, whose swscale could
-    round differently on other content (PyAV's own frame.reformat differs by up to ~55 on sharp colour edges)."""
+    PyAV runs decord's FFmpeg filters. Equal to the bit here (and on every clip tried); the test allows one
+    level of 255 on average and 8 on a pixel, since decord bundles FFmpeg 4.1 and PyAV FFmpeg 8, whose swscale
+    may round differently elsewhere (PyAV's own frame.reformat differs by up to ~55 on sharp colour edges)."""
     pytest.importorskip("decord")
     clip = camera_clip(tmp_path / "c.mp4", frames=75, fps=30, rotation=rotation)  # 2.5 s: 2 frames at 1 fps
     for source in (clip, open(clip, "rb").read()):

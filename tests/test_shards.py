@@ -3,9 +3,11 @@
 
 import functools
 import http.server
+import io
 import logging
 import re
 import socket
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -92,6 +94,19 @@ def test_key_rule_first_dot_of_the_basename(tmp_path):
     write_tar(tmp_path / "k.tar", [("dir.v1/abc", {"000.JPG": b"a", "json": b"{}"}), ("abc_000", {"jpg": b"b"})])
     got = [(key, sorted(fields)) for key, fields, _ in iter_tar(str(tmp_path / "k.tar"))]
     assert got == [("dir.v1/abc", ["000.jpg", "json"]), ("abc_000", ["jpg"])]
+
+
+def test_a_repeated_field_keeps_the_first_and_warns(tmp_path, caplog):
+    with tarfile.open(tmp_path / "d.tar", "w") as tar:
+        for name, data in (("k.txt", b"first"), ("k.TXT", b"second"), ("j.txt", b"next")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    skips = []
+    with caplog.at_level(logging.WARNING, logger="fvlm.shards"):
+        got = [(k, fields) for k, fields, _ in iter_tar(str(tmp_path / "d.tar"), on_skip=lambda *a: skips.append(a))]
+    assert got == [("k", {"txt": b"first"}), ("j", {"txt": b"next"})] and not skips
+    assert "duplicate" in caplog.text and "d.tar" in caplog.text
 
 
 def test_404_and_refused_shards_are_skipped_counted_and_named(tmp_path, server, tokenizer, caplog):
