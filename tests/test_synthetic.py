@@ -4,8 +4,8 @@ import io
 import json
 import os
 
+import av
 import numpy as np
-from decord import VideoReader
 
 from data import ShardDataset
 from shards import iter_tar
@@ -22,7 +22,8 @@ def write(out, seed):
 
 def colour_and_direction(mp4_bytes):
     """The shape's colour name and motion direction, measured from the decoded pixels."""
-    video = VideoReader(io.BytesIO(mp4_bytes)).get_batch(list(range(6))).asnumpy().astype(np.float32)  # [T,H,W,3]
+    with av.open(io.BytesIO(mp4_bytes)) as c:  # PyAV: installed everywhere, unlike decord
+        video = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)][:6]).astype(np.float32)
     shape = np.abs(video - BACKGROUND).sum(-1) > 100  # [T, H, W]
     mean = video[shape].mean(0)
     colour = min(COLOURS, key=lambda c: np.abs(mean - COLOURS[c]).sum())
