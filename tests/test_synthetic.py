@@ -66,4 +66,4 @@ def test_every_stage_reads_without_skips(tmp_path, tokenizer):
     mcq = [s for s in ShardDataset(str(tmp_path / "stage2/video-*.tar"), tokenizer, loss="text_ce_answer_only",
                                    train=False, frame_size=28)]
     answer = tokenizer.decode(mcq[0]["input_ids"][mcq[0]["loss_mask"].bool()])
-    assert answer[0] in "ABCD" and answer[1:3] == ". " and answer.endswith("<|im_end|>")
+    assert answer[0] in "ABCD" and answer[1:3] == ". " and answer.endswith("<|im_end|>\n")
