@@ -1,32 +1,46 @@
-"""Training throughput of a config: samples/s, seconds per step split into data, DINO, LLM and optimizer time,
-and model FLOP utilisation (MFU) against this machine's measured matmul peak.
+"""Speed of fVLM on this machine, one entry point:
 
-    python bench.py --config configs/stage1_135M.yaml --shapes 135M [--steps 5] [--batch-size 2 --frames 8]
+    python bench.py throughput --config configs/stage1_135M.yaml --shapes 135M [--steps 5] [--batch-size 2]
+    python bench.py step [--shapes 135M] [--repeats 5]          # training step vs the irreducible work
+    python bench.py scoring [--shapes 135M] [--repeats 3] [--batch-size 8]   # MCQ scoring, questions/s
 
-- Data: the config's train_shards through train.py's loader when they exist, else random batches of
-  --batch-size x --frames frames x --text-tokens tokens (data time ~0; say so in the output).
-- Model: `--shapes 135M|1.7B` builds the real architecture with random weights from pretrained.SHAPES (no
-  download); without it, the config's model section (llm_config/dino_config or names).
-- DINO time is the patch encoder's forward+backward, timed on the same frames outside the step; "LLM" is the
-  rest of the forward+backward (query attention, connector, LLM, loss). Optimizer = clipping + AdamW + zeroing.
-- MFU = FLOPs of one forward+backward (torch.utils.flop_counter, matmul/attention FLOPs) / step time / peak,
-  peak being the best float32 (CPU) or bf16 (CUDA) 4096^2 matmul rate measured here.
+- throughput: samples/s of a config's training step, seconds per step split into data, DINO, LLM and optimizer
+  time, and model FLOP utilisation (MFU: FLOPs of one forward+backward counted by torch.utils.flop_counter /
+  step time / this machine's best measured 4096^2 matmul rate, float32 on the CPU, bf16 on CUDA). Data: the
+  config's train_shards through train.py's loader when they exist, else random batches of --batch-size x
+  --frames frames x --text-tokens tokens (data time ~0). DINO time is the patch encoder's forward+backward on
+  the same frames outside the step; "LLM" is the rest of the forward+backward.
+- step: one coarse_fine forward+backward (a) of 2 images replicated to 8 frames and (b) of one 16-frame video,
+  64 text tokens each, against the irreducible work measured in the same process with the same backbones
+  called as plain transformers modules: DINOv2 forward+backward on the distinct frames, and the LLM's
+  forward+backward over the T+S tokens (cross-entropy on the S text positions) and over the T visual tokens.
+  Also the step with frame dedup defeated (every frame a slightly different copy).
+- scoring: 4 options x 3 modes per question for an image replicated to 8 frames and a 16-frame video:
+  `option_nll` (DINO once per question, one LLM pass per mode) at batch 1 and at --batch-size questions per
+  call, against the naive way (one full forward per option and mode, every frame encoded each time).
+`--shapes 135M|1.7B` builds the real architecture with random weights (pretrained.SHAPES, no download). Every
+comparison is timed alternating (one round runs each variant once, after a warm-up round) and reports the
+median and the spread of the per-round ratios, so a change in the machine's load hits all variants alike.
 """
 
 import argparse
+import dataclasses
 import glob
+import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import config as config_lib
 import distributed
 import train
-from model import FoveatedVLM
+from model import MODES, FoveatedVLM, ModelSettings
 from pretrained import SHAPES
 
-MODEL_SHAPES = {"135M": ("smollm2-135m", "dinov2-small")}
+MODEL_SHAPES = {"135M": ("smollm2-135m", "dinov2-small"), "1.7B": ("smollm2-1.7b", "dinov2-small")}
+VOCAB = SHAPES["smollm2-135m"]["vocab_size"]
 
 
 def sync(dev):
@@ -34,6 +48,133 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
+def alternate(fns, repeats, dev):
+    """{name: [seconds of each round]}: every round runs each fn once, after one warm-up round."""
+    times = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            sync(dev)
+            start = time.perf_counter()
+            fn()
+            sync(dev)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratio(times, a, b):
+    """'median [min-max]' of the per-round ratios times[a] / times[b]."""
+    r = sorted(x / y for x, y in zip(times[a], times[b]))
+    return f"{statistics.median(r):.2f}x [{r[0]:.2f}-{r[-1]:.2f}]"
+
+
+def build(settings, shapes, frame_size, dev):
+    """The model of `settings` (ModelSettings or config.ModelConfig), or with --shapes the real architecture."""
+    if shapes:
+        llm, dino = MODEL_SHAPES[shapes]
+        settings = dataclasses.replace(ModelSettings.of(settings), llm=None, dino=None, llm_config=dict(SHAPES[llm]),
+                                       dino_config=dict(SHAPES[dino], image_size=frame_size))
+    return FoveatedVLM.from_config(settings).to(dev)
+
+
+def random_frames(*shape, generator=None):
+    """Random ImageNet-normalised-range frames [..., 3, H, W]."""
+    return torch.rand(*shape, generator=generator) * 4 - 2
+
+
+def distinct(frames):
+    """Copies of frames [B, T, 3, H, W] that differ by 1e-3 from frame to frame: the model's dedup sees no repeat."""
+    return frames + 1e-3 * torch.arange(frames.shape[1], device=frames.device).view(1, -1, 1, 1, 1)
+
+
+# ---------------------------------------------------------------- step vs irreducible work
+def irreducible(model, frames, n_text):
+    """The work a coarse_fine step cannot avoid, as plain transformers calls on the model's own backbones: DINOv2
+    forward+backward on the distinct frames, the LLM forward+backward over T+S tokens (cross-entropy on the text
+    positions only) and over the T visual tokens."""
+    B, T = frames.shape[:2]
+    unique = torch.unique_consecutive(frames.flatten(0, 1), dim=0)
+    model.encoder.dino(pixel_values=unique).last_hidden_state.sum().backward()
+    D, dev = model.llm.config.hidden_size, frames.device
+    embeds = torch.randn(B, T + n_text, D, device=dev, requires_grad=True)
+    logits = model.llm(inputs_embeds=embeds, logits_to_keep=n_text).logits  # [B, S, V]
+    targets = torch.randint(3, VOCAB, (B * (n_text - 1),), device=dev)
+    F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets).backward()
+    visual = torch.randn(B, T, D, device=dev, requires_grad=True)
+    model.llm.base_model(inputs_embeds=visual).last_hidden_state.sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def step(model, frames, input_ids):
+    model(frames, input_ids, mode="coarse_fine", return_logits=False)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+
+
+def step_report(model, args, dev):
+    g = torch.Generator().manual_seed(0)
+    S, size = args.text_tokens, args.frame_size
+    images = random_frames(2, 1, 3, size, size, generator=g).expand(2, 8, 3, size, size).contiguous()
+    cases = {"(a) 2 images x 8 frames": images, "(b) 1 video x 16 frames": random_frames(1, 16, 3, size, size, generator=g)}
+    lines = [f"training step (coarse_fine, forward+backward), {S} text tokens, {args.repeats} alternating rounds: "
+             "median [spread] of the per-round ratio"]
+    for name, frames in cases.items():
+        frames = frames.to(dev)
+        ids = torch.randint(3, VOCAB, (frames.shape[0], S), generator=g).to(dev)
+        fns = {"step": lambda: step(model, frames, ids), "irreducible": lambda: irreducible(model, frames, S),
+               "no dedup": lambda: step(model, distinct(frames), ids)}
+        t = alternate(fns, args.repeats, dev)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        lines.append(f"{name:<26} step {med['step']:.3f} s, irreducible {med['irreducible']:.3f} s: "
+                     f"{ratio(t, 'step', 'irreducible')} | dedup off {med['no dedup']:.3f} s: "
+                     f"{ratio(t, 'no dedup', 'step')} slower")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- MCQ scoring
+def naive_scores(model, frames, prompt, options, reencode=True):
+    """One full forward per option and mode, every frame encoded each time with `reencode` (the original's cost)
+    -> {mode: mean NLL per option}."""
+    frames = distinct(frames) if reencode else frames
+    out = {}
+    for mode in MODES:
+        losses = []
+        for option in options:
+            ids = torch.tensor([prompt + option], device=frames.device)
+            loss_mask = (torch.arange(ids.shape[1], device=frames.device) >= len(prompt)).long()[None]
+            losses.append(model(frames, ids, loss_mask=loss_mask, mode=mode, return_logits=False)["loss"])
+        out[mode] = torch.stack(losses)
+    return out
+
+
+def scoring_report(model, args, dev):
+    g = torch.Generator().manual_seed(0)
+    N, size = args.batch_size, args.frame_size
+    prompt = torch.randint(3, VOCAB, (args.prompt_tokens,), generator=g).tolist()
+    options = [torch.randint(3, VOCAB, (args.option_tokens,), generator=g).tolist() for _ in range(4)]
+    cases = {"image x8": random_frames(N, 1, 3, size, size, generator=g).expand(N, 8, 3, size, size),
+             "video x16": random_frames(N, 16, 3, size, size, generator=g)}
+    lines = [f"MCQ scoring: 4 options x {len(MODES)} modes, prompt {len(prompt)} + option {len(options[0])} tokens, "
+             f"{args.repeats} alternating rounds; per question, median [spread] of the per-round ratio"]
+    with torch.no_grad():
+        for name, frames in cases.items():
+            frames = frames.to(dev)
+            one = frames[:1]
+            fns = {"batch 1": lambda: model.option_nll(one, [prompt], [options], MODES),
+                   f"batch {N}": lambda: model.option_nll(frames, [prompt] * N, [options] * N, MODES),
+                   "naive": lambda: naive_scores(model, one, prompt, options)}
+            t = alternate(fns, args.repeats, dev)
+            t[f"batch {N}"] = [s / N for s in t[f"batch {N}"]]  # per question
+            shared = model.score_options(one, prompt, options, MODES)
+            naive = naive_scores(model, one, prompt, options, reencode=False)
+            diff = max((shared[m] - naive[m]).abs().max().item() for m in MODES)
+            q_s = {k: 1 / statistics.median(v) for k, v in t.items()}
+            lines.append(f"{name:<10} batch 1: {q_s['batch 1']:.3f} q/s | batch {N}: {q_s[f'batch {N}']:.3f} q/s "
+                         f"({ratio(t, 'batch 1', f'batch {N}')}) | naive: {q_s['naive']:.3f} q/s, batch 1 is "
+                         f"{ratio(t, 'naive', 'batch 1')} faster | max |score - naive| {diff:.1e}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- training throughput
 def matmul_peak(dev, n=4096, repeats=5):
     """Best measured FLOP/s of an n x n matmul (float32 on the CPU, bf16 on CUDA)."""
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -49,27 +190,14 @@ def matmul_peak(dev, n=4096, repeats=5):
     return 2 * n ** 3 / best
 
 
-def random_batches(batch_size, frames, text_tokens, frame_size, vocab=49152):
+def random_batches(batch_size, frames, text_tokens, frame_size, vocab=VOCAB):
     """Endless identical-shape batches of random video and text: measures the model, not the loader."""
     g = torch.Generator().manual_seed(0)
     while True:
         ids = torch.randint(3, vocab, (batch_size, text_tokens), generator=g)
-        yield {"frames": torch.randn(batch_size, frames, 3, frame_size, frame_size, generator=g),
+        yield {"frames": random_frames(batch_size, frames, 3, frame_size, frame_size, generator=g),
                "frame_mask": torch.ones(batch_size, frames, dtype=torch.bool),
                "input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
-
-
-def build(cfg, shapes, dev):
-    if shapes:
-        llm, dino = MODEL_SHAPES[shapes]
-        dino_config = dict(SHAPES[dino], image_size=cfg.data.frame_size)
-        model = FoveatedVLM(llm_config=dict(SHAPES[llm]), dino_config=dino_config, query_dim=cfg.model.query_dim,
-                            visual_scale=cfg.model.visual_scale, deep_query=cfg.model.deep_query)
-    else:
-        model = FoveatedVLM.from_config(cfg.model)
-    if cfg.model.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    return model.to(dev).train()
 
 
 def dino_seconds(model, batch, dev):
@@ -150,21 +278,13 @@ def report(cfg, times, flops, peak, source, model, dev):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--shapes", choices=list(MODEL_SHAPES), help="real architecture, random weights")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
-    p.add_argument("--batch-size", type=int, help="override training.batch_size")
-    p.add_argument("--frames", type=int, help="frames per random sample (default data.max_frames)")
-    p.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
-    p.add_argument("--random-data", action="store_true", help="random batches even when the shards exist")
-    args = p.parse_args(argv)
+def throughput(args):
     sets = args.set + ([f"training.batch_size={args.batch_size}"] if args.batch_size else [])
     cfg = config_lib.load(args.config, sets, check=False)
     dev = distributed.init(cfg.training.seed, cfg.training.device).device
-    model = build(cfg, args.shapes, dev)
+    model = build(cfg.model, args.shapes, cfg.data.frame_size, dev).train()
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     step_module = train.StepModule(model, False, cfg.model.mode)
     if cfg.training.compile:
         step_module.compile()
@@ -173,7 +293,43 @@ def main(argv=None):
     peak = matmul_peak(dev)
     _, batch = timed_step(step_module, model, optimizer, batches, cfg, dev)  # warm-up
     times = [timed_step(step_module, model, optimizer, batches, cfg, dev)[0] for _ in range(args.steps)]
-    print(report(cfg, times, step_flops(step_module, batch, cfg, dev), peak, source, model, dev))
+    return report(cfg, times, step_flops(step_module, batch, cfg, dev), peak, source, model, dev)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--shapes", choices=list(MODEL_SHAPES), help="real architecture, random weights (step and "
+                   "scoring: default 135M)")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("throughput", help="samples/s, step split and MFU of a config's training step")
+    t.add_argument("--config", required=True)
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    t.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    t.add_argument("--batch-size", type=int, help="override training.batch_size")
+    t.add_argument("--frames", type=int, help="frames per random sample (default data.max_frames)")
+    t.add_argument("--random-data", action="store_true", help="random batches even when the shards exist")
+    timed = argparse.ArgumentParser(add_help=False)  # the alternating comparisons' flags
+    timed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    timed.add_argument("--frame-size", type=int, default=224)
+    timed.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
+    sub.add_parser("step", parents=[timed], help="training step vs the irreducible work, frame dedup on/off")
+    c = sub.add_parser("scoring", parents=[timed], help="MCQ scoring: batch 1 vs N vs the naive per-option forward")
+    c.add_argument("--batch-size", type=int, default=8, help="questions per option_nll call")
+    c.add_argument("--prompt-tokens", type=int, default=60)
+    c.add_argument("--option-tokens", type=int, default=8)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.command == "throughput":
+        print(throughput(args))
+        return
+    dev, shapes = torch.device(args.device), args.shapes or "135M"
+    torch.manual_seed(0)
+    model = build(ModelSettings(), shapes, args.frame_size, dev)
+    print(f"{shapes} shapes, random weights, float32, {dev} ({torch.get_num_threads()} threads)")
+    print(step_report(model.train(), args, dev) if args.command == "step" else scoring_report(model.eval(), args, dev))
 
 
 if __name__ == "__main__":

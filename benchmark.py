@@ -34,8 +34,7 @@ from data import SkipSample
 from distributed import autocast
 from checkpoint import CONFIG_NAME as TRAIN_CONFIG
 from generate import load_checkpoint
-from model import MODES, FoveatedVLM
-from pretrained import SHAPES
+from model import MODES
 from tokenization import SCORING, SYSTEM_PROMPT, option_targets, prompt_ids
 
 READERS = {
@@ -69,21 +68,6 @@ def load_roots(config_path=None, flags=None):
         if root:
             roots[name] = root
     return roots
-
-
-def option_scores_naive(model, frames, prompt, options, modes):
-    """The naive reference: one full forward (DINO included) per option and mode -> {mode: [n_options]}."""
-    out = {}
-    for mode in modes:
-        scores = []
-        for option in options:
-            ids = torch.tensor([prompt + option], device=frames.device)
-            loss_mask = torch.zeros_like(ids)
-            loss_mask[0, len(prompt):] = 1
-            result = model(frames, ids, torch.ones_like(ids), loss_mask=loss_mask, mode=mode, return_logits=False)
-            scores.append(result["loss"].float())
-        out[mode] = torch.stack(scores)
-    return out
 
 
 @dataclass
@@ -244,53 +228,6 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", dtype="auto", **
     return results, records, protocol
 
 
-def _best_times(fns, repeats):
-    """{name: fastest of `repeats` runs in seconds} and {name: last result}. The runs are interleaved and
-    the minimum kept, so work by other processes on a shared machine disturbs both sides alike and little."""
-    best, out = {name: float("inf") for name in fns}, {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            out[name] = fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best, out
-
-
-@torch.no_grad()
-def speed_report(num_frames=16, num_options=4, prompt_len=60, option_len=8, modes=MODES, repeats=3, seed=0):
-    """Questions/s of shared scoring (`score_options`) vs the naive per-option, per-mode forward, for one
-    video question and one replicated-image question at the 135M shapes on this machine's CPU."""
-    torch.manual_seed(seed)
-    model = FoveatedVLM(llm_config=SHAPES["smollm2-135m"], dino_config=SHAPES["dinov2-small"]).eval()
-    prompt = torch.randint(3, 49152, (prompt_len,)).tolist()
-    options = [torch.randint(3, 49152, (option_len,)).tolist() for _ in range(num_options)]
-    inputs = {f"{num_frames}-frame video": torch.randn(1, num_frames, 3, 224, 224),
-              "image x8": torch.randn(1, 1, 3, 224, 224).expand(1, 8, -1, -1, -1)}
-    lines = [f"MCQ scoring, 135M shapes (random weights), CPU {torch.get_num_threads()} threads, "
-             f"{num_options} options x {len(modes)} modes, best of {repeats}"]
-    for name, frames in inputs.items():
-        t, scores = _best_times({
-            "shared": lambda: model.score_options(frames, prompt, options, tuple(modes)),
-            "naive": lambda: option_scores_naive(model, frames, prompt, options, modes),
-            "naive, no frame dedup": lambda: _without_dedup(model, option_scores_naive, frames, prompt, options,
-                                                            modes)}, repeats)
-        diff = max((scores["shared"][m] - scores["naive"][m]).abs().max().item() for m in modes)
-        lines.append(f"{name:<16} shared {1 / t['shared']:.3f} q/s | naive (a forward per option and mode) "
-                     f"{1 / t['naive']:.3f} q/s: {t['naive'] / t['shared']:.1f}x | the same re-encoding every "
-                     f"frame {1 / t['naive, no frame dedup']:.3f} q/s: {t['naive, no frame dedup'] / t['shared']:.1f}x"
-                     f"  (max score difference {diff:.1e})")
-    return "\n".join(lines)
-
-
-def _without_dedup(model, fn, *args):
-    """fn(model, *args) with the model's frame dedup off (the original's per-forward re-encoding)."""
-    model.dedup_frames = False
-    try:
-        return fn(model, *args)
-    finally:
-        model.dedup_frames = True
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint folder (model.save_pretrained / train.py output)")
@@ -313,15 +250,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
     p.add_argument("--out", help="write the results and per-question records as JSON here")
-    p.add_argument("--speed", action="store_true", help="time shared vs naive scoring (random 135M shapes)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.speed:
-        print(speed_report())
-        return
     if not args.checkpoint:
-        p.error("--checkpoint is required (or --speed)")
+        p.error("--checkpoint is required")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
     flags = {"modes": args.modes and tuple(args.modes), "max_frames": args.max_frames, "scoring": args.scoring,
              "frame_size": args.frame_size, "batch_size": args.batch_size,

@@ -7,7 +7,6 @@ the query), then goes through the layer's MLP, and leaves as ONE token per frame
 frame encoded once can be read with many queries (coarse and fine passes, every benchmark mode).
 
 Module names follow transformers 5.x `Dinov2Model` (`attention.q_proj/k_proj/v_proj/o_proj`).
-`prepare_frames` is the one check of the frames a user hands the model (FoveatedVLM.encode calls it).
 """
 
 from dataclasses import dataclass
@@ -17,67 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-# DINOv2's input normalisation (ImageNet statistics), applied to pixels in [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALISED_RANGE = (min(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)),  # (pixel - mean) / std, pixel in
-                    max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)))  # [0, 1]: [-2.12, 2.64]
-RANGE_MARGIN = 0.5  # resizing normalised frames (bicubic) can overshoot the range a little
-EXPECTED = ("frames must be [B, T, 3, H, W] (or one clip [T, 3, H, W]), H and W multiples of {patch} (e.g. 224), "
-            "either ImageNet-normalised float ((pixel / 255 - mean) / std with mean (0.485, 0.456, 0.406) and std "
-            "(0.229, 0.224, 0.225), values in about [-2.1, 2.6]) or uint8 pixels (normalised here)")
-
-
-def prepare_frames(frames, frame_mask, patch_size):
-    """The frames a user hands the model -> (frames [B, T, 3, H, W] float, frame_mask [B, T] bool).
-
-    Handled: one clip [T, 3, H, W] (a batch of one), channels-last [..., H, W, 3], and uint8 pixels (scaled to
-    [0, 1] and ImageNet-normalised here). Refused with the expected shape and range (ValueError): other ranks or
-    dtypes, a frame_mask of another shape, and float frames that are not ImageNet-normalised: values beyond its
-    range (0-255 pixels), or all of them within [0, 1] (ToTensor without Normalize; a normalised frame has
-    values below zero unless no pixel is darker than the ImageNet mean). Only real frames are read: padded
-    ones may hold anything. Frame sizes are checked where DINO reads them (encode_patches).
-    """
-    expected = EXPECTED.format(patch=patch_size)
-    if not isinstance(frames, torch.Tensor):
-        raise TypeError(f"frames is a {type(frames).__name__}; {expected}")
-    if frames.dim() == 4:
-        frames = frames[None]
-        frame_mask = None if frame_mask is None else torch.as_tensor(frame_mask).reshape(1, -1)
-    if frames.dim() == 5 and frames.shape[-1] == 3 and frames.shape[2] != 3:
-        frames = frames.movedim(-1, 2)  # channels-last -> [B, T, 3, H, W]
-    if frames.dim() != 5 or frames.shape[2] != 3:
-        raise ValueError(f"frames have shape {list(frames.shape)}; {expected}")
-    B, T = frames.shape[:2]
-    if frame_mask is None:
-        frame_mask = torch.ones(B, T, dtype=torch.bool, device=frames.device)
-    if tuple(frame_mask.shape) != (B, T):
-        raise ValueError(f"frame_mask has shape {list(frame_mask.shape)}, frames {list(frames.shape)}: it must "
-                         f"be [B, T] = [{B}, {T}] (True at real frames)")
-    frame_mask = frame_mask.bool()
-    if frames.dtype == torch.uint8:
-        mean = frames.new_tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-        std = frames.new_tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-        return (frames.float() / 255 - mean) / std, frame_mask
-    if not frames.is_floating_point():
-        raise ValueError(f"frames have dtype {frames.dtype}; {expected}")
-    _check_normalised(frames[frame_mask], expected)
-    return frames, frame_mask
-
-
-def _check_normalised(real, expected):
-    """real [M, 3, H, W] float: refuse values an ImageNet-normalised frame cannot hold (see prepare_frames)."""
-    if real.numel() == 0:
-        return
-    lo, hi = (v.item() for v in torch.aminmax(real.float()))
-    bottom, top = NORMALISED_RANGE
-    if not (bottom - RANGE_MARGIN <= lo and hi <= top + RANGE_MARGIN):  # NaN fails too
-        raise ValueError(f"frame values span [{lo:.3g}, {hi:.3g}]: not ImageNet-normalised (0-255 pixels as "
-                         f"float? pass them as uint8 to have them normalised); {expected}")
-    if 0 <= lo and hi <= 1 and lo < hi:
-        raise ValueError(f"frame values all lie in [0, 1] ([{lo:.3g}, {hi:.3g}]): pixels scaled to [0, 1] but "
-                         f"not normalised (ToTensor without Normalize?); {expected}")
+from inputs import EXPECTED
 
 
 @dataclass

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from encoder import FoveatedEncoder, prepare_frames
+from encoder import FoveatedEncoder
+from inputs import mcq_ids, prepare_frames, prompt_batch, question_ids
 from layout import compact_text, gather_rows, option_tree, pack, pad_packed
 from pretrained import PretrainedMixin, build_dino, build_llm
-from tokenization import option_targets, prompt_ids
 
 MODES = ("coarse_fine", "coarse_only", "autoregressive")
 
@@ -107,7 +107,7 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
 
     # ---------------------------------------------------------------- vision
     def encode(self, frames, frame_mask=None):
-        """frames [B, T, 3, H, W] (what else is accepted: encoder.prepare_frames) -> (PatchKV of the distinct
+        """frames [B, T, 3, H, W] (what else is accepted: inputs.prepare_frames) -> (PatchKV of the distinct
         real frames, frame_idx [M] for the M real frames in sample-major order, counts [B] real frames per sample)."""
         frames, frame_mask = prepare_frames(frames, frame_mask, self.encoder.patch_size)
         counts = frame_mask.sum(1)
@@ -162,8 +162,8 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
                 mask = torch.cat([mask, live[:, None]], 1)
                 tok = (toks[-1] * live[:, None]).to(dtype)[:, None]  # [B, 1, D]
                 q = self.llm_to_query(self._llm_hidden(tok, mask, torch.full((B, 1), t, device=dev), cache)[:, 0])
-        if not toks:
-            return self._tokens(q[:0], kv, frame_idx[:0])
+        if not toks:  # no frames at all
+            return q.new_zeros(0, self.dino_to_llm.out_features)
         return torch.stack(toks, 1)[torch.arange(T, device=dev) < counts[:, None]]
 
     # ---------------------------------------------------------------- language
@@ -183,10 +183,10 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         text_h = gather_rows(h, text_index) if text.ids is not None else None
         return h[:, :vis.shape[1]][vis_mask], text_h
 
-    def _text(self, input_ids, attention_mask, branch=None):
+    def _text(self, input_ids, attention_mask):
         """-> (_Text, dest [B, S]: where each input position went in the compact text)."""
         ids, dest, n = compact_text(input_ids, attention_mask)
-        return _Text(ids, self.llm.get_input_embeddings()(ids), n, branch), dest
+        return _Text(ids, self.llm.get_input_embeddings()(ids), n), dest
 
     def _logits(self, h):
         return self.llm.get_output_embeddings()(h)
@@ -259,8 +259,8 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         B of them), chat-formatted with `tokenizer` (default model.tokenizer), whose eos then ends a row."""
         check_modes([mode])
         if isinstance(input_ids, (str, list)):
-            tokenizer = self._tokenizer(tokenizer)
-            input_ids, attention_mask = _prompt_batch(tokenizer, input_ids, self.q_init.device)
+            tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+            input_ids, attention_mask = prompt_batch(input_ids, tokenizer, self.q_init.device)
             eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         text, _ = self._text(input_ids, attention_mask)
@@ -299,7 +299,7 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         shared [visual tokens, prompt] (layout.option_tree: no per-option copy of it); with both coarse modes,
         coarse_only's pass is coarse_fine's coarse pass."""
         modes = check_modes(modes)
-        prompts, options = _check_questions(prompts, options)
+        prompts, options = question_ids(prompts, options)
         kv, frame_idx, counts = self.encode(frames, frame_mask)
         _check_rows(counts, len(prompts), "prompts")
         ids, branch, n_txt, source, target = option_tree(prompts, options, counts.device)
@@ -326,7 +326,7 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         option's tokens. Strings are chat-formatted with `tokenizer` (default model.tokenizer) and scored as
         benchmark.py does by default (tokenization.option_targets: the original benchmark's rule). option_nll
         scores a batch of questions."""
-        prompt, options, weights = self._mcq_ids(prompt, options, tokenizer)
+        prompt, options, weights = mcq_ids(prompt, options, tokenizer if tokenizer is not None else self.tokenizer)
         nll = self.option_nll(frames, [prompt], [options], modes, frame_mask)
         return {mode: torch.stack([(t * w.to(t)).sum() / len(w) for t, w in zip(per_question[0], weights)])
                 for mode, per_question in nll.items()}
@@ -347,30 +347,6 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
             grid[:, frame_mask] = torch.stack(maps)
             out[name] = grid
         return out
-
-    # ---------------------------------------------------------------- user input
-    def _tokenizer(self, tokenizer):
-        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-        if tokenizer is None:
-            raise ValueError("text given as strings needs a tokenizer: pass tokenizer= (tokenization.load_tokenizer"
-                             "(name)), or set model.tokenizer (FoveatedVLM.from_pretrained sets it from a folder "
-                             "saved with one: model.save_pretrained(path, tokenizer=tokenizer)); or pass token ids")
-        return tokenizer
-
-    def _mcq_ids(self, prompt, options, tokenizer):
-        """(prompt ids, [option ids], [option target weights]) from ids (weights 1) or strings (option strings
-        tokenized after the prompt string, weighted by tokenization.option_targets)."""
-        if isinstance(options, (str, torch.Tensor)) or not options:
-            raise ValueError(f"options must be a non-empty list of options (strings or token-id lists), got {options!r}")
-        if isinstance(prompt, str) or any(isinstance(o, str) for o in options):
-            tokenizer = self._tokenizer(tokenizer)
-            if not isinstance(prompt, str):
-                raise ValueError("options given as strings need the prompt as a string too: an option's tokens "
-                                 "are those that follow the chat-formatted prompt")
-            targets = [option_targets(tokenizer, prompt, o) if isinstance(o, str) else (o, [1.0] * len(o))
-                       for o in options]
-            return prompt_ids(tokenizer, prompt), [t[0] for t in targets], [torch.tensor(t[1]) for t in targets]
-        return prompt, options, [torch.ones(len(o)) for o in options]
 
     # ---------------------------------------------------------------- training helpers
     def param_groups(self):
@@ -435,33 +411,3 @@ def _check_rows(counts, rows, name):
         raise ValueError(f"frames hold {counts.shape[0]} clip(s) [B, T, 3, H, W] but {name} has {rows}: one each")
 
 
-def _id_list(ids, what):
-    """Token ids as a list of ints (from a list or a 1-D tensor); anything else is a ValueError naming `what`."""
-    if isinstance(ids, torch.Tensor) and ids.dim() == 1:
-        ids = ids.tolist()
-    if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(i, int) for i in ids):
-        raise ValueError(f"{what} must be a non-empty list of token ids, got {ids!r}")
-    return list(ids)
-
-
-def _check_questions(prompts, options):
-    """option_nll's text: Q prompts and Q non-empty lists of options, each a non-empty list of token ids (or a
-    1-D tensor) -> (prompts, options) as lists of ints."""
-    if len(prompts) != len(options):
-        raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists: one per question")
-    for q, opts in enumerate(options):
-        if not isinstance(opts, (list, tuple)) or not opts:
-            raise ValueError(f"question {q}'s options must be a non-empty list of token-id lists, got {opts!r}")
-    return ([_id_list(p, f"question {q}'s prompt") for q, p in enumerate(prompts)],
-            [[_id_list(o, f"question {q}'s option {k}") for k, o in enumerate(opts)] for q, opts in enumerate(options)])
-
-
-def _prompt_batch(tokenizer, prompts, device):
-    """A user message (or a list of them) -> chat-formatted prompt ids [B, S] and attention mask (right-padded)."""
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"a prompt given as text must be a string or a list of strings, got {prompts!r}")
-    rows = [prompt_ids(tokenizer, p) for p in prompts]
-    S = max(len(r) for r in rows)
-    ids = torch.tensor([r + [0] * (S - len(r)) for r in rows], device=device)
-    return ids, (torch.arange(S, device=device) < torch.tensor([len(r) for r in rows], device=device)[:, None]).long()

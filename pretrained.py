@@ -31,6 +31,10 @@ SHAPES = {
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "smollm2-1.7b": dict(model_type="llama", vocab_size=49152, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                         max_position_embeddings=8192, rope_theta=130000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
 }
 
 # transformers 4.x DINOv2 attention names -> 5.x

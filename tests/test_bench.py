@@ -1,0 +1,61 @@
+"""bench.py on a tiny model: the irreducible-work reference runs the same backbones, the naive scorer gives the
+scores option_nll gives, every report prints its ratios, and the throughput report runs on a config."""
+
+import argparse
+import re
+
+import torch
+
+import bench
+from conftest import DinoCounter, rand_frames, tiny_model_kwargs
+from model import MODES, FoveatedVLM
+
+
+def tiny():
+    torch.manual_seed(0)
+    return FoveatedVLM(**tiny_model_kwargs())
+
+
+def test_defeated_dedup_encodes_every_frame_and_naive_scores_match():
+    model = tiny().eval()
+    image = rand_frames(1, 1).expand(1, 8, 3, 56, 56)
+    with DinoCounter(model) as dino:
+        model.encode(bench.distinct(image))
+    assert dino.frames == 8
+    prompt, options = [5, 6, 7], [[8, 9], [10], [11, 12, 13]]
+    with DinoCounter(model) as dino:
+        naive = bench.naive_scores(model, image, prompt, options)
+    assert dino.frames == 8 * len(options) * len(MODES)  # the original's cost: every frame, every forward
+    shared = model.score_options(image, prompt, options, MODES)
+    same_frames = bench.naive_scores(model, image, prompt, options, reencode=False)
+    for mode in MODES:
+        assert torch.allclose(same_frames[mode], shared[mode], atol=1e-5)
+        assert torch.allclose(naive[mode], shared[mode], atol=1e-2)  # frames differing by 1e-3
+
+
+def test_irreducible_work_runs_dino_on_the_distinct_frames_only():
+    model = tiny().train()
+    frames = rand_frames(2, 1).expand(2, 4, 3, 56, 56).contiguous()
+    with DinoCounter(model) as dino:
+        bench.irreducible(model, frames, n_text=6)
+    assert dino.frames == 2 and all(p.grad is None for p in model.parameters())
+
+
+def test_step_and_scoring_reports_print_ratios():
+    args = argparse.Namespace(text_tokens=6, frame_size=56, repeats=1, batch_size=2, prompt_tokens=5,
+                              option_tokens=3)
+    step = bench.step_report(tiny().train(), args, torch.device("cpu"))
+    assert len(re.findall(r"step .* s, irreducible .* s: \d+\.\d\dx \[", step)) == 2
+    scoring = bench.scoring_report(tiny().eval(), args, torch.device("cpu"))
+    lines = [line for line in scoring.splitlines() if "q/s" in line]
+    assert len(lines) == 2 and all("batch 2:" in line and "faster" in line for line in lines)
+    assert all(float(line.rsplit(" ", 1)[1]) < 1e-4 for line in lines)  # max |score - naive|
+
+
+def test_throughput_report_on_the_quickstart_config(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "matmul_peak", lambda dev: 1e11)  # a 4096^2 matmul takes seconds on a CPU
+    bench.main(["throughput", "--config", "configs/quickstart.yaml", "--random-data", "--steps", "1",
+                "--batch-size", "2", "--frames", "2"])
+    out = capsys.readouterr().out
+    assert "samples/s" in out and "random batches: 2 frames x 64 tokens" in out
+    assert re.search(r"matmul peak    100\.0 GFLOP/s measured\nMFU            \d+\.\d%", out)

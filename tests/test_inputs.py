@@ -1,0 +1,73 @@
+"""The Python API is hard to misuse (inputs.py): frames as a user may hold them are handled or refused with the
+expected shape and range, at every entry point; prompts given as strings work with a tokenizer."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rand_frames as frames
+from conftest import rand_ids as ids
+from data import normalise
+from model import MODES
+from tokenization import prompt_ids
+
+ATOL = 1e-5
+ENTRY_POINTS = {
+    "forward": lambda m, x, **kw: m(x, ids(1, 5), **kw)["loss"],
+    "generate": lambda m, x, **kw: m.generate(x, ids(1, 3), max_new_tokens=2, **kw),
+    "score_options": lambda m, x, **kw: m.score_options(x, [5, 6], [[7], [8, 9]], MODES, **kw),
+    "option_nll": lambda m, x, **kw: m.option_nll(x, [[5, 6]], [[[7], [8, 9]]], MODES, **kw),
+    "attention_maps": lambda m, x, **kw: m.attention_maps(x, **kw),
+}
+
+
+def test_uint8_channels_last_and_unbatched_frames_are_handled(tiny_model):
+    pixels = torch.randint(0, 256, (3, 56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    normalised = normalise(pixels.numpy())[None]  # [1, T, 3, H, W]: the training pipeline's own normalisation
+    t = ids(1, 5)
+    reference = tiny_model(normalised, t)["loss"].item()
+    for given in (pixels, pixels[None], pixels.permute(0, 3, 1, 2), normalised[0], normalised.permute(0, 1, 3, 4, 2)):
+        assert abs(tiny_model(given, t)["loss"].item() - reference) < ATOL, given.shape
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+@pytest.mark.parametrize("bad, match", [
+    (lambda x: x * 60, r"not ImageNet-normalised \(0-255 pixels"),
+    (lambda x: (x + 2) / 4, r"all lie in \[0, 1\]"),
+    (lambda x: torch.full_like(x, float("nan")), "not ImageNet-normalised"),
+    (lambda x: x[..., :50], "not a multiple of DINO's patch size 14"),
+    (lambda x: x[0, 0], r"have shape \[3, 56, 56\]"),
+    (lambda x: x.long(), "dtype torch.int64"),
+])
+def test_bad_frames_are_refused_with_the_expected_shape_and_range(tiny_model, name, bad, match):
+    with pytest.raises(ValueError, match=match) as error:
+        ENTRY_POINTS[name](tiny_model, bad(frames(1, 2)))
+    assert "[B, T, 3, H, W]" in str(error.value) and "ImageNet-normalised float" in str(error.value)
+
+
+def test_only_real_frames_are_checked_and_masks_must_fit(tiny_model):
+    x = frames(1, 3)
+    x[0, 2] = 255.0  # a padded frame may hold anything
+    fmask = torch.tensor([[True, True, False]])
+    for call in ENTRY_POINTS.values():
+        call(tiny_model, x, frame_mask=fmask)
+    with pytest.raises(ValueError, match=r"frame_mask has shape \[1, 2\].*\[B, T\] = \[1, 3\]"):
+        tiny_model(x, ids(1, 5), frame_mask=fmask[:, :2])
+    with pytest.raises(ValueError, match="frames hold 1 clip"):
+        tiny_model(x, ids(2, 5), frame_mask=fmask)
+    with pytest.raises(TypeError, match=r"frames is a ndarray; frames must be \[B, T, 3, H, W\]"):
+        tiny_model(np.zeros((1, 2, 3, 56, 56)), ids(1, 5))
+
+
+def test_generate_takes_prompt_strings(tiny_model, tokenizer):
+    x = frames(2, 3)
+    with pytest.raises(ValueError, match="needs a tokenizer: pass tokenizer="):
+        tiny_model.generate(x[:1], "What moves?")
+    questions = ["What moves?", "Which colour is the ball on the left?"]
+    out = tiny_model.generate(x, questions, max_new_tokens=4, tokenizer=tokenizer)
+    for b, question in enumerate(questions):  # batched strings (padded) == each prompt's ids alone
+        prompt = torch.tensor([prompt_ids(tokenizer, question)])
+        alone = tiny_model.generate(x[b:b + 1], prompt, max_new_tokens=4, eos_token_id=tokenizer.eos_token_id)
+        assert torch.equal(out[b, :alone.shape[1]], alone[0])
+    tiny_model.tokenizer = tokenizer
+    assert torch.equal(tiny_model.generate(x[:1], questions[0], max_new_tokens=4), out[:1, :4])
