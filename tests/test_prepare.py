@@ -20,7 +20,7 @@ from PIL import Image
 
 import prepare
 import train
-from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM
+from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, image_bytes, write_members
 from data import ShardDataset
 from synthetic import encode_mp4, render, write_tar
 
@@ -36,10 +36,8 @@ def mp4(seconds, colour="red", fps=4):
 
 
 def image(fmt, value=128, size=SIZE):
-    buf = io.BytesIO()
-    pixels = np.random.default_rng(value).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buf, fmt)
-    return buf.getvalue()
+    """Random pixels seeded by `value`: images that do not compress to nothing, told apart by the seed."""
+    return image_bytes(fmt=fmt, pixels=np.random.default_rng(value).integers(0, 255, (size, size, 3), np.uint8))
 
 
 def truncated_jpg():
@@ -173,19 +171,6 @@ def conv(*values):
     return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
 
 
-def write_targz(path, members):
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members:
-            if data is None:
-                info = tarfile.TarInfo(name)
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-                continue
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def llava(root):
     sub, a, b, c = root / "0_30_s_academic_v0_1", "academic_source/Charades/A1.mp4", \
         "academic_source/Charades/B2.mp4", "NextQA/NExTVideo/1006/C3.mp4"
@@ -202,16 +187,16 @@ def llava(root):
         record("o2", a, "<image>\nWhen?", "")]))
     (sub / "0_30_s_academic_mc_v0_1_qa_processed.json").write_text(json.dumps([
         record("m0", c, "<image>\nWhat is lit?\nA. a lamp\nB. a candle", "B.")], ensure_ascii=False))
-    write_targz(sub / "0_30_s_academic_v0_1_videos_1.tar.gz", [
+    write_members(sub / "0_30_s_academic_v0_1_videos_1.tar.gz", [
         ("academic_source", None), ("academic_source/Charades", None), (a, mp4(3)),
-        ("academic_source/extra.mp4", mp4(2))])
-    write_targz(sub / "0_30_s_academic_v0_1_videos_2.tar.gz", [(b, BAD_MP4), (c, mp4(2))])
+        ("academic_source/extra.mp4", mp4(2))], "w:gz")
+    write_members(sub / "0_30_s_academic_v0_1_videos_2.tar.gz", [(b, BAD_MP4), (c, mp4(2))], "w:gz")
     other = root / "1_2_m_nextqa"
     os.makedirs(other)
     (other / "1_2_m_nextqa_oe_qa_processed.json").write_text(json.dumps([
         {"id": "n0", "conversations": conv("<image>\nWhat happens? — ünïcode", "Ça tourne."), "data_source": "x",
          "video": "NextQA/NExTVideo/7/D4.mp4"}]))
-    write_targz(other / "1_2_m_nextqa_videos_1.tar.gz", [("NextQA/NExTVideo/7/D4.mp4", mp4(2))])
+    write_members(other / "1_2_m_nextqa_videos_1.tar.gz", [("NextQA/NExTVideo/7/D4.mp4", mp4(2))], "w:gz")
     os.makedirs(root / "llava_hound")
 
 
