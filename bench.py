@@ -160,7 +160,7 @@ def main(argv=None):
     p.add_argument("--frames", type=int, help="frames per random sample (default data.max_frames)")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
     p.add_argument("--random-data", action="store_true", help="random batches even when the shards exist")
-    args = p.parse_args(argv)
+    args = distributed.parse_cli(p, argv)
     sets = args.set + ([f"training.batch_size={args.batch_size}"] if args.batch_size else [])
     cfg = config_lib.load(args.config, sets, check=False)
     dev = distributed.init(cfg.training.seed, cfg.training.device).device

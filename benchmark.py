@@ -1,11 +1,11 @@
-"""MCQ evaluation of a checkpoint on MVBench, Video-MME, ScienceQA (image subset), POPE and the original's
+r"""MCQ evaluation of a checkpoint on MVBench, Video-MME, ScienceQA (image subset), POPE and the original's
 eval shards, in the three inference modes.
 
 Scoring follows the original fVLM benchmark: for each option, the mean cross-entropy of the option's answer
 tokens after the chat-formatted question; the lowest wins. `model.score_options` runs DINOv2 once per
 question for all modes and options and shares each mode's visual prefix through the LLM's KV cache.
 
-    python benchmark.py --checkpoint checkpoints/stage2 --data-config configs/eval_data.yaml \
+    python benchmark.py --checkpoint checkpoints/stage2_135M --data-config configs/eval_data.yaml \
         [--only MVBench ScienceQA] [--modes coarse_only coarse_fine autoregressive] [--limit N] [--out results.json]
     python benchmark.py --speed          # shared-encoding scoring vs naive per-option re-encoding, 135M shapes
 """
@@ -23,10 +23,9 @@ from tqdm import tqdm
 
 import eval_readers
 from data import SkipSample
-from distributed import autocast
-from generate import load_checkpoint
+from distributed import autocast, parse_cli, run_cli
 from model import MODES, FoveatedVLM
-from pretrained import SHAPES
+from pretrained import SHAPES, load_checkpoint
 from tokenization import answer_ids, prompt_ids
 
 READERS = {
@@ -237,12 +236,9 @@ def main(argv=None):
     p.add_argument("--max-frames", type=int, default=64)
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--speed", action="store_true", help="time shared vs naive scoring (random 135M shapes)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_cli(p, argv)
     if args.speed:
         print(speed_report())
         return
@@ -260,4 +256,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -395,6 +395,7 @@ def inspect_main(argv=None):
     import argparse
 
     import config
+    import distributed
     from tokenization import load_tokenizer
 
     parser = argparse.ArgumentParser(description="Inspect the shards of a training config.")
@@ -404,8 +405,7 @@ def inspect_main(argv=None):
     parser.add_argument("--limit", type=int, help="stop after this many samples")
     parser.add_argument("--split", choices=("train", "text", "val"), action="append",
                         help="shard sets to read (repeatable); default: every one the config sets")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # as in a DataLoader worker
+    args = distributed.parse_cli(parser, argv, threads=1)  # default 1 thread, as in a DataLoader worker
     cfg = config.load(args.config, check=False)
     tokenizer = load_tokenizer(config.tokenizer_name(cfg))
     splits = args.split or [s for s in ("train", "text", "val") if getattr(cfg.data, f"{s}_shards")]
@@ -419,4 +419,6 @@ def inspect_main(argv=None):
 
 
 if __name__ == "__main__":
-    inspect_main()
+    import distributed
+
+    distributed.run_cli(inspect_main)
