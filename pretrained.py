@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Model
 
+import config as config_lib
+
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 TRAIN_CONFIG_NAME = "train_config.yaml"  # the resolved training config checkpoint.save writes beside the model
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -131,25 +133,24 @@ def load_checkpoint(path, device="cpu"):
 
     The model comes from config.json + model.safetensors (`from_pretrained`), in eval mode on `device`;
     `frame_size` from the training config saved beside them (train_config.yaml, data.frame_size), else the
-    data default. The tokenizer is the one saved in the folder, else the one the training config or the
-    model's `llm_name` names.
+    data default. The tokenizer (also `model.tokenizer`) is the one saved in the folder, else the one the
+    training config or the model's `llm_name` names.
     """
-    import config
     from model import FoveatedVLM  # model.py builds on this module
     from tokenization import load_tokenizer  # tokenization.py resolves names with this module
 
     folder = resolve_checkpoint(path)
     model = FoveatedVLM.from_pretrained(folder).to(device).eval()
     saved = os.path.join(folder, TRAIN_CONFIG_NAME)
-    cfg = config.load_saved(saved) if os.path.exists(saved) else None
-    frame_size = (cfg.data if cfg else config.DataConfig()).frame_size
-    if model.tokenizer is not None:
-        return model, model.tokenizer, frame_size
-    name = (cfg and config.tokenizer_name(cfg)) or model.llm_name
-    if not name:
-        raise ValueError(f"{folder} holds no tokenizer and names no LLM to take one from; save one "
-                         "with model.save_pretrained(path, tokenizer=tokenizer)")
-    return model, load_tokenizer(name), frame_size
+    cfg = config_lib.load_saved(saved) if os.path.exists(saved) else None
+    frame_size = (cfg.data if cfg else config_lib.DataConfig()).frame_size
+    if model.tokenizer is None:
+        name = (cfg and config_lib.tokenizer_name(cfg)) or model.llm_name
+        if not name:
+            raise ValueError(f"{folder} holds no tokenizer and names no LLM to take one from; save one "
+                             "with model.save_pretrained(path, tokenizer=tokenizer)")
+        model.tokenizer = load_tokenizer(name)
+    return model, model.tokenizer, frame_size
 
 
 def _config(config, default_type):

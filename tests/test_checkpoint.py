@@ -99,9 +99,9 @@ def test_load_checkpoint_takes_a_folder_or_a_save_dir(tmp_path, tiny_model, toke
         for (name, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
             assert torch.equal(a, b), name
     (tmp_path / "empty").mkdir()
-    for path, expected in [(tmp_path / "empty", "neither a checkpoint folder"), (tmp_path / "nowhere", "does not exist")]:
+    for name, expected in [("empty", "neither a checkpoint folder"), ("nowhere", "does not exist")]:
         with pytest.raises(FileNotFoundError, match=expected):
-            pretrained.load_checkpoint(str(path))
+            pretrained.load_checkpoint(str(tmp_path / name))
 
 
 def test_an_uncached_hub_id_fails_at_once_and_a_cached_one_needs_no_network(tmp_path, monkeypatch):
