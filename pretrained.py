@@ -97,10 +97,10 @@ def hub_folder(repo, patterns=None):
     except OSError as e:  # no network, offline mode (HF_HUB_OFFLINE=1), no such repo
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(
-            f"{repo!r} is not a local path, and the hub model of that name is not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}) and could not be downloaded ({reason}). Give a local folder instead: "
-            f"download it where there is network (`hf download {repo} --local-dir models/NAME`) and pass "
-            "models/NAME, or point HF_HUB_CACHE at a cache that holds it.") from None
+            f"{repo!r} is not a local path (no such file or folder), and as a hub model it is neither in the "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}) nor downloadable now ({reason}). For a hub model, "
+            f"give a local folder instead: download it where there is network (`hf download {repo} --local-dir "
+            "models/NAME`) and pass models/NAME, or point HF_HUB_CACHE at a cache that holds it.") from None
     return folder if patterns else repo
 
 
