@@ -2,7 +2,9 @@
 over each frame's DINOv2 patches, drawn as heatmaps over the frames in one PNG grid, with the attention
 entropy per frame (low entropy = a focused glance, log(1+P) = uniform over the CLS and P patches).
 
-    python attention_viz.py --checkpoint checkpoints/stage2 --video clip.mp4 --out maps.png [--layers 0 11]
+    python attention_viz.py --checkpoint checkpoints/stage2_135M --video clip.mp4 --out maps.png [--layers 0 11]
+
+--checkpoint takes a checkpoint folder or a training save_dir (then its `latest` checkpoint).
 
 From Python: `entropy = visualize(model, frames, "maps.png")` with frames [T, 3, H, W] from
 generate.load_frames. The maps come from `model.attention_maps` (CLS first, then the patches row by row).
@@ -11,6 +13,7 @@ generate.load_frames. The maps come from `model.attention_maps` (CLS first, then
 import argparse
 import math
 
+import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
@@ -110,10 +113,10 @@ def main(argv=None):
     add_input_args(p, max_frames=8)
     p.add_argument("--out", default="attention.png", help="PNG to write")
     p.add_argument("--layers", type=int, nargs="+", help="encoder layers to draw (default: all)")
-    args = p.parse_args(argv)
+    args = distributed.parse_cli(p, argv)
     model, _, frames = load_inputs(p, args)
     visualize(model, frames, args.out, args.layers)
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run_cli(main)

@@ -298,7 +298,6 @@ def throughput(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--shapes", choices=list(MODEL_SHAPES), help="real architecture, random weights (step and "
                    "scoring: default 135M)")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
@@ -319,9 +318,7 @@ def main(argv=None):
     c.add_argument("--batch-size", type=int, default=8, help="questions per option_nll call")
     c.add_argument("--prompt-tokens", type=int, default=60)
     c.add_argument("--option-tokens", type=int, default=8)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = distributed.parse_cli(p, argv)
     if args.command == "throughput":
         print(throughput(args))
         return

@@ -1,4 +1,4 @@
-"""MCQ evaluation of a checkpoint on MVBench, Video-MME, ScienceQA (image subset), POPE and the original's
+r"""MCQ evaluation of a checkpoint on MVBench, Video-MME, ScienceQA (image subset), POPE and the original's
 eval shards, in the three inference modes.
 
 The protocol is the original fVLM benchmark's (spsanps/nanoSmol, fVLM/benchmark.py), so a published
@@ -10,7 +10,7 @@ lowest score wins. Every one-frame question is replicated to 8 frames. `Protocol
 (`--scoring`, `--system-prompt`, ...); `model.option_nll` runs DINOv2 once per question for all options and
 modes, several questions per call with --batch-size.
 
-    python benchmark.py --checkpoint checkpoints/stage3_135M --data-config configs/eval_data.yaml \
+    python benchmark.py --checkpoint checkpoints/stage2_135M --data-config configs/eval_data.yaml \
         [--only MVBench ScienceQA] [--modes coarse_only coarse_fine autoregressive] [--limit N] [--out results.json]
 """
 
@@ -27,14 +27,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-import config
 import eval_readers
 from collate import pad_frames
 from data import SkipSample
-from distributed import autocast
-from checkpoint import CONFIG_NAME as TRAIN_CONFIG
-from generate import load_checkpoint
+from distributed import autocast, parse_cli, run_cli
 from model import MODES
+from pretrained import load_checkpoint, training_config
 from tokenization import SCORING, SYSTEM_PROMPT, option_targets, prompt_ids
 
 READERS = {
@@ -193,12 +191,6 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def training_config(checkpoint):
-    """The training config saved beside a checkpoint (train_config.yaml), or None (e.g. published weights)."""
-    path = os.path.join(checkpoint, TRAIN_CONFIG)
-    return config.load_saved(path) if os.path.exists(path) else None
-
-
 def run(checkpoint, roots, only=None, limit=None, device="cpu", dtype="auto", **protocol):
     """Evaluate a checkpoint folder on the benchmarks in `roots` (name -> data root) -> (results, records,
     the Protocol used). Protocol fields not given come from the checkpoint's training config (frame size,
@@ -248,11 +240,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="model weights' dtype (auto: bfloat16 on CUDA, as the original benchmark; float32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest for tiny models on a busy CPU)")
     p.add_argument("--out", help="write the results and per-question records as JSON here")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_cli(p, argv)
     if not args.checkpoint:
         p.error("--checkpoint is required")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
@@ -271,4 +260,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -3,7 +3,8 @@ needed to resume training.
 
 A folder holds the model (config.json + model.safetensors via `save_pretrained`, with the tokenizer), the
 resolved training config (train_config.yaml) and training_state.pt: optimizer, scheduler, step, samples seen,
-RNG states, data position and metrics, read back with `torch.load(weights_only=True)`. A folder is written
+RNG states, data position, loss scaler and metrics, read back with `torch.load(weights_only=True)` (a file
+that would need code run to load is refused, naming it). A folder is written
 under a temporary name and renamed into place, so a kill during a save leaves the previous checkpoints intact
 and never a half-written `step_*` folder. `latest` and `best` are symlinks to the newest and lowest-metric
 checkpoints; `keep_last` / `keep_best` prune the rest. The model saved is always the unwrapped, uncompiled one.
@@ -11,18 +12,19 @@ checkpoints; `keep_last` / `keep_best` prune the rest. The model saved is always
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 import config as config_lib
-from pretrained import WEIGHTS_NAME
+from pretrained import TRAIN_CONFIG_NAME as CONFIG_NAME
 
-STATE_NAME, CONFIG_NAME, METRICS_NAME = "training_state.pt", "train_config.yaml", "metrics.json"
+STATE_NAME, METRICS_NAME = "training_state.pt", "metrics.json"
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
@@ -153,10 +155,16 @@ def find_resume(save_dir, resume):
 
 
 def load_state(path):
-    """The training-state dict of checkpoint folder `path`."""
-    return torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=True)
-
-
-def load_weights(model, path):
-    """Load checkpoint folder `path`'s weights into the (unwrapped) model in place."""
-    model.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)))
+    """The training-state dict of checkpoint folder `path`, loaded as tensors and plain containers only: a file
+    holding anything that unpickling would run as code is refused (ValueError naming the file)."""
+    file = os.path.join(path, STATE_NAME)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{file}: not a readable training state ({str(e).splitlines()[0]})") from None
+        found = _UNSAFE_GLOBAL.search(str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise ValueError(f"{file}: refused as unsafe: it holds Python objects that loading would have to run as "
+                         f"code{what}, which checkpoint.save never writes. Resume from another checkpoint "
+                         "(checkpoint.resume: a step_* folder) or start afresh (checkpoint.resume: none).") from None

@@ -76,7 +76,8 @@ class TrainingConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     schedule: str = "cosine"  # cosine | constant | converging
-    dtype: str = "bfloat16"  # autocast dtype on CUDA; the CPU always runs float32
+    dtype: str = "auto"  # autocast: auto (bfloat16 on CUDA, float32 on the CPU) | bfloat16 | float16 | float32
+    threads: Optional[int] = None  # torch's CPU threads; None = distributed.default_threads()
     compile: bool = False
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
@@ -134,7 +135,7 @@ CHOICES = {
     "eval.modes": MODES,  # each item of the list
     "data.frame_sampling": ("uniform", "head"),
     "training.schedule": ("cosine", "constant", "converging"),
-    "training.dtype": ("bfloat16", "float16", "float32"),
+    "training.dtype": ("auto", "bfloat16", "float16", "float32"),
     "training.device": ("auto", "cpu", "cuda"),
     "loss.type": ("text_ce_all", "text_ce_answer_only", "dpo"),
     "checkpoint.metric": ("val_loss", "train_loss"),
@@ -261,6 +262,21 @@ def check_paths(cfg, source):
         raise ConfigError(f"{source}: 'model.tokenizer' is required when neither model.llm nor model.init_from is set")
 
 
+# Fixed by the checkpoint when model.init_from is set: setting one beside it is an error, never ignored.
+ARCHITECTURE_KEYS = ("llm", "dino", "llm_config", "dino_config", "query_dim", "deep_query")
+
+
+def check_init_from(given, cfg, source):
+    """With model.init_from, the architecture is the checkpoint's: a key of ARCHITECTURE_KEYS among the model
+    keys `given` (the YAML's and --set's) is an error naming it. visual_scale, lambda_coarse, mode, the
+    freeze_* switches and gradient_checkpointing apply on top of the checkpoint."""
+    fixed = [key for key in ARCHITECTURE_KEYS if key in given]
+    if cfg.model.init_from is not None and fixed:
+        raise ConfigError(f"{source}: 'model.{fixed[0]}' cannot be set with model.init_from: the architecture "
+                          f"({', '.join(ARCHITECTURE_KEYS)}) comes from the checkpoint {cfg.model.init_from}. "
+                          "Remove it (the tokenizer: model.tokenizer), or drop init_from to build a new model.")
+
+
 def tokenizer_name(cfg):
     """The tokenizer's source: model.tokenizer, else model.llm, else the init_from folder (saved with it)."""
     return cfg.model.tokenizer or cfg.model.llm or cfg.model.init_from
@@ -276,7 +292,9 @@ def load(path, overrides=(), check=True):
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     source = f"{path} (with --set {' '.join(overrides)})" if overrides else path
-    cfg = from_dict(apply_overrides(raw, overrides), source)
+    raw = apply_overrides(raw, overrides)
+    cfg = from_dict(raw, source)
+    check_init_from(raw.get("model") or {}, cfg, source)
     if check:
         check_paths(cfg, source)
     return cfg

@@ -516,6 +516,7 @@ def inspect_main(argv=None):
     import argparse
 
     import config
+    import distributed
     from tokenization import load_tokenizer
 
     parser = argparse.ArgumentParser(description="Inspect the shards of a training config and time decoding.")
@@ -530,8 +531,7 @@ def inspect_main(argv=None):
     parser.add_argument("--workers", type=int, default=0, help="then time a pass with this many loader workers")
     parser.add_argument("--target", type=float, default=27.0, help="samples/s the GPU trains at (default: the "
                         "spec's A100 figure for 135M): prints the loader workers needed to feed it")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # as in a DataLoader worker
+    args = distributed.parse_cli(parser, argv, threads=1)  # default 1 thread, as in a DataLoader worker
     cfg = config.load(args.config, args.set, check=False)
     tokenizer = load_tokenizer(config.tokenizer_name(cfg))
     splits = args.split or [s for s in ("train", "text", "val") if getattr(cfg.data, f"{s}_shards")]
@@ -554,4 +554,6 @@ def inspect_main(argv=None):
 
 
 if __name__ == "__main__":
-    inspect_main()
+    import distributed
+
+    distributed.run_cli(inspect_main)

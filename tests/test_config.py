@@ -74,7 +74,9 @@ def test_saved_config_round_trips(tmp_path):
         assert config.load_saved(str(tmp_path / name)) == cfg
 
 
-SHIPPED = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "*.yaml")))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_DATA = os.path.join(ROOT, "configs", "eval_data.yaml")
+SHIPPED = sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) - {EVAL_DATA})
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
@@ -82,3 +84,38 @@ def test_shipped_configs_match_the_schema(path):
     cfg = config.load(path, check=False)  # keys and types; the data paths exist only after downloading
     loss = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}[cfg.stage]
     assert cfg.loss.type == loss and (cfg.stage == 1) == (cfg.model.init_from is None)
+    if os.path.basename(path).startswith("quickstart"):  # fast on the CPU: no autocast there (README, Throughput)
+        assert cfg.training.dtype == "float32" and cfg.training.device == "cpu"
+
+
+def test_the_eval_data_yaml_the_help_names_lists_every_benchmark():
+    import benchmark
+
+    roots = benchmark.load_roots(EVAL_DATA)
+    assert sorted(roots) == sorted(benchmark.READERS) and all(r.startswith("data/eval/") for r in roots.values())
+    assert "configs/eval_data.yaml" in benchmark.__doc__
+
+
+def test_architecture_keys_beside_init_from_are_errors(tmp_path):
+    (tmp_path / "stage1").mkdir()
+    base = (f"model: {{init_from: '{tmp_path / 'stage1'}', visual_scale: 0.5, lambda_coarse: 0.3, mode: coarse_only}}\n"
+            f"data: {{train_shards: '{shard(tmp_path)}'}}\nloss: {{type: text_ce_answer_only}}\n")
+    path = write(tmp_path, base)
+    cfg = config.load(path)  # the settings that apply on top of the checkpoint are accepted
+    assert (cfg.model.visual_scale, cfg.model.lambda_coarse, cfg.model.mode) == (0.5, 0.3, "coarse_only")
+    for key, value in [("query_dim", "384"), ("llm", "HuggingFaceTB/SmolLM2-135M-Instruct"), ("deep_query", "true"),
+                       ("llm_config", "{hidden_size: 64}")]:
+        with pytest.raises(config.ConfigError, match=f"'model.{key}' cannot be set with model.init_from") as err:
+            config.load(path, [f"model.{key}={value}"])
+        assert path in str(err.value)
+    cfg = config.load(path, ["model.init_from=null", "model.llm=x", "model.query_dim=96"])  # a new model: fine
+    assert cfg.model.query_dim == 96
+
+
+def test_dtype_and_threads_keys(tmp_path):
+    path = write(tmp_path, f"model: {{llm: x}}\ndata: {{train_shards: '{shard(tmp_path)}'}}\n")
+    assert config.load(path).training.dtype == "auto" and config.load(path).training.threads is None
+    cfg = config.load(path, ["training.dtype=float16", "training.threads=1"])
+    assert (cfg.training.dtype, cfg.training.threads) == ("float16", 1)
+    with pytest.raises(config.ConfigError, match="training.dtype.*must be one of"):
+        config.load(path, ["training.dtype=fp8"])

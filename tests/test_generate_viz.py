@@ -1,12 +1,14 @@
 """generate.py and attention_viz.py end to end on a tiny checkpoint written by model.save_pretrained."""
 
 import math
+import re
 
 import pytest
 import torch
 from PIL import Image
 
 import attention_viz
+import benchmark
 import config
 import generate
 from checkpoint import CONFIG_NAME as TRAIN_CONFIG
@@ -94,3 +96,9 @@ def test_attention_viz_writes_png_and_returns_entropy(checkpoint, clip, tmp_path
         assert (entropy[kind] > 0).all() and (entropy[kind] <= math.log(1 + patches) + 1e-5).all()
     with pytest.raises(ValueError, match="layers"):
         attention_viz.visualize(model, frames, str(tmp_path / "bad.png"), layers=[7], verbose=False)
+
+
+@pytest.mark.parametrize("module", [generate, attention_viz, benchmark], ids=lambda m: m.__name__)
+def test_help_examples_keep_their_line_breaks_and_name_a_save_dir(module):
+    assert not re.search(r"\S {4,}\[", module.__doc__)  # a `\` eaten by Python joins the next line after spaces
+    assert "--checkpoint checkpoints/stage2_135M" in module.__doc__  # a save_dir: its latest checkpoint

@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 
 import checkpoint
+import config
 import train
 from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM
 
@@ -60,6 +61,8 @@ def write_config(tmp_path, name="run", **sections):
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)
+    if cfg["model"].get("init_from"):  # the architecture is the checkpoint's: config.check_init_from
+        cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in config.ARCHITECTURE_KEYS}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
@@ -117,15 +120,39 @@ def test_loss_falls_with_validation_and_text_retention(tmp_path, shards, one_thr
     assert os.path.exists(tmp_path / "run" / "best" / "model.safetensors")
 
 
-def test_skipped_samples_reach_the_log_and_the_summary(tmp_path, one_thread):
+def test_skips_and_wall_time_add_up_over_a_resume_and_a_finished_run_is_kept(tmp_path, one_thread, capsys):
     write_shard(tmp_path / "train.tar", 24, 4, corrupt=4)
-    path = write_config(tmp_path, training={"total_samples": 64}, checkpoint={"save_every_steps": 100})
-    train.main(["--config", path])
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # 16 steps read 64 good samples: at least 3 passes over the shard's 20, so at least 12 skips
-    assert summary["skipped"] >= 12 and summary["skip_reasons"] == {"bad_image": summary["skipped"]}
-    logged = [int(r["skipped"]) for r in read_log(str(tmp_path / "run")) if r.get("skipped")]
+    save_dir = tmp_path / "run"
+    summaries = []
+    for total in (32, 64):  # the second run resumes the first's final checkpoint (step 8) and trains to 16
+        path = write_config(tmp_path, training={"total_samples": total}, checkpoint={"save_every_steps": 100})
+        train.main(["--config", path])
+        summaries.append(json.loads((save_dir / "summary.json").read_text()))
+    first, summary = summaries
+    # 16 steps read 64 good samples (3.2 passes over the shard's 20 good and 4 bad, shuffled before decoding)
+    assert summary["skipped"] >= 6 and summary["skip_reasons"] == {"bad_image": summary["skipped"]}
+    assert summary["skipped"] > first["skipped"] > 0 and summary["steps"] == 16
+    assert summary["wall_time_s"] > first["wall_time_s"] > 0  # both processes' time
+    state = checkpoint.load_state(str(save_dir / "latest"))
+    assert state["wall_time_s"] == summary["wall_time_s"] and state["data"]["skip_reasons"] == summary["skip_reasons"]
+    logged = [int(r["skipped"]) for r in read_log(str(save_dir)) if r.get("skipped")]
     assert logged == sorted(logged) and logged[-1] == summary["skipped"]
+    capsys.readouterr()
+    log = (save_dir / "log.csv").read_text()
+    train.main(["--config", path])  # the same command again: the run is finished, nothing is overwritten
+    assert "holds the finished run (step 16 of 16)" in capsys.readouterr().out
+    assert json.loads((save_dir / "summary.json").read_text()) == summary and (save_dir / "log.csv").read_text() == log
+
+
+def test_init_from_applies_visual_scale_and_lambda_coarse(tmp_path, tiny_model):
+    tiny_model.save_pretrained(str(tmp_path / "stage1"))
+    cfg = config.from_dict({"model": {"init_from": str(tmp_path / "stage1"), "visual_scale": 0.5,
+                                      "lambda_coarse": 0.25}})
+    model, _ = train.build_model(cfg, torch.device("cpu"))
+    assert (tiny_model.settings.visual_scale, tiny_model.settings.lambda_coarse) == (0.14, 0.0)
+    assert (model.settings.visual_scale, model.settings.lambda_coarse) == (0.5, 0.25)
+    assert model.settings.query_dim == tiny_model.settings.query_dim
+    assert model.training
 
 
 @pytest.mark.slow
@@ -229,7 +256,7 @@ def test_two_process_gloo_keeps_ranks_identical_ce_then_dpo(tmp_path, shards):
         assert torch.equal(r0[name], r1[name]), name
     assert any(not torch.equal(r0[k], init[k]) for k in init if k in r0)
     summary = json.loads((tmp_path / "ce" / "summary.json").read_text())
-    assert summary["skipped"] > 0 and summary["skip_reasons"] == {}  # rank 1's skips, summed into rank 0's log
+    assert summary["skipped"] > 0 and summary["skip_reasons"] == {"bad_image": summary["skipped"]}  # rank 1's
     dpo = write_config(tmp_path, "dpo", model={"init_from": str(tmp_path / "ce" / "latest")},
                        data={"train_shards": str(shards / "dpo.tar")}, loss={"type": "dpo", "beta": 0.1},
                        training={"total_samples": 16, "batch_size": 2, "lr_llm": 1e-3})
