@@ -421,12 +421,13 @@ def test_the_three_stages_start_on_the_converted_sets(converted, tmp_path, one_t
               ("stage2", ["cauldron", "llava-video"], "text_ce_answer_only", "stage1"),
               ("stage3", ["rlaif-v"], "dpo", "stage2")]
     for name, sets, loss, init in stages:
-        model = {"llm_config": TINY_LLM, "dino_config": TINY_DINO, "query_dim": 24, "tokenizer": SMOLLM2_GGUF}
+        model = {"init_from": str(tmp_path / init / "latest")} if init else {
+            "llm_config": TINY_LLM, "dino_config": TINY_DINO, "query_dim": 24, "tokenizer": SMOLLM2_GGUF}
         data = {"train_shards": [str(out / s / "*.tar") for s in sets], "frame_size": 56, "max_frames": 4,
                 "num_workers": 0, "max_text_tokens": 128, "replicate_image_frames": 2}
         if loss != "dpo":
             data.update(text_shards=str(out / "smoltalk" / "*.tar"), text_ratio=0.5)
-        cfg = {"model": {**model, **({"init_from": str(tmp_path / init / "latest")} if init else {})}, "data": data,
+        cfg = {"model": model, "data": data,
                "training": {"total_samples": 4, "batch_size": 2, "warmup_ratio": 0.5, "device": "cpu", "seed": 0},
                "loss": {"type": loss}, "checkpoint": {"save_dir": str(tmp_path / name), "save_every_steps": 2}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
