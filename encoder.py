@@ -111,7 +111,10 @@ class FoveatedEncoder(nn.Module):
         if frame_idx is None:
             assert query.shape[0] == U, f"{query.shape[0]} queries for {U} frames need a frame_idx"
             frame_idx = torch.arange(U, device=query.device)
-        frame, slot, R = _group_slots(frame_idx, U)
+        used, frame_idx = torch.unique(frame_idx, return_inverse=True)
+        if len(used) < U:  # attend over the frames read only (autoregressive steps read one frame each)
+            kv = PatchKV([k[used] for k in kv.keys], [v[used] for v in kv.values], kv.features[used])
+        frame, slot, R = _group_slots(frame_idx, len(used))
         x = self.query_input_proj(query)  # [M, D]
         maps = []
         if self.deep_query:

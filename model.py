@@ -311,13 +311,10 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
             states["coarse_fine"] = self._llm(vis, counts, text)[1]
         for mode in set(modes) - set(states):
             states[mode] = self._llm(self.visual_tokens(kv, frame_idx, counts, mode)[0], counts, text)[1]
-        sizes = [len(option) for question in options for option in question]
-        out = {}
-        for mode in modes:
-            logits = self._logits(states[mode].flatten(0, 1)[source]).float()  # [K, V]: K option tokens in all
-            nll = iter(F.cross_entropy(logits, target, reduction="none").split(sizes))
-            out[mode] = [[next(nll) for _ in question] for question in options]
-        return out
+        h = torch.cat([states[mode].flatten(0, 1)[source] for mode in modes])  # [modes * K, D], K option tokens
+        nll = iter(F.cross_entropy(self._logits(h).float(), target.repeat(len(modes)), reduction="none")
+                   .split([len(option) for _ in modes for question in options for option in question]))
+        return {mode: [[next(nll) for _ in question] for question in options] for mode in modes}
 
     @torch.no_grad()
     def score_options(self, frames, prompt, options, modes=("coarse_fine",), frame_mask=None, tokenizer=None):

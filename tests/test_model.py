@@ -1,5 +1,7 @@
 """FoveatedVLM and FoveatedEncoder behaviour on tiny random-weight models (no downloads)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +11,9 @@ from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, DinoCounter, tiny_model_
 from conftest import rand_frames as frames
 from conftest import rand_ids as ids
 from encoder import FoveatedEncoder
-from model import MODES, FoveatedVLM
-from pretrained import WEIGHTS_NAME
+import config
+from model import MODES, FoveatedVLM, ModelSettings
+from pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 ATOL = 1e-5
 
@@ -253,6 +256,29 @@ def test_save_and_from_pretrained_round_trip(tiny_model, tmp_path):
     loaded = FoveatedVLM.from_pretrained(str(tmp_path))
     assert loaded.settings.query_dim == 24 and loaded.llm.config.hidden_size == TINY_LLM["hidden_size"]
     assert torch.equal(outputs(loaded), outputs(tiny_model))
+
+
+def test_settings_are_defined_once_and_saved(tiny_model, tmp_path):
+    cfg = config.ModelConfig(llm_config=dict(TINY_LLM), dino_config=dict(TINY_DINO), query_dim=24, visual_scale=0.5,
+                             lambda_coarse=0.25, mode="coarse_only", freeze_dino=True)  # training fields too
+    built = FoveatedVLM.from_config(cfg)
+    assert built.settings == ModelSettings.of(cfg) and built.settings.visual_scale == 0.5
+    built.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["fvlm"] == {"llm": None, "dino": None, "query_dim": 24, "visual_scale": 0.5, "deep_query": True,
+                             "lambda_coarse": 0.25}
+    assert FoveatedVLM.from_pretrained(str(tmp_path)).settings.lambda_coarse == 0.25
+    # config.json as first written (the constructor's names) still loads; an unknown setting names the file
+    saved["fvlm"] = {"llm_name": None, "dino_name": None, "query_dim": 24, "visual_scale": 0.5, "deep_query": True,
+                     "lambda_coarse": 0.25}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(saved))
+    legacy = FoveatedVLM.from_pretrained(str(tmp_path))
+    assert (legacy.settings.query_dim, legacy.settings.lambda_coarse) == (24, 0.25)
+    assert torch.equal(outputs(legacy), outputs(built))
+    saved["fvlm"]["query_size"] = 24
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"config.json: unknown model setting\(s\) \['query_size'\]"):
+        FoveatedVLM.from_pretrained(str(tmp_path))
 
 
 def test_loads_original_transformers4_names(tiny_model, tmp_path):
