@@ -206,7 +206,7 @@ def dino_seconds(model, batch, dev):
     start = time.perf_counter()
     kv, _, _ = model.encode(batch["frames"], batch["frame_mask"])
     if kv is not None:
-        outs = [kv.features, *kv.keys, *kv.values]
+        outs = [t for t in (kv.features, *kv.keys, *kv.values) if t is not None]
         torch.autograd.backward([o.float().sum() for o in outs])
     sync(dev)
     model.zero_grad(set_to_none=True)

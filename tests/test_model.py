@@ -23,11 +23,16 @@ ATOL = 1e-5
 def test_patch_path_equals_dinov2(size):
     torch.manual_seed(0)
     dino = Dinov2Model(Dinov2Config(**{k: v for k, v in TINY_DINO.items() if k != "model_type"})).eval()
-    enc = FoveatedEncoder(dino, query_dim=24)
     x = torch.randn(3, 3, *size)
-    kv = enc.encode_patches(x)
-    assert (kv.features - dino(x).last_hidden_state).abs().max() < ATOL
-    assert len(kv.keys) == TINY_DINO["num_hidden_layers"]
+    reference = dino(x, output_hidden_states=True)
+    kv = FoveatedEncoder(dino, query_dim=24).encode_patches(x)  # deep query: every layer's keys and values
+    assert len(kv) == 3 and len(kv.keys) == TINY_DINO["num_hidden_layers"] and kv.features is None
+    for layer, hidden, k, v in zip(dino.encoder.layer, reference.hidden_states, kv.keys, kv.values):
+        h = layer.norm1(hidden)  # the layer's input, as transformers computed it
+        assert (k.transpose(1, 2).flatten(2) - layer.attention.k_proj(h)).abs().max() < ATOL
+        assert (v.transpose(1, 2).flatten(2) - layer.attention.v_proj(h)).abs().max() < ATOL
+    shallow = FoveatedEncoder(dino, query_dim=24, deep_query=False).encode_patches(x)
+    assert (shallow.features - reference.last_hidden_state).abs().max() < ATOL
 
 
 def test_frame_size_must_divide_by_patch():
@@ -45,8 +50,7 @@ def test_grouped_queries_equal_one_query_per_frame(tiny_model):
     assert (z - enc.query_attend(q, kv, idx)).abs().max() < ATOL  # sdpa path == explicit-weights path
     assert torch.allclose(maps[0].sum(-1), torch.ones(5, 2), atol=1e-5)
     for m, f in enumerate(idx.tolist()):
-        one = type(kv)([k[f:f + 1] for k in kv.keys], [v[f:f + 1] for v in kv.values], kv.features[f:f + 1])
-        assert (enc.query_attend(q[m:m + 1], one)[0] - z[m]).abs().max() < ATOL
+        assert (enc.query_attend(q[m:m + 1], kv.select(torch.tensor([f])))[0] - z[m]).abs().max() < ATOL
 
 
 def test_query_changes_the_token(tiny_model):
