@@ -1,8 +1,8 @@
 """Speed of fVLM on this machine, one entry point:
 
     python bench.py throughput --config configs/stage1_135M.yaml --shapes 135M [--steps 5] [--batch-size 2]
-    python bench.py step [--shapes 135M] [--repeats 5]          # training step vs the irreducible work
-    python bench.py scoring [--shapes 135M] [--repeats 3] [--batch-size 8]   # MCQ scoring, questions/s
+    python bench.py step [--shapes 1.7B] [--repeats 5] [--threads 2]     # training step vs the irreducible work
+    python bench.py scoring [--repeats 3] [--batch-size 8]                # MCQ scoring, questions/s
 
 - throughput: samples/s of a config's training step, seconds per step split into data, DINO, LLM and optimizer
   time, and model FLOP utilisation (MFU: FLOPs of one forward+backward counted by torch.utils.flop_counter /
@@ -18,7 +18,8 @@
 - scoring: 4 options x 3 modes per question for an image replicated to 8 frames and a 16-frame video:
   `option_nll` (DINO once per question, one LLM pass per mode) at batch 1 and at --batch-size questions per
   call, against the naive way (one full forward per option and mode, every frame encoded each time).
-`--shapes 135M|1.7B` builds the real architecture with random weights (pretrained.SHAPES, no download). Every
+`--shapes 135M|1.7B` builds the real architecture with random weights (pretrained.SHAPES, no download); 1.7B
+in float32 takes 6.8 GB of weights, ~27 GB with gradients and AdamW's states (throughput). Every
 comparison is timed alternating (one round runs each variant once, after a warm-up round) and reports the
 median and the spread of the per-round ratios, so a change in the machine's load hits all variants alike.
 """
@@ -29,12 +30,12 @@ import glob
 import statistics
 import time
 
+import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import config as config_lib
-import distributed
 import train
 from model import MODES, FoveatedVLM, ModelSettings
 from pretrained import SHAPES
@@ -206,7 +207,7 @@ def dino_seconds(model, batch, dev):
     start = time.perf_counter()
     kv, _, _ = model.encode(batch["frames"], batch["frame_mask"])
     if kv is not None:
-        outs = [kv.features, *kv.keys, *kv.values]
+        outs = [t for t in (kv.features, *kv.keys, *kv.values) if t is not None]
         torch.autograd.backward([o.float().sum() for o in outs])
     sync(dev)
     model.zero_grad(set_to_none=True)
@@ -298,27 +299,31 @@ def throughput(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", choices=list(MODEL_SHAPES), help="real architecture, random weights (step and "
-                   "scoring: default 135M)")
-    p.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, help="CPU threads for torch (default: all of this process's cores "
+                        "when OMP_WAIT_POLICY=PASSIVE is in effect, else 1; README, CPU threads)")
+    common.add_argument("--shapes", choices=list(MODEL_SHAPES), help="real architecture, random weights (step and "
+                        "scoring: default 135M)")
+    common.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
+    timed = argparse.ArgumentParser(add_help=False, parents=[common])  # the alternating comparisons' flags
+    timed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    timed.add_argument("--frame-size", type=int, default=224)
+    timed.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("throughput", help="samples/s, step split and MFU of a config's training step")
+    t = sub.add_parser("throughput", parents=[common], help="samples/s, step split and MFU of a config's step")
     t.add_argument("--config", required=True)
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     t.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     t.add_argument("--batch-size", type=int, help="override training.batch_size")
     t.add_argument("--frames", type=int, help="frames per random sample (default data.max_frames)")
     t.add_argument("--random-data", action="store_true", help="random batches even when the shards exist")
-    timed = argparse.ArgumentParser(add_help=False)  # the alternating comparisons' flags
-    timed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    timed.add_argument("--frame-size", type=int, default=224)
-    timed.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     sub.add_parser("step", parents=[timed], help="training step vs the irreducible work, frame dedup on/off")
     c = sub.add_parser("scoring", parents=[timed], help="MCQ scoring: batch 1 vs N vs the naive per-option forward")
     c.add_argument("--batch-size", type=int, default=8, help="questions per option_nll call")
     c.add_argument("--prompt-tokens", type=int, default=60)
     c.add_argument("--option-tokens", type=int, default=8)
-    args = distributed.parse_cli(p, argv)
+    args = p.parse_args(argv)
+    distributed.set_threads(args.threads)
     if args.command == "throughput":
         print(throughput(args))
         return
@@ -330,4 +335,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    distributed.run_cli(main)

@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
+from distributed import autocast, parse_cli, run_cli  # before torch: it sets OpenMP's wait policy (README)
 import torch
 import yaml
 from tqdm import tqdm
@@ -30,7 +31,6 @@ from tqdm import tqdm
 import eval_readers
 from collate import pad_frames
 from data import SkipSample
-from distributed import autocast, parse_cli, run_cli
 from model import MODES
 from pretrained import load_checkpoint, training_config
 from tokenization import SCORING, SYSTEM_PROMPT, option_targets, prompt_ids

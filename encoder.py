@@ -1,7 +1,8 @@
 """FoveatedEncoder: DINOv2 patches seen through one learned query per frame.
 
 Phase 1 (`encode_patches`) runs DINOv2 once over the frames and caches, for every layer, the keys and values
-of all tokens (CLS + patches), computed from that layer's `norm1` input. Phase 2 (`query_attend`) sends a
+of all tokens (CLS + patches), computed from that layer's `norm1` input (the last layer's attention and MLP
+over the patches feed nothing the query reads, so they are not run). Phase 2 (`query_attend`) sends a
 query through the same layers: at each layer it attends to the cached keys/values (the patches never see
 the query), then goes through the layer's MLP, and leaves as ONE token per frame. Phase 2 is cheap, so a
 frame encoded once can be read with many queries (coarse and fine passes, every benchmark mode).
@@ -10,6 +11,7 @@ Module names follow transformers 5.x `Dinov2Model` (`attention.q_proj/k_proj/v_p
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,15 @@ class PatchKV:
 
     keys: list      # per layer [U, heads, 1+P, head_dim] (empty for the shallow query)
     values: list    # per layer [U, heads, 1+P, head_dim]
-    features: torch.Tensor  # [U, 1+P, D] final features after DINO's layernorm (CLS first)
+    features: Optional[torch.Tensor]  # shallow query only: [U, 1+P, D] DINO's final features (CLS first)
+
+    def __len__(self):  # U, the number of frames
+        return len(self.keys[0]) if self.keys else len(self.features)
+
+    def select(self, frames):
+        """The PatchKV of some of the frames (an index tensor)."""
+        pick = lambda t: None if t is None else t[frames]
+        return PatchKV([k[frames] for k in self.keys], [v[frames] for v in self.values], pick(self.features))
 
 
 def _group_slots(frame_idx, num_frames):
@@ -60,11 +70,15 @@ class FoveatedEncoder(nn.Module):
     def _heads(self, x):  # [N, L, D] -> [N, heads, L, head_dim]
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
+    def _patch_kv(self, layer, h):
+        """A block's keys and values [N, heads, L, head_dim] from its norm1 output h [N, L, D]."""
+        return self._heads(layer.attention.k_proj(h)), self._heads(layer.attention.v_proj(h))
+
     def _patch_layer(self, layer, x):
         """One DINOv2 block over the patch tokens, returning its output and the block's keys/values."""
         attn = layer.attention
         h = layer.norm1(x)
-        q, k, v = self._heads(attn.q_proj(h)), self._heads(attn.k_proj(h)), self._heads(attn.v_proj(h))
+        q, (k, v) = self._heads(attn.q_proj(h)), self._patch_kv(layer, h)
         a = F.scaled_dot_product_attention(q, k, v)  # [N, heads, L, head_dim]
         a = attn.o_proj(a.transpose(1, 2).flatten(2))
         x = x + layer.drop_path(layer.layer_scale1(a))
@@ -80,15 +94,18 @@ class FoveatedEncoder(nn.Module):
                              f"{EXPECTED.format(patch=self.patch_size)}")
         x = self.dino.embeddings(images)  # [N, 1+P, D]; position embeddings interpolate to H, W
         keys, values = [], []
-        for layer in self.dino.encoder.layer:
+        *layers, last = self.dino.encoder.layer
+        for layer in layers if self.deep_query else self.dino.encoder.layer:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, k, v = checkpoint(self._patch_layer, layer, x, use_reentrant=False)
             else:
                 x, k, v = self._patch_layer(layer, x)
-            if self.deep_query:
-                keys.append(k)
-                values.append(v)
-        return PatchKV(keys, values, self.dino.layernorm(x))
+            keys.append(k)
+            values.append(v)
+        if not self.deep_query:
+            return PatchKV([], [], self.dino.layernorm(x))
+        k, v = self._patch_kv(last, last.norm1(x))
+        return PatchKV(keys + [k], values + [v], None)
 
     def _attend(self, q, k, v, frame, slot, R, need_weights):
         """Query rows q [M, D] attend to per-frame keys/values [U, heads, 1+P, hd]; row m reads frame[m]."""
@@ -107,11 +124,14 @@ class FoveatedEncoder(nn.Module):
 
         Returns tokens [M, D] (and, with return_attention, a list over layers of [M, heads, 1+P]).
         """
-        U = kv.features.shape[0]
+        U = len(kv)
         if frame_idx is None:
             assert query.shape[0] == U, f"{query.shape[0]} queries for {U} frames need a frame_idx"
             frame_idx = torch.arange(U, device=query.device)
-        frame, slot, R = _group_slots(frame_idx, U)
+        used, frame_idx = torch.unique(frame_idx, return_inverse=True)
+        if len(used) < U:  # attend over the frames read only (autoregressive steps read one frame each)
+            kv = kv.select(used)
+        frame, slot, R = _group_slots(frame_idx, len(used))
         x = self.query_input_proj(query)  # [M, D]
         maps = []
         if self.deep_query:

@@ -126,10 +126,10 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         return self.dino_to_llm(self.encoder.query_attend(queries, kv, frame_idx)) * self.settings.visual_scale
 
     def visual_tokens(self, kv, frame_idx, counts, mode, text=None):
-        """The packed visual tokens [M, llm_dim] of `mode`, and None or, for coarse_fine given `text`, the text's
-        hidden states [B, S, D] after the coarse tokens: the coarse LLM pass then reads [coarse tokens, text],
-        whose states at the coarse tokens are those of the coarse tokens alone (causal attention), so coarse_only's
-        reading of the text comes with it (lambda_coarse's loss; scoring both modes)."""
+        """Packed visual tokens [M, llm_dim] of `mode`, and for coarse_fine given `text` coarse_only's hidden states
+        at the text [B, S, D] (else None): the coarse LLM pass then reads [coarse tokens, text], and causal
+        attention leaves its states at the coarse tokens as over those tokens alone, so coarse_only's reading of
+        the text costs only the text's tokens (lambda_coarse's loss; scoring both modes)."""
         M = frame_idx.shape[0]
         if mode == "autoregressive":
             return self._autoregressive_tokens(kv, frame_idx, counts), None
@@ -212,12 +212,12 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         is 1. Training passes return_logits=False: the vocabulary projection then runs on the targets only.
         `encoded`, this model's `encode(frames, frame_mask)`, lets several modes share one DINO pass."""
         check_modes([mode])
+        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
+        _check_rows(counts, input_ids.shape[0], "input_ids")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         loss_mask = attention_mask if loss_mask is None else loss_mask * attention_mask
         text, dest = self._text(input_ids, attention_mask)
         weights = torch.zeros_like(text.ids, dtype=torch.float).scatter(1, dest, loss_mask.float())
-        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
-        _check_rows(counts, input_ids.shape[0], "input_ids")
         lambda_coarse = self.settings.lambda_coarse if mode == "coarse_fine" else 0.0
         vis, coarse_h = self.visual_tokens(kv, frame_idx, counts, mode, text if lambda_coarse > 0 else None)
         _, h = self._llm(vis, counts, text)
@@ -235,14 +235,14 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         and turned into visual tokens once; both answers are read in one LLM pass of 2B rows (chosen, then
         rejected). `encoded` as in forward. Returns {"chosen_logps": [B], "rejected_logps": [B]}."""
         check_modes([mode])
+        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
         B, S = chosen_ids.shape[0], max(chosen_ids.shape[1], rejected_ids.shape[1])
+        _check_rows(counts, B, "chosen_ids")
         both = lambda c, r: torch.cat([F.pad(c, (0, S - c.shape[1])), F.pad(r, (0, S - r.shape[1]))])  # [2B, S]
         mask = both(chosen_mask, rejected_mask)
         text, dest = self._text(both(chosen_ids, rejected_ids), mask)
         loss_mask = both(chosen_loss_mask, rejected_loss_mask) * mask
         weights = torch.zeros_like(text.ids, dtype=torch.float).scatter(1, dest, loss_mask.float())
-        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
-        _check_rows(counts, B, "chosen_ids")
         vis, _ = self.visual_tokens(kv, frame_idx, counts, mode)
         _, h = self._llm(torch.cat([vis, vis]), counts.repeat(2), text)
         logp, rows, w = self._target_logps(h, text.ids, weights)
@@ -262,13 +262,12 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
             tokenizer = tokenizer if tokenizer is not None else self.tokenizer
             input_ids, attention_mask = prompt_batch(input_ids, tokenizer, self.q_init.device)
             eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        text, _ = self._text(input_ids, attention_mask)
         kv, frame_idx, counts = self.encode(frames, frame_mask)
         _check_rows(counts, input_ids.shape[0], "input_ids")
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        text, _ = self._text(input_ids, attention_mask)
         vis, _ = self.visual_tokens(kv, frame_idx, counts, mode)
-        vis = pad_packed(vis, counts)[0]
-        embeds, mask, _, _ = pack(vis, counts, text.embeds, text.n)
+        embeds, mask, _, _ = pack(pad_packed(vis, counts)[0], counts, text.embeds, text.n)
         cache = DynamicCache(config=self.llm.config)
         h = self._llm_hidden(embeds, mask, None, cache)
         last, next_pos = gather_rows(h, (counts + text.n - 1).clamp(min=0)[:, None])[:, 0], counts + text.n
@@ -311,13 +310,10 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
             states["coarse_fine"] = self._llm(vis, counts, text)[1]
         for mode in set(modes) - set(states):
             states[mode] = self._llm(self.visual_tokens(kv, frame_idx, counts, mode)[0], counts, text)[1]
-        sizes = [len(option) for question in options for option in question]
-        out = {}
-        for mode in modes:
-            logits = self._logits(states[mode].flatten(0, 1)[source]).float()  # [K, V]: K option tokens in all
-            nll = iter(F.cross_entropy(logits, target, reduction="none").split(sizes))
-            out[mode] = [[next(nll) for _ in question] for question in options]
-        return out
+        h = torch.cat([states[mode].flatten(0, 1)[source] for mode in modes])  # [modes * K, D], K option tokens
+        nll = iter(F.cross_entropy(self._logits(h).float(), target.repeat(len(modes)), reduction="none")
+                   .split([len(option) for _ in modes for question in options for option in question]))
+        return {mode: [[next(nll) for _ in question] for question in options] for mode in modes}
 
     @torch.no_grad()
     def score_options(self, frames, prompt, options, modes=("coarse_fine",), frame_mask=None, tokenizer=None):

@@ -1,5 +1,7 @@
 """FoveatedVLM and FoveatedEncoder behaviour on tiny random-weight models (no downloads)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,8 +11,9 @@ from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, DinoCounter, tiny_model_
 from conftest import rand_frames as frames
 from conftest import rand_ids as ids
 from encoder import FoveatedEncoder
-from model import MODES, FoveatedVLM
-from pretrained import WEIGHTS_NAME
+import config
+from model import MODES, FoveatedVLM, ModelSettings
+from pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 ATOL = 1e-5
 
@@ -20,11 +23,16 @@ ATOL = 1e-5
 def test_patch_path_equals_dinov2(size):
     torch.manual_seed(0)
     dino = Dinov2Model(Dinov2Config(**{k: v for k, v in TINY_DINO.items() if k != "model_type"})).eval()
-    enc = FoveatedEncoder(dino, query_dim=24)
     x = torch.randn(3, 3, *size)
-    kv = enc.encode_patches(x)
-    assert (kv.features - dino(x).last_hidden_state).abs().max() < ATOL
-    assert len(kv.keys) == TINY_DINO["num_hidden_layers"]
+    reference = dino(x, output_hidden_states=True)
+    kv = FoveatedEncoder(dino, query_dim=24).encode_patches(x)  # deep query: every layer's keys and values
+    assert len(kv) == 3 and len(kv.keys) == TINY_DINO["num_hidden_layers"] and kv.features is None
+    for layer, hidden, k, v in zip(dino.encoder.layer, reference.hidden_states, kv.keys, kv.values):
+        h = layer.norm1(hidden)  # the layer's input, as transformers computed it
+        assert (k.transpose(1, 2).flatten(2) - layer.attention.k_proj(h)).abs().max() < ATOL
+        assert (v.transpose(1, 2).flatten(2) - layer.attention.v_proj(h)).abs().max() < ATOL
+    shallow = FoveatedEncoder(dino, query_dim=24, deep_query=False).encode_patches(x)
+    assert (shallow.features - reference.last_hidden_state).abs().max() < ATOL
 
 
 def test_frame_size_must_divide_by_patch():
@@ -42,8 +50,7 @@ def test_grouped_queries_equal_one_query_per_frame(tiny_model):
     assert (z - enc.query_attend(q, kv, idx)).abs().max() < ATOL  # sdpa path == explicit-weights path
     assert torch.allclose(maps[0].sum(-1), torch.ones(5, 2), atol=1e-5)
     for m, f in enumerate(idx.tolist()):
-        one = type(kv)([k[f:f + 1] for k in kv.keys], [v[f:f + 1] for v in kv.values], kv.features[f:f + 1])
-        assert (enc.query_attend(q[m:m + 1], one)[0] - z[m]).abs().max() < ATOL
+        assert (enc.query_attend(q[m:m + 1], kv.select(torch.tensor([f])))[0] - z[m]).abs().max() < ATOL
 
 
 def test_query_changes_the_token(tiny_model):
@@ -253,6 +260,29 @@ def test_save_and_from_pretrained_round_trip(tiny_model, tmp_path):
     loaded = FoveatedVLM.from_pretrained(str(tmp_path))
     assert loaded.settings.query_dim == 24 and loaded.llm.config.hidden_size == TINY_LLM["hidden_size"]
     assert torch.equal(outputs(loaded), outputs(tiny_model))
+
+
+def test_settings_are_defined_once_and_saved(tiny_model, tmp_path):
+    cfg = config.ModelConfig(llm_config=dict(TINY_LLM), dino_config=dict(TINY_DINO), query_dim=24, visual_scale=0.5,
+                             lambda_coarse=0.25, mode="coarse_only", freeze_dino=True)  # training fields too
+    built = FoveatedVLM.from_config(cfg)
+    assert built.settings == ModelSettings.of(cfg) and built.settings.visual_scale == 0.5
+    built.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["fvlm"] == {"llm": None, "dino": None, "query_dim": 24, "visual_scale": 0.5, "deep_query": True,
+                             "lambda_coarse": 0.25}
+    assert FoveatedVLM.from_pretrained(str(tmp_path)).settings.lambda_coarse == 0.25
+    # config.json as first written (the constructor's names) still loads; an unknown setting names the file
+    saved["fvlm"] = {"llm_name": None, "dino_name": None, "query_dim": 24, "visual_scale": 0.5, "deep_query": True,
+                     "lambda_coarse": 0.25}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(saved))
+    legacy = FoveatedVLM.from_pretrained(str(tmp_path))
+    assert (legacy.settings.query_dim, legacy.settings.lambda_coarse) == (24, 0.25)
+    assert torch.equal(outputs(legacy), outputs(built))
+    saved["fvlm"]["query_size"] = 24
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"config.json: unknown model setting\(s\) \['query_size'\]"):
+        FoveatedVLM.from_pretrained(str(tmp_path))
 
 
 def test_loads_original_transformers4_names(tiny_model, tmp_path):
