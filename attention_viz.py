@@ -20,8 +20,8 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from generate import add_input_args, load_inputs  # noqa: E402
+from inputs import denormalise  # noqa: E402
 
 KINDS = ("coarse", "fine")
 
@@ -59,7 +59,7 @@ def plot_attention(frames, maps, entropy, out, patch_size, layers=None):
     bad = [layer for layer in layers if not 0 <= layer < L]
     if bad:
         raise ValueError(f"layers {bad} do not exist: the encoder has layers 0..{L - 1}")
-    rgb = (frames * IMAGENET_STD + IMAGENET_MEAN).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    rgb = denormalise(frames).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     rows = [(None, None)] + [(kind, layer) for kind in KINDS for layer in layers]
     fig, axes = plt.subplots(len(rows), T, figsize=(1.6 * T + 0.8, 1.7 * len(rows)), squeeze=False)
     for r, (kind, layer) in enumerate(rows):

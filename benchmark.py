@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import eval_readers
 from collate import pad_frames
-from data import SkipSample
+from frames import SkipSample
 from model import MODES
 from pretrained import load_checkpoint, training_config
 from tokenization import SCORING, SYSTEM_PROMPT, option_targets, prompt_ids

@@ -2,7 +2,7 @@
 
 A sample is the run of consecutive tar members sharing a key (the member name up to the first dot of its
 basename; the rest, lowercased, is the field). Shards are local files, globs, brace ranges or any URL the
-webdataset library opens (`pipe:`, http(s), `hf://`): see shards.py. Formats follow ../shared/FORMATS.md:
+webdataset library opens (`pipe:`, http(s), `hf://`): see shards.py. The formats (the README's "Data"):
 - `mp4` (+ `txt`/`json`, video2dataset): frames at `sample_fps` up to `max_frames`; a longer video is sampled
   uniformly over its whole length (`frame_sampling: uniform`) or keeps its first `max_frames` (`head`).
   Samples whose json `status` is not "success" (failed downloads, written without mp4) are skipped.
@@ -13,8 +13,7 @@ webdataset library opens (`pipe:`, http(s), `hf://`): see shards.py. Formats fol
   `user`+`chosen_assistant`+`rejected_assistant` too) | `caption`, or `txt` | pre-tokenized `token_ids` +
   `loss_mask`. Prompts follow the original recipe (tokenization.py): an explicit system turn, and a
   caption's user prompt chosen by the sample's `source` unless it has its own `user` text.
-Frames are square-resized to `frame_size` and ImageNet-normalised: [T, 3, H, W] float32. Videos are decoded
-by decord where it installs (x86_64 Linux, Windows), else by PyAV at the same frame indices (`read_video`).
+Frames are decoded by frames.py: square-resized to `frame_size` and ImageNet-normalised, [T, 3, H, W] float32.
 
 Training reads an endless stream (each pass over this worker's shards in a new random order, or shards drawn
 with replacement when `resampled`, then a shuffle buffer of undecoded samples); evaluation reads one ordered
@@ -27,7 +26,6 @@ Inspector and decode throughput: `python data.py --config CONFIG [--workers N] [
 """
 
 import functools
-import io
 import json
 import logging
 import math
@@ -36,7 +34,6 @@ import re
 import time
 from collections import Counter
 
-import av
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -45,158 +42,16 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from collate import BudgetBatches, collate
+from frames import FRAME_SAMPLING, IMAGE_FIELDS, VIDEO_FIELDS, SkipSample, decode_image, decode_video, frame_indices
 from shards import SHARD_REASONS, ShardStream, expand_shards, names
 from tokenization import SYSTEM_PROMPT, PromptTooLong, caption_messages, caption_prompt, tokenize_chat, tokenize_dpo
 
-try:
-    from decord import DECORDError, VideoReader
-except ImportError:  # decord has wheels for x86_64 Linux and Windows only; PyAV decodes elsewhere
-    DECORDError, VideoReader = RuntimeError, None
-
 log = logging.getLogger("fvlm.data")
-VIDEO_DECODER = "decord" if VideoReader is not None else "pyav"  # tests set "pyav" to take the fallback path
-VIDEO_ERRORS = (RuntimeError, OSError, av.FFmpegError, DECORDError)  # decord raises RuntimeError for bad data
-
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-VIDEO_FIELDS = ("mp4", "webm", "mkv", "avi", "mov")
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
-NUMBERED_FRAME = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
+NUMBERED_FRAME = re.compile(rf"^(\d+)\.({'|'.join(IMAGE_FIELDS)})$")  # 000.jpg, 001.jpg, ...
 LOSS_TYPES = ("text_ce_all", "text_ce_answer_only", "dpo")
-FRAME_SAMPLING = ("uniform", "head")
 
 
-class SkipSample(Exception):
-    """A sample that cannot be used; `reason` is the short label it is counted under."""
-
-    def __init__(self, reason, detail=""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-# ---------------------------------------------------------------- frames
-
-def normalise(rgb):
-    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], ImageNet-normalised."""
-    x = torch.from_numpy(rgb).movedim(-1, -3).contiguous().float()  # contiguous first: much faster arithmetic
-    return x.mul_(1 / 255).sub_(IMAGENET_MEAN).div_(IMAGENET_STD)
-
-
-def load_image_frames(image, size=224):
-    """A PIL image -> [3, size, size]: a plain square resize (the spec's transforms.Resize((S, S))), normalised."""
-    return normalise(np.array(image.convert("RGB").resize((size, size), Image.BILINEAR)))
-
-
-def decode_image(data, frame_size):
-    """Encoded image bytes -> [3, H, W]."""
-    return load_image_frames(Image.open(io.BytesIO(data)), frame_size)
-
-
-def frame_indices(num_frames, fps, max_frames, sampling="uniform", sample_fps=1.0):
-    """Frame indices at `sample_fps`; beyond `max_frames`, uniform over the video (`uniform`) or the first ones.
-
-    Uniform picks the middle frame of `max_frames` equal segments, as MVBench's reader does.
-    """
-    assert sampling in FRAME_SAMPLING, f"frame_sampling must be one of {FRAME_SAMPLING}, got {sampling!r}"
-    if num_frames <= 0:
-        return []
-    step = fps / sample_fps if fps and fps > 0 else 1.0  # source frames per sampled frame
-    idx = [int(i * step) for i in range(max(1, int(np.ceil(num_frames / step))))]
-    if len(idx) <= max_frames:
-        return idx
-    if sampling == "head":
-        return idx[:max_frames]
-    seg = num_frames / max_frames
-    return [min(num_frames - 1, int(seg / 2 + seg * i)) for i in range(max_frames)]
-
-
-def read_video(source, frame_size, choose):
-    """A video (encoded bytes or a file path) -> [T, 3, H, W] at the frame indices `choose(num_frames, fps)`,
-    square-resized (bilinear) while decoding. The one video decoder, for training and evaluation alike: decord
-    where installed, else PyAV through the same FFmpeg filters, at the same frame indices."""
-    name = source if isinstance(source, str) else "video bytes"
-    decode = _decord_frames if VIDEO_DECODER == "decord" else _pyav_frames
-    try:
-        return normalise(decode(source, frame_size, choose, name))
-    except VIDEO_ERRORS as e:
-        raise SkipSample("bad_video", f"{name}: {str(e).splitlines()[0][:200]}") from e
-
-
-def _chosen(choose, num_frames, fps, name):
-    idx = choose(num_frames, fps) if num_frames else []
-    if not idx:
-        raise SkipSample("empty_video", name)
-    return idx
-
-
-def _decord_frames(source, size, choose, name):
-    """uint8 [T, size, size, 3]."""
-    vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
-                     num_threads=1)
-    return vr.get_batch(_chosen(choose, len(vr), vr.get_avg_fps(), name)).asnumpy()
-
-
-def _pyav_frames(source, size, choose, name):
-    """uint8 [T, size, size, 3] as decord decodes them: frames counted as the video stream's packets, fps its
-    average rate, frames in presentation order through decord's filter chain (`_decord_filters`)."""
-    def container():
-        return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-
-    with container() as c:  # demux only, no decoding
-        stream = _video_stream(c, name)
-        idx = _chosen(choose, sum(1 for p in c.demux(stream) if p.size), float(stream.average_rate or 0), name)
-    wanted, got, graph = set(idx), {}, None
-    with container() as c:
-        stream = _video_stream(c, name)
-        stream.codec_context.thread_count = 1  # as decord's num_threads=1: loader workers are the parallelism
-        for i, frame in enumerate(c.decode(stream)):
-            if i in wanted:
-                graph = graph or _decord_filters(stream, frame.rotation, size)
-                graph.push(frame)
-                got[i] = graph.pull().to_ndarray()
-                if len(got) == len(wanted):
-                    break
-    if len(got) < len(wanted):
-        raise SkipSample("bad_video", f"{name}: decoding ended before frame {min(wanted - got.keys())}")
-    return np.stack([got[i] for i in idx])
-
-
-DECORD_TRANSPOSE = {90: ["1"], 180: ["1", "1"], 270: ["2"]}  # clockwise display rotation -> transpose filters
-
-
-def _decord_filters(stream, rotation, size):
-    """The FFmpeg filter graph decord 0.6 decodes through: transpose for the display rotation, scale to
-    size x size (bilinear: the scale filter's default in decord's FFmpeg 4.1), RGB24. On every clip tried (x264
-    with B-frames, MPEG-4, 64 px to 640x360, each rotation) this gives decord's pixels exactly; PyAV's own
-    frame.reformat differs by up to ~55 levels on sharp colour edges."""
-    graph = av.filter.Graph()
-    turns = [("transpose", t) for t in DECORD_TRANSPOSE.get(-round(rotation) % 360, [])]  # PyAV: counter-clockwise
-    nodes = [graph.add_buffer(template=stream)]
-    for name, args in [*turns, ("scale", f"{size}:{size}:flags=bilinear"), ("format", "rgb24")]:
-        nodes.append(graph.add(name, args))
-    nodes.append(graph.add("buffersink"))
-    for a, b in zip(nodes, nodes[1:]):
-        a.link_to(b)
-    graph.configure()
-    return graph
-
-
-def _video_stream(container, name):
-    if not container.streams.video:
-        raise SkipSample("bad_video", f"{name}: no video stream")
-    return container.streams.video[0]
-
-
-def decode_video(data, frame_size, max_frames, sampling="uniform", sample_fps=1.0):
-    """Encoded video bytes -> [T, 3, H, W], sampled as in training (see frame_indices)."""
-    return read_video(data, frame_size, lambda n, fps: frame_indices(n, fps, max_frames, sampling, sample_fps))
-
-
-def load_video_frames(path, max_frames=64, size=224, sampling="uniform", sample_fps=1.0):
-    """A video file -> [T, 3, size, size], sampled as in training (see frame_indices). Raises SkipSample."""
-    with open(path, "rb") as f:
-        return decode_video(f.read(), size, max_frames, sampling, sample_fps)
-
+# ---------------------------------------------------------------- a sample's frames
 
 def _image(data, frame_size, name):
     try:
@@ -530,7 +385,7 @@ def inspect_main(argv=None):
                         help="shard sets to read (repeatable); default: every one the config sets")
     parser.add_argument("--workers", type=int, default=0, help="then time a pass with this many loader workers")
     parser.add_argument("--target", type=float, default=27.0, help="samples/s the GPU trains at (default: the "
-                        "spec's A100 figure for 135M): prints the loader workers needed to feed it")
+                        "original fVLM's A100 bf16 rate for 135M): prints the loader workers needed to feed it")
     args = distributed.parse_cli(parser, argv, threads=1)  # default 1 thread, as in a DataLoader worker
     cfg = config.load(args.config, args.set, check=False)
     tokenizer = load_tokenizer(config.tokenizer_name(cfg))

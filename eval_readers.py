@@ -6,8 +6,9 @@ where the frames come from. The original fVLM's eval shards are read as its benc
 answer letter parsed by its rules, see `original_options`); for the raw layouts the question is laid out as
 in training (`tokenization.format_mcq`: the question, then one 'A. option' line per candidate; the scored
 answer is 'B. option', `mcq_answer`), whatever the benchmark's own harness prompt. Frames are decoded only
-when the question is scored (`load_media`, with data.py's decoders), so a missing or unreadable video becomes
-a skip with a reason instead of a crash; a question with one frame is replicated to 8, as the original does.
+when the question is scored (`load_media`, with the training decoders of frames.py), so a missing or
+unreadable video becomes a skip with a reason instead of a crash; a question with one frame is replicated to 8,
+as the original does.
 
 Layouts: MVBench (OpenGVLab/MVBench: json/<task>.json + video/<folder>/...), Video-MME (lmms-lab/Video-MME:
 videomme/test-*.parquet + data/{videoID}.mp4), ScienceQA (derek-thomas/ScienceQA test parquet, image subset),
@@ -21,14 +22,14 @@ import re
 from dataclasses import dataclass, field
 
 import pandas as pd
-import torch
 
-from data import SkipSample, read_video, sample_frames
+from data import sample_frames
+from frames import SkipSample, read_video
 from shards import expand_shards, iter_tar
 from tokenization import MCQ_LETTERS, format_mcq, mcq_answer
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".MP4")
-REPLICATE_IMAGE_FRAMES = 8  # spec: "Images must be replicated to 8 frames"
+REPLICATE_IMAGE_FRAMES = 8  # as stages 2-3 train images (data.replicate_image_frames: 8)
 FRAME_FOLDER_FPS = 3  # MVBench's pre-extracted frame folders (tvqa/frames_fps3_hq)
 
 # MVBench task -> video folder under <root>/video (the benchmark's own table). A task not listed here is
@@ -148,7 +149,7 @@ def _load_video(path, bound, max_frames, frame_size):
 def load_media(media, max_frames=64, frame_size=224):
     """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised); one frame, whatever it came
     from, becomes REPLICATE_IMAGE_FRAMES views of it (the original replicates every one-frame sample).
-    Raises data.SkipSample."""
+    Raises frames.SkipSample."""
     if media.fields is not None:
         frames = _decode_fields(media.fields, max_frames, frame_size)
     else:

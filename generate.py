@@ -18,7 +18,7 @@ import distributed  # before torch: it sets OpenMP's wait policy, which torch re
 import torch
 
 import eval_readers
-from data import IMAGE_FIELDS, SkipSample, load_video_frames
+from frames import IMAGE_FIELDS, SkipSample, load_video_frames
 from distributed import autocast
 from model import MODES
 from pretrained import load_checkpoint
@@ -27,7 +27,7 @@ from tokenization import prompt_ids
 
 def load_frames(video=None, image=None, max_frames=64, frame_size=224, sample_fps=1.0):
     """Frames sampled as in training -> [T, 3, H, W]: a video file at `sample_fps` up to `max_frames`, uniform
-    over the video beyond (data.frame_indices); a folder of frame images, every frame up to `max_frames`
+    over the video beyond (frames.frame_indices); a folder of frame images, every frame up to `max_frames`
     (uniform beyond); an image, replicated to 8 frames."""
     if (video is None) == (image is None):
         raise ValueError("give exactly one of video= or image=")

@@ -53,13 +53,30 @@ def prepare_frames(frames, frame_mask, patch_size):
                          f"be [B, T] = [{B}, {T}] (True at real frames)")
     frame_mask = frame_mask.bool()
     if frames.dtype == torch.uint8:
-        mean = torch.tensor(IMAGENET_MEAN, device=frames.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=frames.device).view(3, 1, 1)
-        return (frames.float() / 255 - mean) / std, frame_mask
+        return normalise_pixels(frames), frame_mask
     if not frames.is_floating_point():
         raise ValueError(f"frames have dtype {frames.dtype}; {expected}")
     _check_normalised(frames[frame_mask], expected)
     return frames, frame_mask
+
+
+def _imagenet(like):
+    """ImageNet's mean and std as [3, 1, 1] tensors on `like`'s device."""
+    return (torch.tensor(IMAGENET_MEAN, device=like.device).view(3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=like.device).view(3, 1, 1))
+
+
+def normalise_pixels(pixels):
+    """uint8 pixels [..., 3, H, W] -> float32 ImageNet-normalised frames (DINOv2's input), on their device."""
+    assert pixels.dtype == torch.uint8, f"expected uint8 pixels, got {pixels.dtype}"
+    mean, std = _imagenet(pixels)
+    return pixels.float().mul_(1 / 255).sub_(mean).div_(std)  # float() copies: the in-place ops are safe
+
+
+def denormalise(frames):
+    """ImageNet-normalised frames [..., 3, H, W] -> pixel values in [0, 1] (for display)."""
+    mean, std = _imagenet(frames)
+    return frames * std + mean
 
 
 def _check_normalised(real, expected):

@@ -18,7 +18,7 @@ caption), {user, assistant, source} (one exchange), {messages, source} (several,
 `cauldron/<subset>`, `smoltalk/<its source>`, `rlaif_v` or `llava_video/<subset>`.
 
 Every medium is decoded before it is written: images fully with PIL (a truncated JPEG opens, then fails),
-videos at the frames training takes (1 fps up to --max-frames) with data.read_video. Bad rows are skipped
+videos at the frames training takes (1 fps up to --max-frames) with frames.read_video. Bad rows are skipped
 and counted by reason; the counts, with a few example ids each, go to `<out>/report.json`.
 
 Inputs are read in a fixed order and streamed (parquet by row group, zips and tars member by member).
@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 import published
 import published_video
-from data import VIDEO_FIELDS, SkipSample, frame_indices, read_video
+from frames import VIDEO_FIELDS, SkipSample, frame_indices, read_video
 from published import END, InputError, Item, Skip
 
 CHECK_SIZE = 32  # frame side for the decode check: every frame is still decoded in full

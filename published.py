@@ -17,7 +17,7 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data import VIDEO_FIELDS
+from frames import VIDEO_FIELDS
 from streams import parquet_rows
 
 END = 1 << 62  # a position component after any real one

@@ -14,7 +14,7 @@ from array import array
 
 import webdataset as wds
 
-from data import VIDEO_FIELDS
+from frames import VIDEO_FIELDS
 from published import InputError, Item, Sample, Skip, chat_meta, chat_problem, files, key, natural, video_ext
 from streams import CsvIndex, csv_header, json_array, open_zip, read_span
 

@@ -15,7 +15,7 @@ from PIL import Image
 import benchmark
 import eval_readers as er
 from conftest import DinoCounter, image_bytes, tiny_model_kwargs, write_members
-from data import IMAGENET_MEAN, IMAGENET_STD
+from inputs import denormalise
 from model import FoveatedVLM
 from tokenization import option_targets, prompt_ids
 
@@ -39,7 +39,7 @@ def write_video(path, n, fps, size=32):
 
 def frame_ids(frames):
     """Which fixture frame each decoded frame is (grey level 8*i), from the ImageNet-normalised tensor."""
-    rgb = frames * IMAGENET_STD + IMAGENET_MEAN  # [T, 3, H, W] in [0, 1]
+    rgb = denormalise(frames)  # [T, 3, H, W] in [0, 1]
     return [round(v) for v in (rgb.mean((1, 2, 3)) * 255 / 8).tolist()]
 
 

@@ -21,8 +21,9 @@ import distributed
 import generate
 import train
 from collate import collate
-from data import (IMAGENET_MEAN, IMAGENET_STD, ShardDataset, frame_indices, load_image_frames, load_video_frames,
-                  make_loader)
+from data import ShardDataset, make_loader
+from frames import SkipSample, decode_video, frame_indices, load_image_frames, load_video_frames, read_video
+from inputs import IMAGENET_MEAN, IMAGENET_STD, denormalise
 from shards import assign_shards, expand_shards, iter_tar
 from synthetic import BACKGROUND, encode_jpg, encode_mp4, render, write_tar
 
@@ -54,7 +55,7 @@ def decoder(request, monkeypatch):
     """Run a test with each video decoder: decord (where installed) and the PyAV path used where it is not."""
     if request.param == "decord":
         pytest.importorskip("decord")
-    monkeypatch.setattr(data, "VIDEO_DECODER", request.param)
+    monkeypatch.setattr("frames.VIDEO_DECODER", request.param)
     return request.param
 
 
@@ -82,7 +83,7 @@ def test_video2dataset_shard_with_failures(tmp_path, tokenizer, caplog, decoder)
     frames = samples[0]["frames"]
     assert frames.shape == (6, 3, SIZE, SIZE) and frames.dtype == torch.float32
     # A background corner pixel is grey BACKGROUND, ImageNet-normalised per channel.
-    expected = (BACKGROUND / 255 - IMAGENET_MEAN.view(3)) / IMAGENET_STD.view(3)
+    expected = (BACKGROUND / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(frames[0, :, 0, 0], expected, atol=0.08)
     # Stage 1: loss on every token of the caption conversation.
     assert samples[0]["loss_mask"].tolist() == [1] * len(samples[0]["input_ids"])
@@ -259,12 +260,12 @@ def camera_clip(path, frames, fps, width=96, height=64, rotation=0):
 
 
 def decode_with(decoder, monkeypatch, source, size, seen):
-    monkeypatch.setattr(data, "VIDEO_DECODER", decoder)
+    monkeypatch.setattr("frames.VIDEO_DECODER", decoder)
 
     def choose(n, fps):
         seen[decoder] = (n, fps)
         return frame_indices(n, fps, max_frames=2, sample_fps=1.0) + [n - 1]
-    rgb = data.read_video(source, size, choose) * IMAGENET_STD + IMAGENET_MEAN  # back to [0, 1]
+    rgb = denormalise(read_video(source, size, choose))  # back to [0, 1]
     return (rgb * 255).movedim(1, -1)  # [T, H, W, 3] in pixel levels
 
 
@@ -291,19 +292,19 @@ def test_without_decord_pyav_decodes(tmp_path):
     """Where decord does not install (macOS, Linux aarch64) the import falls back to PyAV."""
     clip = camera_clip(tmp_path / "c.mp4", frames=30, fps=10)
     code = ("import sys; sys.modules['decord'] = None\n"  # makes `import decord` fail, as on those machines
-            "import data\n"
-            f"print(data.VIDEO_DECODER, tuple(data.load_video_frames({clip!r}, size=32).shape))")
+            "import frames\n"
+            f"print(frames.VIDEO_DECODER, tuple(frames.load_video_frames({clip!r}, size=32).shape))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[-2] == "pyav (3, 3, 32, 32)"  # 3 s at 1 fps
 
 
 def test_pyav_path_skips_bad_videos_by_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "VIDEO_DECODER", "pyav")
+    monkeypatch.setattr("frames.VIDEO_DECODER", "pyav")
     clip = open(camera_clip(tmp_path / "c.mp4", frames=30, fps=10), "rb").read()
-    assert data.decode_video(clip, 32, max_frames=8).shape == (3, 3, 32, 32)  # 3 s at 1 fps
+    assert decode_video(clip, 32, max_frames=8).shape == (3, 3, 32, 32)  # 3 s at 1 fps
     for bad, reason in ((clip[:len(clip) // 3], "bad_video"), (b"not a video" * 50, "bad_video")):
-        with pytest.raises(data.SkipSample) as e:
-            data.decode_video(bad, 32, max_frames=8)
+        with pytest.raises(SkipSample) as e:
+            decode_video(bad, 32, max_frames=8)
         assert e.value.reason == reason
     with av.open(str(tmp_path / "audio.mp4"), "w") as c:  # a file with no video stream
         s = c.add_stream("aac", rate=8000)
@@ -311,8 +312,8 @@ def test_pyav_path_skips_bad_videos_by_reason(tmp_path, monkeypatch):
         frame.sample_rate = 8000
         c.mux(s.encode(frame))
         c.mux(s.encode())
-    with pytest.raises(data.SkipSample, match="no video stream"):
-        data.load_video_frames(str(tmp_path / "audio.mp4"), size=32)
+    with pytest.raises(SkipSample, match="no video stream"):
+        load_video_frames(str(tmp_path / "audio.mp4"), size=32)
 
 
 def test_generate_samples_frames_as_training(tmp_path, tokenizer, decoder):

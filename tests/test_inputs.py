@@ -7,7 +7,7 @@ import torch
 
 from conftest import rand_frames as frames
 from conftest import rand_ids as ids
-from data import normalise
+from frames import normalise
 from model import MODES
 from tokenization import prompt_ids
 
