@@ -1,4 +1,4 @@
-"""Batching variable-length samples into the model's batch contract (../notes/CONTRACT.md).
+"""Batching variable-length samples into the batches FoveatedVLM.forward and forward_dpo take:
 
 CE batch:  frames [B, T, 3, H, W] float32, frame_mask [B, T] bool (real frames first), input_ids [B, S] long,
            attention_mask [B, S] long (right padding), loss_mask [B, S] long.

@@ -7,7 +7,8 @@ r"""Answer a question about a video or an image with a trained fVLM checkpoint.
 --checkpoint takes a checkpoint folder or a training save_dir (then its `latest` checkpoint).
 From Python (notebooks): `model, tokenizer, frame_size = pretrained.load_checkpoint(dir)`, then
 `answer(model, tokenizer, load_frames(video=..., frame_size=frame_size), "question")`.
-Videos: up to 64 frames sampled uniformly; images: replicated to 8 frames (the model was trained so).
+Videos are sampled as in training: 1 frame per second up to --max-frames (64), uniform over the video beyond;
+images are replicated to 8 frames (as stages 2-3 trained).
 The model is rebuilt from the checkpoint's saved config (FoveatedVLM.from_pretrained).
 """
 
@@ -63,7 +64,8 @@ def add_input_args(p, max_frames):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", help="video file (or folder of frames)")
     src.add_argument("--image", help="image file (replicated to 8 frames)")
-    p.add_argument("--max-frames", type=int, default=max_frames, help="frames sampled uniformly from a video")
+    p.add_argument("--max-frames", type=int, default=max_frames, help="most frames taken from a video: 1 per "
+                   "second up to this many, uniform over the video beyond (as in training)")
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 

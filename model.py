@@ -56,7 +56,7 @@ class ModelSettings:
         return cls(**source)
 
     def constructor_kwargs(self):
-        """FoveatedVLM's keywords for these settings (the spec names the backbones llm_name and dino_name)."""
+        """FoveatedVLM's keywords for these settings (it names the backbones llm_name and dino_name)."""
         kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)}
         kwargs["llm_name"], kwargs["dino_name"] = kwargs.pop("llm"), kwargs.pop("dino")
         return kwargs

@@ -1,6 +1,7 @@
 """Convert the recipe's training sets, as published, into this project's WebDataset shards.
 
-One command per dataset; the input layouts are those of ../shared/FORMATS.md, "Training sets as published":
+One command per dataset, on the files its publisher's download leaves on disk (the README's "Training data"
+section; each reader in published.py and published_video.py names the files it reads):
 
     python prepare.py openvid     --src DIR          [--out data/openvid]      (CSV + zip parts)
     python prepare.py webvid      --src V2D_OUTPUT   [--out data/webvid]       (video2dataset tars)

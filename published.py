@@ -1,4 +1,4 @@
-"""Readers of the recipe's training sets as published (../shared/FORMATS.md, "Training sets as published"):
+"""Readers of the recipe's training sets as published (the README's "Training data" section):
 the types and helpers they share, and the parquet sets (The Cauldron, SmolTalk, RLAIF-V); the video sets are
 in published_video.py.
 

@@ -1,7 +1,7 @@
-"""Readers of the recipe's video training sets as published (../shared/FORMATS.md, "Training sets as
-published"): OpenVid-1M (CSV + zip parts), WebVid as video2dataset writes it, LLaVA-Video-178K (annotation
-jsons + tar.gz video archives). The interface is published.py's: `<name>_inputs(args)` and
-`read_<name>(args, inputs, after)`, a stream of Items and Skips in increasing input positions.
+"""Readers of the recipe's video training sets as published (the README's "Training data" section):
+OpenVid-1M (CSV + zip parts), WebVid as video2dataset writes it, LLaVA-Video-178K (annotation jsons + tar.gz
+video archives). The interface is published.py's: `<name>_inputs(args)` and `read_<name>(args, inputs, after)`,
+a stream of Items and Skips in increasing input positions.
 """
 
 import json

@@ -1,5 +1,6 @@
-"""prepare.py on tiny folders in each published layout (built here from ../shared/FORMATS.md): exact counts by
-reason, sample kinds and turns, frames through the loader, resume after a crash, --limit, and a training start."""
+"""prepare.py on tiny folders in each published layout (as published.py and published_video.py read them):
+exact counts by reason, sample kinds and turns, frames through the loader, resume after a crash, --limit, and a
+training start."""
 
 import csv
 import io
