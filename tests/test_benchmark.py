@@ -14,7 +14,7 @@ from PIL import Image
 
 import benchmark
 import eval_readers as er
-from conftest import DinoCounter, image_bytes, tiny_model_kwargs, write_members
+from conftest import DinoCounter, image_bytes, script_error, tiny_model_kwargs, write_members
 from inputs import denormalise
 from model import FoveatedVLM
 from tokenization import option_targets, prompt_ids
@@ -153,6 +153,14 @@ def test_limit_and_unknown_benchmark_name(mvbench_root, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="MVbench"):
         benchmark.load_roots(str(bad))
     assert benchmark.load_roots(None, {"POPE": "p", "MVBench": None}) == {"POPE": "p"}
+
+
+def test_no_benchmark_data_is_a_usage_error_naming_the_flags(tmp_path):
+    """A checkpoint and no data: the message names the data flags, exit status 2, before any checkpoint is read
+    (an empty table with status 0 would look like a result)."""
+    assert script_error("benchmark.py", "--checkpoint", tmp_path) == (
+        "error: no benchmark data given: pass --data-config FILE or a data root flag "
+        "(--mvbench, --videomme, --scienceqa, --pope, --shards)\n")
 
 
 # ---------------------------------------------------------------- Video-MME, ScienceQA, POPE

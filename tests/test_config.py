@@ -6,6 +6,7 @@ import os
 import pytest
 
 import config
+from conftest import ROOT
 
 
 def write(tmp_path, text, name="stage.yaml"):
@@ -74,7 +75,6 @@ def test_saved_config_round_trips(tmp_path):
         assert config.load_saved(str(tmp_path / name)) == cfg
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_DATA = os.path.join(ROOT, "configs", "eval_data.yaml")
 SHIPPED = sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) - {EVAL_DATA})
 

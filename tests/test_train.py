@@ -21,9 +21,8 @@ from PIL import Image
 import checkpoint
 import config
 import train
-from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM
+from conftest import ROOT, SMOLLM2_GGUF, TINY_DINO, TINY_LLM
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
