@@ -12,6 +12,7 @@ Then one LLM pass reads [visual tokens, text]. Batches are variable length (layo
 DINOv2 runs once per distinct frame: consecutive identical frames (a replicated image) are encoded once.
 """
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -168,8 +169,12 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
 
     # ---------------------------------------------------------------- language
     def _llm_hidden(self, embeds, mask, position_ids=None, cache=None):
-        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                                  past_key_values=cache, use_cache=cache is not None)
+        """The LLM's last hidden states [B, L, D]. A pass that fills a KV cache (the autoregressive queries,
+        generation) runs without gradient checkpointing: transformers' checkpointed layers drop the cache in
+        training mode, and such a pass holds one token per sample."""
+        with _unchecked(self.llm) if cache is not None else contextlib.nullcontext():
+            out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                                      past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
     def _llm(self, vis, counts, text=None):
@@ -378,6 +383,19 @@ def _part(name):
     if name.startswith("llm."):
         return "llm"
     return "connector"
+
+
+@contextlib.contextmanager
+def _unchecked(module):
+    """Gradient checkpointing off inside the block for the parts of `module` that have it on."""
+    parts = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in parts:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in parts:
+            m.gradient_checkpointing = True
 
 
 def _pick(logits, do_sample, temperature, top_p):

@@ -108,9 +108,13 @@ def test_padded_frames_cost_no_dino_work(tiny_model):
     assert (dino.calls, dino.frames) == (1, 3)
 
 
-def test_text_only_batch(tiny_model):
-    out = tiny_model(torch.zeros(2, 0, 3, 56, 56), ids(2, 5), mode="coarse_fine")
-    assert torch.isfinite(out["loss"])
+def test_text_only_batch_is_the_llm_alone(tiny_model):
+    t = ids(2, 5)
+    logits = tiny_model.llm(t).logits  # [B, S, V]: the LLM without fVLM around it
+    reference = F.cross_entropy(logits[:, :-1].flatten(0, 1), t[:, 1:].flatten())
+    for mode in MODES:
+        out = tiny_model(torch.zeros(2, 0, 3, 56, 56), t, mode=mode)
+        assert abs(out["loss"].item() - reference.item()) < ATOL and (out["logits"] - logits).abs().max() < ATOL
 
 
 def test_replicated_images_encode_once_with_the_same_loss(tiny_model):
@@ -147,30 +151,42 @@ def test_lambda_coarse_adds_the_coarse_loss():
     assert abs(both.item() - (fine + 0.5 * coarse).item()) < ATOL
 
 
-def test_shallow_query_runs_and_differs():
+def test_shallow_query_is_one_attention_over_dinos_final_features():
+    """deep_query=False (the ablation): the query reads transformers' own DINOv2 output through the last layer's
+    projections once, instead of going through every layer."""
     torch.manual_seed(0)
-    deep = FoveatedVLM(**tiny_model_kwargs()).eval()
-    shallow = FoveatedVLM(**tiny_model_kwargs(deep_query=False)).eval()
-    shallow.load_state_dict(deep.state_dict())
-    x, t = frames(1, 2), ids(1, 5)
-    for mode in MODES:
-        a, b = deep(x, t, mode=mode)["loss"], shallow(x, t, mode=mode)["loss"]
-        assert torch.isfinite(b) and abs(a.item() - b.item()) > 1e-6
+    enc = FoveatedVLM(**tiny_model_kwargs(deep_query=False)).eval().encoder
+    x, q = torch.randn(2, 3, 56, 56), torch.randn(2, 24)
+    features = enc.dino(x).last_hidden_state  # [2, 1+P, D]
+    attn, hd = enc.dino.encoder.layer[-1].attention, TINY_DINO["hidden_size"] // TINY_DINO["num_attention_heads"]
+    heads = lambda h: h.unflatten(-1, (-1, hd)).transpose(1, 2)  # [N, L, D] -> [N, heads, L, hd]
+    w = torch.softmax(heads(attn.q_proj(enc.query_input_proj(q))[:, None]) @ heads(attn.k_proj(features)).mT
+                      / hd**0.5, -1)  # [2, heads, 1, 1+P]
+    manual = enc.output_proj(attn.o_proj((w @ heads(attn.v_proj(features))).transpose(1, 2).flatten(2)))[:, 0]
+    assert (enc.query_attend(q, enc.encode_patches(x)) - manual).abs().max() < ATOL
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("mode, unused", [
+    ("coarse_fine", set()), ("coarse_only", {"q_init", "llm_to_query.weight", "llm_to_query.bias"}),
+    ("autoregressive", {"q_static"})])
+def test_gradient_checkpointing_gives_the_same_gradients(mode, unused):
+    """Every parameter the mode reads gets a gradient, the same with checkpointing; 3 frames, so that the
+    autoregressive queries read a KV cache (which transformers' checkpointed layers would drop)."""
     torch.manual_seed(0)
     a = FoveatedVLM(**tiny_model_kwargs())
     b = FoveatedVLM(**tiny_model_kwargs())
     b.load_state_dict(a.state_dict())
     b.enable_gradient_checkpointing()
-    x, t = frames(1, 2), ids(1, 5)
+    x, t = frames(1, 3), ids(1, 5)
+    grads = []
     for m in (a, b):
         m.train()
-        m(x, t)["loss"].backward()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        if pa.grad is not None:
-            assert torch.allclose(pa.grad, pb.grad, atol=1e-5), name
+        m(x, t, mode=mode)["loss"].backward()
+        grads.append({name: p.grad for name, p in m.named_parameters()})
+    for g in grads:  # DINO's mask_token serves masked-image pretraining only
+        assert {name for name, grad in g.items() if grad is None} == unused | {"encoder.dino.embeddings.mask_token"}
+    for name, grad in grads[0].items():
+        assert grad is None or torch.allclose(grad, grads[1][name], rtol=0, atol=1e-6), name
 
 
 def test_param_groups_and_freezing(tiny_model):
