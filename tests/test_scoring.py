@@ -89,10 +89,14 @@ def test_score_options_is_the_mean_nll_and_takes_strings(tiny_model, tokenizer):
     by_text = tiny_model.score_options(x[0], question, options, MODES, tokenizer=tokenizer)  # one clip [T, 3, H, W]
     tiny_model.tokenizer = tokenizer
     by_model_tokenizer = tiny_model.score_options(x, question, options, "coarse_fine")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all([i for i, wi in zip(o, w) if wi == 0] == [im_end] for o, w in targets)  # its weight alone is 0
     for mode in MODES:
         rule = [(t * torch.tensor(w)).sum() / len(w) for t, (_, w) in zip(nll[mode][0], targets)]
         assert torch.allclose(by_text[mode], torch.stack(rule), atol=1e-6)
-        assert not torch.allclose(by_text[mode], by_ids[mode])  # the <|im_end|> target's weight is 0
+        # by text = by ids less the <|im_end|> target's cross-entropy (> 0) over the option's length
+        dropped = torch.stack([t[o.index(im_end)] / len(o) for t, (o, _) in zip(nll[mode][0], targets)])
+        assert (dropped > 1e-3).all() and torch.allclose(by_ids[mode] - by_text[mode], dropped, atol=1e-6)
     assert torch.equal(by_model_tokenizer["coarse_fine"], by_text["coarse_fine"])
     with pytest.raises(ValueError, match="prompt as a string"):
         tiny_model.score_options(x, ids[0], options)
