@@ -50,6 +50,15 @@ def tokenizer():
     return load_tokenizer(SMOLLM2_GGUF)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread during the test, its thread count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class DinoCounter:
     """Counts DINOv2's work from outside the model: a forward hook on the patch embeddings sees every batch of
     frames DINO encodes. `frames` and `calls` accumulate; use as a context manager."""

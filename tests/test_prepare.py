@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -404,14 +403,6 @@ def test_missing_inputs_are_errors_naming_the_path(tmp_path):
         prepare.main(["openvid", "--src", str(tmp_path), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="nosuch"):
         prepare.main(["cauldron", "--src", str(tmp_path), "--subsets", "nosuch", "--out", str(tmp_path / "o")])
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_three_stages_start_on_the_converted_sets(converted, tmp_path, one_thread):

@@ -93,14 +93,6 @@ def test_dpo_loss_hand_computed():
     assert m["reward_acc"].item() == 0.5 and m["reward_margin"].item() == pytest.approx((0.3 - 0.15) / 2)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def val_losses(checkpoint_dir, config_path, tokenizer, modes):
     """Each mode's mean loss over the config's first eval.max_samples validation samples, from the model saved in
     `checkpoint_dir`, computed here with the model's own forward: the reference for what train.py logs."""
