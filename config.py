@@ -17,7 +17,11 @@ from typing import Optional, Union
 
 import yaml
 
+from data import LOSS_TYPES
+from distributed import DEVICES, DTYPES
+from frames import FRAME_SAMPLING
 from model import MODES, ModelSettings
+from schedule import SCHEDULES
 
 Paths = Union[str, list]  # shards: one name, glob, brace pattern or URL, or a list of them (shards.py)
 
@@ -133,11 +137,11 @@ class Config:
 CHOICES = {
     "model.mode": MODES,
     "eval.modes": MODES,  # each item of the list
-    "data.frame_sampling": ("uniform", "head"),
-    "training.schedule": ("cosine", "constant", "converging"),
-    "training.dtype": ("auto", "bfloat16", "float16", "float32"),
-    "training.device": ("auto", "cpu", "cuda"),
-    "loss.type": ("text_ce_all", "text_ce_answer_only", "dpo"),
+    "data.frame_sampling": FRAME_SAMPLING,
+    "training.schedule": SCHEDULES,
+    "training.dtype": DTYPES,
+    "training.device": DEVICES,
+    "loss.type": LOSS_TYPES,
     "checkpoint.metric": ("val_loss", "train_loss"),
     "wandb.mode": ("online", "offline", "disabled"),
 }

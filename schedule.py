@@ -13,6 +13,7 @@ import math
 from torch.optim.lr_scheduler import LambdaLR
 
 GROUPS = ("connector", "dino", "llm")
+SCHEDULES = ("cosine", "constant", "converging")
 
 
 def peak_lrs(training):
@@ -33,7 +34,7 @@ def lr_at(step, peak, total_steps, warmup_steps, schedule, target_lr=None, min_l
     if schedule == "converging":
         assert target_lr is not None, "the converging schedule needs training.target_lr"
         return target_lr + (peak - target_lr) * cos
-    raise ValueError(f"unknown schedule {schedule!r} (cosine | constant | converging)")
+    raise ValueError(f"unknown schedule {schedule!r}; choose from {SCHEDULES}")
 
 
 def build(optimizer, training, total_steps):
