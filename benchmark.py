@@ -78,6 +78,7 @@ class Protocol:
     max_frames: int = 64
     frame_size: int = 224
     batch_size: int = 1  # questions per forward; scores equal batch 1's
+    dtype: str = "auto"  # the model weights' dtype; auto: bfloat16 on CUDA (the original's), float32 elsewhere
 
 
 @torch.no_grad()
@@ -191,11 +192,11 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def run(checkpoint, roots, only=None, limit=None, device="cpu", dtype="auto", **protocol):
+def run(checkpoint, roots, only=None, limit=None, device="cpu", **protocol):
     """Evaluate a checkpoint folder on the benchmarks in `roots` (name -> data root) -> (results, records,
     the Protocol used). Protocol fields not given come from the checkpoint's training config (frame size,
-    system prompt), else the defaults. dtype "auto" is bfloat16 weights on CUDA (the original benchmark's
-    `model.to(bfloat16)`), float32 elsewhere."""
+    system prompt), else the defaults; the Protocol returned holds the dtype the weights were cast to ("auto":
+    bfloat16 on CUDA, the original benchmark's `model.to(bfloat16)`, float32 elsewhere)."""
     if not roots:
         raise ValueError("no benchmark data given: pass --data-config FILE or a data root flag "
                          f"({', '.join('--' + f for f in ROOT_FLAGS.values())})")
@@ -210,9 +211,9 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", dtype="auto", **
     saved = training_config(checkpoint)
     protocol = replace(Protocol(frame_size=saved_size, system_prompt=saved.data.system_prompt if saved
                                 else SYSTEM_PROMPT), **protocol)
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    model.to(getattr(torch, dtype))
+    if protocol.dtype == "auto":
+        protocol = replace(protocol, dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
+    model.to(getattr(torch, protocol.dtype))
     results, records = {}, {}
     for name in names:
         questions = READERS[name](roots[name])
@@ -246,15 +247,15 @@ def main(argv=None):
         p.error("--checkpoint is required")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
     flags = {"modes": args.modes and tuple(args.modes), "max_frames": args.max_frames, "scoring": args.scoring,
-             "frame_size": args.frame_size, "batch_size": args.batch_size,
+             "frame_size": args.frame_size, "batch_size": args.batch_size, "dtype": args.dtype,
              "system_prompt": None if args.system_prompt == "template" else args.system_prompt}
     keep = {k: v for k, v in flags.items() if v is not None or (k == "system_prompt" and args.system_prompt)}
-    results, records, protocol = run(args.checkpoint, roots, args.only, args.limit, args.device, args.dtype, **keep)
+    results, records, protocol = run(args.checkpoint, roots, args.only, args.limit, args.device, **keep)
     print(format_table(results))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "protocol": {**asdict(protocol), "dtype": args.dtype},
+            json.dump({"checkpoint": args.checkpoint, "protocol": asdict(protocol),
                        "benchmarks": results, "questions": records}, f, indent=2)
         print(f"results and per-question records written to {args.out}")
 

@@ -118,3 +118,22 @@ def test_scores_equal_the_originals(records, key):
         assert records[key]["modes"][mode]["scores"] == pytest.approx(EXPECTED[key][mode], abs=1e-4), mode
         expected_pred = min(range(len(EXPECTED[key][mode])), key=EXPECTED[key][mode].__getitem__)
         assert records[key]["modes"][mode]["prediction"] == expected_pred, mode
+
+
+def test_the_command_line_scores_a_checkpoint_as_the_original(tmp_path, tokenizer):
+    """What a user runs on a checkpoint folder and the original's shards: `benchmark.py --out` records every
+    option's score per question and mode, equal to the original's, and the protocol used."""
+    fixed_model().save_pretrained(str(tmp_path / "ckpt"), tokenizer=tokenizer)
+    write_shard(tmp_path / "eval_000.tar")
+    out = tmp_path / "results.json"
+    benchmark.main(["--checkpoint", str(tmp_path / "ckpt"), "--shards", str(tmp_path / "eval_*.tar"),
+                    "--batch-size", "3", "--threads", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["protocol"] == {"modes": list(benchmark.MODES), "scoring": "original", "dtype": "float32", "frame_size": 224,
+                                 "system_prompt": "You are a helpful AI assistant.", "max_frames": 64, "batch_size": 3}
+    records = {r["id"]: r for r in saved["questions"]["shards"]}
+    for key, expected in EXPECTED.items():
+        for mode in MODES:
+            assert records[key]["modes"][mode]["scores"] == pytest.approx(expected[mode], abs=1e-4), (key, mode)
+    right = sum(r["modes"]["coarse_fine"]["correct"] for r in records.values())
+    assert saved["benchmarks"]["shards"]["modes"]["coarse_fine"]["correct"] == right
