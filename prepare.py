@@ -34,6 +34,7 @@ import io
 import json
 import os
 import re
+import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -194,10 +195,10 @@ def start_state(out, name, signature, overwrite):
         with open(path) as f:
             state = json.load(f)
         if state["signature"] != signature:
-            raise SystemExit(f"{path} records a conversion with other inputs or settings "
+            raise InputError(f"{path} records a conversion with other inputs or settings "
                              f"({state['signature']}); pass --overwrite to start again")
     elif any(n >= 0 for n in shards.values()):
-        raise SystemExit(f"{out} holds {name}-*.tar shards but no state.json; pass --overwrite to start again")
+        raise InputError(f"{out} holds {name}-*.tar shards but no state.json; pass --overwrite to start again")
     state = state or {"signature": signature, "shards": 0, "position": [], "seconds": 0.0, "done": False}
     for f, n in shards.items():
         if n < 0 or n >= state["shards"]:
@@ -361,8 +362,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return convert(args)
-    except InputError as e:
-        raise SystemExit(f"error: {e}") from None
+    except InputError as e:  # a user error: the message alone and exit status 2, as the other scripts
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"\ninterrupted: run the same command again to resume from {args.out}/state.json")
         raise

@@ -376,7 +376,7 @@ def test_resume_after_a_crash_neither_loses_nor_duplicates(src, converted, tmp_p
     assert again["written"] == 4 and sorted(os.listdir(tmp_path / "out"))[-2:] == ["report.json", "state.json"]
 
 
-def test_limit_then_resume_gives_the_full_set(src, converted, tmp_path):
+def test_limit_then_resume_gives_the_full_set(src, converted, tmp_path, capsys):
     out, reports = converted
     rep = run(src, "cauldron", tmp_path / "c", "--limit", "3")
     assert rep["written"] == 3 and not rep["complete"] and len(shard_samples(tmp_path / "c")) == 3
@@ -384,8 +384,8 @@ def test_limit_then_resume_gives_the_full_set(src, converted, tmp_path):
     assert rep["complete"] and rep == {**reports["cauldron"], "seconds": rep["seconds"],
                                        "samples_per_s": rep["samples_per_s"]}
     assert shard_samples(tmp_path / "c") == shard_samples(out / "cauldron")
-    with pytest.raises(SystemExit, match="--overwrite"):
-        run(src, "cauldron", tmp_path / "c", "--shard-size", "3")  # other settings: not a resume
+    err = user_error(capsys, run, src, "cauldron", tmp_path / "c", "--shard-size", "3")  # other settings: no resume
+    assert "state.json records a conversion with other inputs or settings" in err and "--overwrite" in err
     rep = run(src, "cauldron", tmp_path / "c", "--subsets", "nlvr2", "--overwrite")
     assert rep["written"] == 2 and rep["by_source"] == {"cauldron/nlvr2": 2}
 
@@ -398,11 +398,20 @@ def test_decode_checks_in_worker_processes_write_the_same_shards(src, converted,
         assert (tmp_path / "w" / name).read_bytes() == (out / "webvid" / name).read_bytes()
 
 
-def test_missing_inputs_are_errors_naming_the_path(tmp_path):
-    with pytest.raises(SystemExit, match="OpenVid-1M.csv"):
-        prepare.main(["openvid", "--src", str(tmp_path), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="nosuch"):
-        prepare.main(["cauldron", "--src", str(tmp_path), "--subsets", "nosuch", "--out", str(tmp_path / "o")])
+def user_error(capsys, fn, *args):
+    """What fn(*args) printed on stderr when it stopped with exit status 2 (a user error, no traceback)."""
+    with pytest.raises(SystemExit) as stop:
+        fn(*args)
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_missing_inputs_are_errors_naming_the_path(tmp_path, capsys):
+    err = user_error(capsys, prepare.main, ["openvid", "--src", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert err.startswith("error: ") and "OpenVid-1M.csv" in err
+    err = user_error(capsys, prepare.main, ["cauldron", "--src", str(tmp_path), "--subsets", "nosuch", "--out",
+                                            str(tmp_path / "o")])
+    assert "nosuch" in err
 
 
 def test_the_three_stages_start_on_the_converted_sets(converted, tmp_path, one_thread):
