@@ -75,10 +75,13 @@ class Protocol:
     modes: tuple = MODES
     scoring: str = "original"  # tokenization.SCORING
     system_prompt: Optional[str] = SYSTEM_PROMPT  # None: the LLM chat template's own default system turn
-    max_frames: int = 64
+    max_frames: Optional[int] = None  # None: every frame of an eval-shard sample (the original's), 64 by
+    #                                  MVBench's segment rule for videos (eval_readers.VIDEO_MAX_FRAMES)
     frame_size: int = 224
     batch_size: int = 1  # questions per forward; scores equal batch 1's
     dtype: str = "auto"  # the model weights' dtype; auto: bfloat16 on CUDA (the original's), float32 elsewhere
+    yes_no: bool = False  # score eval-shard questions without options whose answer is yes/no as Yes/No (the
+    #                       original skips them as having no options)
 
 
 @torch.no_grad()
@@ -120,7 +123,7 @@ def score_batch(model, tokenizer, questions, protocol):
                    for o in q.options]
         options.append([ids for ids, _ in targets])
         weights.append([w for _, w in targets])
-    with autocast(param.device):
+    with autocast(param.device, protocol.dtype):
         nll = model.option_nll(frames.to(param.device, param.dtype), prompts, options, tuple(protocol.modes),
                                frame_mask=frame_mask.to(param.device))
     records = []
@@ -216,7 +219,7 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", **protocol):
     model.to(getattr(torch, protocol.dtype))
     results, records = {}, {}
     for name in names:
-        questions = READERS[name](roots[name])
+        questions = READERS[name](roots[name], **({"yes_no": protocol.yes_no} if name == "shards" else {}))
         results[name], records[name] = evaluate(model, tokenizer, questions, protocol, limit, desc=name)
     return results, records, protocol
 
@@ -230,7 +233,8 @@ def main(argv=None):
     p.add_argument("--only", nargs="+", choices=list(READERS), help="benchmarks to run (default: all given)")
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
     p.add_argument("--limit", type=int, help="score only the first N questions of each benchmark")
-    p.add_argument("--max-frames", type=int, help="default 64")
+    p.add_argument("--max-frames", type=int, help="at most this many frames per question (default: every frame "
+                   "of an eval-shard sample, as the original; videos 64 by MVBench's segment rule)")
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--batch-size", type=int, help="questions scored per forward (default 1; same scores)")
     p.add_argument("--scoring", choices=SCORING, help="option score: 'original' (default: the original benchmark's "
@@ -240,6 +244,8 @@ def main(argv=None):
                    "data.system_prompt, else the original's); 'template' for the chat template's own default")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="model weights' dtype (auto: bfloat16 on CUDA, as the original benchmark; float32 on CPU)")
+    p.add_argument("--yes-no", action="store_true", help="score eval-shard questions that have no option "
+                   "lines but a yes/no answer (POPE written without options) as Yes/No; the original skips them")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the results and per-question records as JSON here")
     args = parse_cli(p, argv)
@@ -248,7 +254,8 @@ def main(argv=None):
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
     flags = {"modes": args.modes and tuple(args.modes), "max_frames": args.max_frames, "scoring": args.scoring,
              "frame_size": args.frame_size, "batch_size": args.batch_size, "dtype": args.dtype,
-             "system_prompt": None if args.system_prompt == "template" else args.system_prompt}
+             "system_prompt": None if args.system_prompt == "template" else args.system_prompt,
+             "yes_no": args.yes_no or None}
     keep = {k: v for k, v in flags.items() if v is not None or (k == "system_prompt" and args.system_prompt)}
     results, records, protocol = run(args.checkpoint, roots, args.only, args.limit, args.device, **keep)
     print(format_table(results))

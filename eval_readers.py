@@ -30,6 +30,7 @@ from tokenization import MCQ_LETTERS, format_mcq, mcq_answer
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".MP4")
 REPLICATE_IMAGE_FRAMES = 8  # as stages 2-3 train images (data.replicate_image_frames: 8)
+VIDEO_MAX_FRAMES = 64  # a video's frames by MVBench's segment rule, unless the benchmark is given --max-frames
 FRAME_FOLDER_FPS = 3  # MVBench's pre-extracted frame folders (tvqa/frames_fps3_hq)
 
 # MVBench task -> video folder under <root>/video (the benchmark's own table). A task not listed here is
@@ -146,18 +147,19 @@ def _load_video(path, bound, max_frames, frame_size):
     return read_video(path, frame_size, lambda n, fps: segment_indices(n, fps, max_frames, bound))
 
 
-def load_media(media, max_frames=64, frame_size=224):
+def load_media(media, max_frames=None, frame_size=224):
     """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised); one frame, whatever it came
     from, becomes REPLICATE_IMAGE_FRAMES views of it (the original replicates every one-frame sample).
-    Raises frames.SkipSample."""
-    if media.fields is not None:
-        frames = _decode_fields(media.fields, max_frames, frame_size)
+    `max_frames` None: every frame of a shard sample (as the original reads its eval shards), a video's
+    VIDEO_MAX_FRAMES. Raises frames.SkipSample."""
+    if media.fields is not None:  # a shard's fields: frame members, never more than the fields (or a video)
+        frames = _decode_fields(media.fields, max_frames or max(len(media.fields), VIDEO_MAX_FRAMES), frame_size)
     else:
         path = find_video(media.path)
         if os.path.isdir(path):
-            frames = _load_frame_folder(path, media.bound, max_frames, frame_size)
+            frames = _load_frame_folder(path, media.bound, max_frames or VIDEO_MAX_FRAMES, frame_size)
         else:
-            frames = _load_video(path, media.bound, max_frames, frame_size)
+            frames = _load_video(path, media.bound, max_frames or VIDEO_MAX_FRAMES, frame_size)
     return frames.expand(REPLICATE_IMAGE_FRAMES, -1, -1, -1) if frames.shape[0] == 1 else frames
 
 
@@ -285,27 +287,29 @@ def original_answer_letter(assistant):
     return m.group(1) if m else (text[0] if text else "?")
 
 
-def _shard_question(meta, where):
-    """(options, answer index) of an eval-shard sample as the original scores it, or yes/no (POPE) for a
-    question without options whose answer is yes or no. An answer letter that names no option gives index
-    -1: counted, never right (the original counts it so). Raises SkipSample("no_options") otherwise."""
+def _shard_question(meta, where, yes_no=False):
+    """(options, answer index) of an eval-shard sample as the original scores it. An answer letter that names
+    no option gives index -1: counted, never right (the original counts it so). A question without options is
+    skipped (SkipSample "no_options"), as there, unless `yes_no` and its answer is yes or no: then it is scored
+    as Yes/No (POPE written without option lines)."""
     user, assistant = meta.get("user"), meta.get("assistant")
     if not isinstance(user, str) or not isinstance(assistant, str):
         raise SkipSample("missing_field", f"{where}: json needs string user and assistant")
     letters, options = original_options(user)
     if not letters:
         truth = assistant.strip().rstrip(".").lower()
-        if truth in ("yes", "no"):
+        if yes_no and truth in ("yes", "no"):
             return list(YES_NO), 0 if truth == "yes" else 1
-        raise SkipSample("no_options", f"{where}: no 'A.'-style option in the question")
+        raise SkipSample("no_options", f"{where}: no 'A.'-style option in the question"
+                         + (" (benchmark.py --yes-no scores it as Yes/No)" if truth in ("yes", "no") else ""))
     letter = original_answer_letter(assistant)
     return options, letters.index(letter) if letter in letters else -1
 
 
-def read_eval_shards(pattern):
+def read_eval_shards(pattern, yes_no=False):
     """The original's eval shards: json {user, assistant[, source]} with one image or numbered frames. MCQs
     carry their options as lines 'A. ...' inside `user` and `assistant` starts with the letter (both parsed
-    by the original's rules); yes/no questions (POPE) have no option lines. Yields questions lazily (shards
+    by the original's rules); `yes_no`: see _shard_question. Yields questions lazily (shards
     can be large); the last path part of `source` is the category. A sample whose question cannot be scored
     is yielded as an MCQ with `skip` set (its reason), so the benchmark counts it."""
     for path in expand_shards(pattern):
@@ -313,7 +317,7 @@ def read_eval_shards(pattern):
             where = f"{path} sample {key}"
             try:
                 meta = json.loads(sample["json"])
-                options, answer = _shard_question(meta, where)
+                options, answer = _shard_question(meta, where, yes_no)
             except SkipSample as e:
                 yield MCQ(key, "", [], -1, Media(fields={}), {}, skip=e)
                 continue

@@ -5,6 +5,8 @@ pixels) and refused otherwise, with the expected shape and range in the message.
 with the LLM's tokenizer as in training (tokenization.prompt_ids / option_targets).
 """
 
+import warnings
+
 import torch
 
 from tokenization import option_targets, prompt_ids
@@ -28,9 +30,10 @@ def prepare_frames(frames, frame_mask, patch_size):
 
     Handled: one clip [T, 3, H, W] (a batch of one), channels-last [..., H, W, 3], and uint8 pixels (scaled to
     [0, 1] and ImageNet-normalised here). Refused with the expected shape and range (ValueError): other ranks or
-    dtypes, a frame_mask of another shape, and float frames that are not ImageNet-normalised: values beyond its
-    range (0-255 pixels), or all of them within [0, 1] (ToTensor without Normalize; a normalised frame has
-    values below zero unless no pixel is darker than the ImageNet mean). Only real frames are read: padded
+    dtypes, a frame_mask of another shape, and float frames beyond the ImageNet-normalised range (0-255
+    pixels as float). Frames whose values all lie within [0, 1] get a warning: ToTensor without Normalize, most
+    likely, but normalised frames of a picture with no pixel darker than the ImageNet mean lie there too, so
+    they are not refused (a grey frame must not stop a training run or a benchmark). Only real frames are read: padded
     ones may hold anything. Frame sizes are checked where DINO reads them (encoder.encode_patches).
     """
     expected = EXPECTED.format(patch=patch_size)
@@ -88,9 +91,11 @@ def _check_normalised(real, expected):
     if not (bottom - RANGE_MARGIN <= lo and hi <= top + RANGE_MARGIN):  # NaN fails too
         raise ValueError(f"frame values span [{lo:.3g}, {hi:.3g}]: not ImageNet-normalised (0-255 pixels as "
                          f"float? pass them as uint8 to have them normalised); {expected}")
-    if 0 <= lo and hi <= 1 and lo < hi:
-        raise ValueError(f"frame values all lie in [0, 1] ([{lo:.3g}, {hi:.3g}]): pixels scaled to [0, 1] but "
-                         f"not normalised (ToTensor without Normalize?); {expected}")
+    if 0 <= lo and hi <= 1 and lo < hi:  # a warning: a low-contrast normalised frame can lie there too
+        warnings.warn(f"frame values all lie in [0, 1] ([{lo:.3g}, {hi:.3g}]): pixels scaled to [0, 1] but not "
+                      f"normalised (ToTensor without Normalize)? Then the model sees the wrong input; {expected}. "
+                      f"(Normalised frames of a pale, low-contrast picture lie there too: pass uint8 pixels to "
+                      f"leave no doubt.)", stacklevel=4)
 
 
 def id_list(ids, what):

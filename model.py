@@ -110,7 +110,10 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
     def encode(self, frames, frame_mask=None):
         """frames [B, T, 3, H, W] (what else is accepted: inputs.prepare_frames) -> (PatchKV of the distinct
         real frames, frame_idx [M] for the M real frames in sample-major order, counts [B] real frames per sample)."""
-        frames, frame_mask = prepare_frames(frames, frame_mask, self.encoder.patch_size)
+        return self._encode(*prepare_frames(frames, frame_mask, self.encoder.patch_size))
+
+    def _encode(self, frames, frame_mask):
+        """encode, of frames already through prepare_frames."""
         counts = frame_mask.sum(1)
         real = frames[frame_mask].to(self.encoder.query_input_proj.weight.dtype)  # [M, 3, H, W]
         new = torch.ones(real.shape[0], dtype=torch.bool, device=real.device)
@@ -337,7 +340,7 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         """Per-layer attention of the coarse (static) and fine (LLM-chosen) queries over each frame's tokens:
         {"coarse"|"fine": [L, B, T, heads, 1+P]} (CLS first; zeros at padded frames)."""
         frames, frame_mask = prepare_frames(frames, frame_mask, self.encoder.patch_size)
-        kv, frame_idx, counts = self.encode(frames, frame_mask)
+        kv, frame_idx, counts = self._encode(frames, frame_mask)
         q_static = self.q_static.expand(frame_idx.shape[0], -1)
         coarse_h, _ = self._llm(self._tokens(q_static, kv, frame_idx), counts)
         B, T = frames.shape[:2]

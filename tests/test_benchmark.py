@@ -246,17 +246,27 @@ def test_eval_shards(tmp_path, tokenizer):
                                           ("s4.json", meta("Count?\n(A) one\n(B) two", "(A) one", "x")),
                                           ("s4.png", image_bytes()),
                                           ("s5.json", b"{broken"), ("s5.png", image_bytes())])
-    qs = list(er.read_eval_shards(str(tmp_path / "eval_*.tar")))
+    qs = list(er.read_eval_shards(str(tmp_path / "eval_*.tar")))  # the original's rules: s3 has no options
     assert [(q.qid, q.answer, q.categories.get("source")) for q in qs if q.skip is None] == [
-        ("s0", 0, "action_count"), ("s1", 1, "scienceqa"), ("s2", 0, "other"), ("s3", 1, "adversarial")]
-    assert [(q.qid, q.skip.reason) for q in qs if q.skip is not None] == [("s4", "no_options"), ("s5", "bad_json")]
-    assert qs[3].options == er.YES_NO
+        ("s0", 0, "action_count"), ("s1", 1, "scienceqa"), ("s2", 0, "other")]
+    assert [(q.qid, q.skip.reason) for q in qs if q.skip is not None] == [
+        ("s3", "no_options"), ("s4", "no_options"), ("s5", "bad_json")]
+    assert "--yes-no" in str(qs[3].skip) and "--yes-no" not in str(qs[4].skip)
     assert qs[0].options == ["A. three", "B. four", "C. five"] and qs[0].prompt == video_q
     assert er.load_media(qs[0].media, 3, SIZE).shape == (3, 3, SIZE, SIZE)
     assert er.load_media(qs[1].media, 64, SIZE).shape == (8, 3, SIZE, SIZE)  # an image, replicated
+    long = er.Media(fields={f"{i}.jpg": image_bytes(i, "JPEG") for i in range(70)})  # the original keeps all
+    assert er.load_media(long, None, SIZE).shape == (70, 3, SIZE, SIZE)
+    assert torch.equal(er.load_media(long, None, SIZE)[-1], er.load_media(er.Media(fields={"69.jpg": image_bytes(
+        69, "JPEG")}), None, SIZE)[0])  # in numeric order: 69.jpg last
     result = run(qs, tokenizer)
+    assert (result["answered"], result["skip_reasons"]) == (2, {"no_frames": 1, "no_options": 2, "bad_json": 1})
+    assert result["modes"]["coarse_fine"]["correct"] == 1  # s0 (A); s1 answers B
+    yes_no = list(er.read_eval_shards(str(tmp_path / "eval_*.tar"), yes_no=True))  # --yes-no
+    assert (yes_no[3].skip, yes_no[3].options, yes_no[3].answer) == (None, er.YES_NO, 1)
+    result = run(yes_no, tokenizer)
     assert (result["answered"], result["skip_reasons"]) == (3, {"no_frames": 1, "no_options": 1, "bad_json": 1})
-    assert result["modes"]["coarse_fine"]["correct"] == 1  # s0 (A); s1 answers B, s3 "No"
+    assert result["modes"]["coarse_fine"]["correct"] == 1  # s3 "No"
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         list(er.read_eval_shards(str(tmp_path / "nothing_here*.tar")))
 
