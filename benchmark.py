@@ -195,9 +195,9 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def run(checkpoint, roots, only=None, limit=None, device="cpu", **protocol):
+def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, **protocol):
     """Evaluate a checkpoint folder on the benchmarks in `roots` (name -> data root) -> (results, records,
-    the Protocol used). Protocol fields not given come from the checkpoint's training config (frame size,
+    the Protocol used). `tokenizer` names one (default: the checkpoint's). Protocol fields not given come from the checkpoint's training config (frame size,
     system prompt), else the defaults; the Protocol returned holds the dtype the weights were cast to ("auto":
     bfloat16 on CUDA, the original benchmark's `model.to(bfloat16)`, float32 elsewhere)."""
     if not roots:
@@ -210,7 +210,7 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", **protocol):
     unknown = [m for m in protocol.get("modes", ()) if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {MODES}")
-    model, tokenizer, saved_size = load_checkpoint(checkpoint, device)
+    model, tokenizer, saved_size = load_checkpoint(checkpoint, device, tokenizer)
     saved = training_config(checkpoint)
     protocol = replace(Protocol(frame_size=saved_size, system_prompt=saved.data.system_prompt if saved
                                 else SYSTEM_PROMPT), **protocol)
@@ -226,7 +226,9 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", **protocol):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint folder (model.save_pretrained / train.py output)")
+    p.add_argument("--checkpoint", help="checkpoint folder (model.save_pretrained / train.py output; a save_dir "
+                   "means its latest), hub repo, or the original's training checkpoint (.pt)")
+    p.add_argument("--tokenizer", help="the LLM's tokenizer: hub id, folder or .gguf (default: the checkpoint's)")
     p.add_argument("--data-config", help="YAML mapping benchmark name -> data root")
     for name, flag in ROOT_FLAGS.items():
         p.add_argument(f"--{flag}", help=f"{name} data root (overrides --data-config)")
@@ -257,7 +259,8 @@ def main(argv=None):
              "system_prompt": None if args.system_prompt == "template" else args.system_prompt,
              "yes_no": args.yes_no or None}
     keep = {k: v for k, v in flags.items() if v is not None or (k == "system_prompt" and args.system_prompt)}
-    results, records, protocol = run(args.checkpoint, roots, args.only, args.limit, args.device, **keep)
+    results, records, protocol = run(args.checkpoint, roots, args.only, args.limit, args.device, args.tokenizer,
+                                     **keep)
     print(format_table(results))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -18,6 +18,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import pickle
 import re
 
 import torch
@@ -45,6 +46,12 @@ SHAPES = {
                          max_position_embeddings=8192, rope_theta=130000.0, rms_norm_eps=1e-5,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
 }
+
+# Published backbones told apart by their widths, for checkpoints that hold weights only (no config.json).
+KNOWN_LLMS = {576: "HuggingFaceTB/SmolLM2-135M-Instruct", 960: "HuggingFaceTB/SmolLM2-360M-Instruct",
+              2048: "HuggingFaceTB/SmolLM2-1.7B-Instruct"}
+KNOWN_DINOS = {384: "facebook/dinov2-small", 768: "facebook/dinov2-base", 1024: "facebook/dinov2-large"}
+ORIGINAL_EXTENSIONS = (".pt", ".pth")  # the original's training checkpoints: {"model_state_dict": ..., ...}
 
 # transformers 4.x DINOv2 attention names -> 5.x
 _DINO_V4_NAMES = [
@@ -109,20 +116,24 @@ def hub_folder(repo, patterns=None):
 
 
 def resolve_checkpoint(path):
-    """The local folder of checkpoint `path`: a checkpoint folder, a training save_dir's `latest`, or a hub repo."""
+    """The local folder of checkpoint `path`: a checkpoint folder, a training save_dir's `latest`, or a hub repo;
+    or the original's training checkpoint file (.pt) itself."""
     return checkpoint_folder(path) if os.path.exists(path) else hub_folder(path, HUB_CHECKPOINT_FILES)
 
 
 def checkpoint_folder(path):
-    """`path` if it is a checkpoint folder (holds model.safetensors), else the `latest` checkpoint of a training
-    save_dir; anything else is a FileNotFoundError saying which was expected."""
+    """`path` if it is a checkpoint folder (holds model.safetensors) or the original's .pt file, else the `latest`
+    checkpoint of a training save_dir; anything else is a FileNotFoundError saying which was expected."""
+    if os.path.isfile(path) and path.endswith(ORIGINAL_EXTENSIONS):
+        return path
     for folder in (path, os.path.join(path, "latest")):
         if os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
             return folder
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    raise FileNotFoundError(f"{path} is neither a checkpoint folder (no {WEIGHTS_NAME}) nor a training save_dir "
-                            f"with a `latest` checkpoint (e.g. checkpoints/stage2_135M or .../step_00001000)")
+    raise FileNotFoundError(f"{path} is neither a checkpoint folder (no {WEIGHTS_NAME}), a training save_dir with a "
+                            f"`latest` checkpoint (e.g. checkpoints/stage2_135M or .../step_00001000), nor the "
+                            f"original's training checkpoint ({' / '.join(ORIGINAL_EXTENSIONS)})")
 
 
 def training_config(path):
@@ -134,20 +145,54 @@ def training_config(path):
     return config_lib.load_saved(saved) if os.path.exists(saved) else None
 
 
+def read_state_dict(path):
+    """The weights of checkpoint `path` (as resolve_checkpoint gives it): a folder's model.safetensors, or the
+    `model_state_dict` of the original's .pt, read with torch.load(weights_only=True) and without torch.compile's
+    `_orig_mod` prefixes. Neither runs code: a .pt that would need it is refused, named."""
+    if os.path.isdir(path):
+        return load_file(os.path.join(path, WEIGHTS_NAME))
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused as unsafe to load (it holds objects that loading would have to run "
+                         "code for); a checkpoint holds tensors and plain values only") from None
+    state = saved.get("model_state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a checkpoint (expected a state dict, or a dict with `model_state_dict`)")
+    return {k.replace("._orig_mod", ""): v for k, v in state.items()}
+
+
+def weights_settings(state, where):
+    """Constructor settings of weights without config.json: the published SmolLM2 and DINOv2 of their widths
+    (llm_name, dino_name) and the query width (query_dim)."""
+    llm = state.get("llm.model.embed_tokens.weight")
+    dino = state.get("encoder.dino.embeddings.cls_token")
+    names = {"llm_name": llm is not None and KNOWN_LLMS.get(llm.shape[1]),
+             "dino_name": dino is not None and KNOWN_DINOS.get(dino.shape[-1])}
+    if not all(names.values()):
+        raise ValueError(f"{where} holds weights only, and their widths (LLM {llm is not None and llm.shape[1]}, "
+                         f"DINO {dino is not None and dino.shape[-1]}) are not a published backbone's: pass "
+                         f"llm_name= and dino_name= (or *_config=)")
+    if "q_init" in state:
+        names["query_dim"] = state["q_init"].shape[-1]
+    return names
+
+
 def load_weights(model, path):
-    """Load checkpoint folder `path`'s model.safetensors into `model` in place (strict; names as load_state_dict
-    accepts them). safetensors holds tensors only: loading runs no code."""
-    model.load_state_dict(load_file(os.path.join(checkpoint_folder(path), WEIGHTS_NAME)))
+    """Load checkpoint `path`'s weights (read_state_dict) into `model` in place (strict; names as load_state_dict
+    accepts them)."""
+    model.load_state_dict(read_state_dict(checkpoint_folder(path)))
     return model
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model, tokenizer, frame_size) of a checkpoint folder, a training save_dir (its `latest`) or a hub repo.
+def load_checkpoint(path, device="cpu", tokenizer=None):
+    """(model, tokenizer, frame_size) of a checkpoint folder, a training save_dir (its `latest`), a hub repo or
+    the original's .pt (see from_pretrained).
 
     The model comes from config.json + model.safetensors (`from_pretrained`), in eval mode on `device`;
     `frame_size` from the training config saved beside them (train_config.yaml, data.frame_size), else the
-    data default. The tokenizer (also `model.tokenizer`) is the one saved in the folder, else the one the
-    training config or the model's `llm_name` names.
+    data default. The tokenizer (also `model.tokenizer`) is the one `tokenizer` names, else the one saved in
+    the folder, else the one the training config or the model's `llm_name` names.
     """
     import config as config_lib  # config.py (through model.py) and tokenization.py build on this module
     from model import FoveatedVLM
@@ -157,6 +202,8 @@ def load_checkpoint(path, device="cpu"):
     model = FoveatedVLM.from_pretrained(folder).to(device).eval()
     cfg = training_config(folder)
     frame_size = (cfg.data if cfg else config_lib.DataConfig()).frame_size
+    if tokenizer is not None:
+        model.tokenizer = load_tokenizer(tokenizer)
     if model.tokenizer is None:
         name = (cfg and config_lib.tokenizer_name(cfg)) or model.llm_name
         if not name:
@@ -218,14 +265,16 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """A folder written by save_pretrained (or a training save_dir: its `latest`), or a folder / hub repo with
-        only `model.safetensors` (a published checkpoint: then kwargs name the backbones, e.g. llm_name=...,
-        dino_name=... or *_config=...). The folder's tokenizer, when it holds one, is `model.tokenizer` (else
-        None)."""
+        """A folder written by save_pretrained (or a training save_dir: its `latest`), or weights without the
+        settings: a folder / hub repo with only `model.safetensors` (a published checkpoint) or the original's
+        training checkpoint (.pt). For those, kwargs name the backbones (llm_name=..., dino_name=... or
+        *_config=...), else they are the published SmolLM2 and DINOv2 of the weights' widths (weights_settings).
+        The folder's
+        tokenizer, when it holds one, is `model.tokenizer` (else None)."""
         path = resolve_checkpoint(path)
         config_path = os.path.join(path, CONFIG_NAME)
         args = {}
-        if os.path.exists(config_path):
+        if os.path.isfile(config_path):
             with open(config_path) as f:
                 saved = json.load(f)
             if "fvlm" in saved:
@@ -233,11 +282,14 @@ class PretrainedMixin:
                 settings.update({k: saved[k] for k in CONFIG_CONFIGS})
                 args = cls.settings_class.of(settings, config_path).constructor_kwargs()
         args.update(kwargs)
-        if not args:
-            args = {"llm_name": "HuggingFaceTB/SmolLM2-135M-Instruct", "dino_name": "facebook/dinov2-small"}
-        model = load_weights(cls(**args), path)
+        state = read_state_dict(path)
+        model = cls(**(args or weights_settings(state, path)))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # weights of other backbones or settings than those given: a user error
+            raise ValueError(f"{path}: {e}") from None
         model.tokenizer = None
-        if any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
             from tokenization import load_tokenizer  # tokenization.py resolves names with this module
 
             model.tokenizer = load_tokenizer(path)

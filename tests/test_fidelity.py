@@ -138,3 +138,30 @@ def test_the_command_line_scores_a_checkpoint_as_the_original(tmp_path, tokenize
             assert records[key]["modes"][mode]["scores"] == pytest.approx(expected[mode], abs=1e-4), (key, mode)
     right = sum(r["modes"]["coarse_fine"]["correct"] for r in records.values())
     assert saved["benchmarks"]["shards"]["modes"]["coarse_fine"]["correct"] == right
+
+
+def test_the_command_line_scores_the_originals_training_checkpoint(tmp_path, monkeypatch):
+    """The original's own checkpoint file (torch.save of {"model_state_dict": ...}, transformers-4 DINOv2
+    names): benchmark.py builds the published backbones its widths name and scores as the original. Here the
+    'published' backbones are the tiny ones, saved as folders."""
+    import pretrained
+    from conftest import SMOLLM2_GGUF
+
+    model = fixed_model()
+    model.llm.save_pretrained(str(tmp_path / "llm"))
+    model.encoder.dino.save_pretrained(str(tmp_path / "dino"))
+    monkeypatch.setattr(pretrained, "KNOWN_LLMS", {model.llm.config.hidden_size: str(tmp_path / "llm")})
+    monkeypatch.setattr(pretrained, "KNOWN_DINOS", {model.encoder.dino.config.hidden_size: str(tmp_path / "dino")})
+    state = {k.replace(".attention.q_proj.", ".attention.attention.query.")
+              .replace(".attention.k_proj.", ".attention.attention.key.")
+              .replace(".attention.v_proj.", ".attention.attention.value.")
+              .replace(".attention.o_proj.", ".attention.output.dense."): v for k, v in model.state_dict().items()}
+    assert any(".attention.attention.query." in k for k in state)
+    torch.save({"model_state_dict": state, "step": 100, "metric_value": None}, tmp_path / "best.pt")
+    write_shard(tmp_path / "eval_000.tar")
+    out = tmp_path / "results.json"
+    benchmark.main(["--checkpoint", str(tmp_path / "best.pt"), "--tokenizer", SMOLLM2_GGUF, "--shards",
+                    str(tmp_path / "eval_*.tar"), "--modes", "coarse_fine", "--threads", "1", "--out", str(out)])
+    records = {r["id"]: r for r in json.loads(out.read_text())["questions"]["shards"]}
+    for key, expected in EXPECTED.items():
+        assert records[key]["modes"]["coarse_fine"]["scores"] == pytest.approx(expected["coarse_fine"], abs=1e-4)

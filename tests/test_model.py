@@ -1,5 +1,6 @@
 """FoveatedVLM and FoveatedEncoder behaviour on tiny random-weight models (no downloads)."""
 
+import argparse
 import json
 
 import pytest
@@ -319,6 +320,33 @@ def test_loads_original_transformers4_names(tiny_model, tmp_path):
         save_file(sd, str(tmp_path / WEIGHTS_NAME))  # a published checkpoint: weights only, no config
         loaded = FoveatedVLM.from_pretrained(str(tmp_path), **tiny_model_kwargs())
         assert torch.equal(outputs(loaded), outputs(tiny_model))
+
+
+def test_loads_the_originals_training_checkpoint(tiny_model, tmp_path):
+    """The original's train.py saves {"model_state_dict", "optimizer_state_dict", "step", ...} with torch.save,
+    under torch.compile's `_orig_mod` prefixes at times: read with weights_only=True; unsafe ones refused."""
+    state = {k.replace("llm.", "llm._orig_mod.", 1): v.clone() for k, v in tiny_model.state_dict().items()}
+    path = tmp_path / "best.pt"
+    torch.save({"model_state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": []}, "step": 7,
+                "metric_value": 1.5, "timestamp": "2026-01-01T00:00:00"}, path)
+    loaded = FoveatedVLM.from_pretrained(str(path), **tiny_model_kwargs())
+    assert torch.equal(outputs(loaded), outputs(tiny_model))
+    with pytest.raises(ValueError, match=r"holds weights only.*widths \(LLM 64, DINO 32\)"):
+        FoveatedVLM.from_pretrained(str(path))  # tiny widths: no published backbone to build
+    with pytest.raises(ValueError, match=f"(?s){path}: Error.*size mismatch for q_init"):
+        FoveatedVLM.from_pretrained(str(path), **tiny_model_kwargs(query_dim=16))
+    torch.save({"model_state_dict": state, "args": argparse.Namespace(lr=1.0)}, path)
+    with pytest.raises(ValueError, match=f"{path}: refused as unsafe"):
+        FoveatedVLM.from_pretrained(str(path), **tiny_model_kwargs())
+
+
+def test_weights_alone_name_the_published_backbones():
+    from pretrained import weights_settings
+
+    state = {"llm.model.embed_tokens.weight": torch.empty(0, 2048), "encoder.dino.embeddings.cls_token": torch.empty(1, 1, 384),
+             "q_init": torch.empty(1, 192)}
+    assert weights_settings(state, "w") == {"llm_name": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+                                            "dino_name": "facebook/dinov2-small", "query_dim": 192}
 
 
 def test_mismatched_checkpoint_is_an_error(tiny_model):
