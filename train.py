@@ -290,13 +290,18 @@ def wrap(model, cfg, dist):
     return step_module
 
 
-def log_window(run, step, window, batches, last, tick):
-    """The log step: the window's mean figures over all ranks, and the samples every rank's loader skipped since
-    the last log step added to `last["skip_reasons"]` (the whole run, carried in checkpoints)."""
-    means = torch.stack([torch.stack(list(w.values())) for w in window]).mean(0)  # [steps, figures] -> [figures]
-    figures = dict(zip(window[0], distributed.all_reduce(means, "mean").tolist()))
+def count_skips(batches, last):
+    """Add the samples every rank's loader skipped since the last call to `last["skip_reasons"]` (the whole run,
+    carried in checkpoints). A collective: every rank calls it at the same steps (log and save steps)."""
     last["skip_reasons"] = dict(Counter(last["skip_reasons"]) + distributed.sum_counts(batches.take()))
     last["skipped"] = sum(last["skip_reasons"].values())
+
+
+def log_window(run, step, window, batches, last, tick):
+    """The log step: the window's mean figures over all ranks, and the skip counts brought up to date."""
+    means = torch.stack([torch.stack(list(w.values())) for w in window]).mean(0)  # [steps, figures] -> [figures]
+    figures = dict(zip(window[0], distributed.all_reduce(means, "mean").tolist()))
+    count_skips(batches, last)
     if last["skipped"]:
         figures["skipped"] = last["skipped"]
     last["train_loss"] = figures["loss"]
@@ -340,6 +345,7 @@ def fit(run, batches, val, progress, ranking):
             tick = time.time()
         last["wall_time_s"] = round(wall_before + time.time() - start, 1)
         if step % c.save_every_steps == 0 or step == run.total_steps:
+            count_skips(batches, last)  # a save between log steps holds the skips up to it
             progress = {"step": step, "samples_seen": samples, "wall_time_s": last["wall_time_s"],
                         "data": {"batches_seen": batches_seen, "skip_reasons": last["skip_reasons"]}}
             save(run, progress, last.get(ranking))

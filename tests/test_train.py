@@ -135,6 +135,19 @@ def test_loss_falls_with_validation_and_text_retention(tmp_path, shards, one_thr
     assert os.path.exists(tmp_path / "run" / "best" / "model.safetensors")
 
 
+def test_a_save_between_log_steps_holds_the_skips_so_far(tmp_path, one_thread):
+    """Skip counts reach every checkpoint, not only those at a log step: a resume from step 2 (logs at 3)
+    continues the count instead of losing steps 1-2's."""
+    write_shard(tmp_path / "train.tar", 24, 4, corrupt=12)
+    path = write_config(tmp_path, training={"total_samples": 16, "log_every": 3},
+                        checkpoint={"save_every_steps": 2, "keep_last": 5})
+    train.main(["--config", path])
+    counts = [sum(checkpoint.load_state(str(tmp_path / "run" / f"step_{s:08d}"))["data"]["skip_reasons"].values())
+              for s in (2, 4)]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0 < counts[0] <= counts[1] == summary["skipped"], (counts, summary["skipped"])
+
+
 def test_skips_and_wall_time_add_up_over_a_resume_and_a_finished_run_is_kept(tmp_path, one_thread, capsys):
     write_shard(tmp_path / "train.tar", 24, 4, corrupt=4)
     save_dir = tmp_path / "run"
