@@ -9,7 +9,11 @@ at the same frame indices with the same pixels (`read_video`). Images are a plai
 A medium that does not decode raises `SkipSample` with its reason, which the readers count.
 """
 
+import contextlib
 import io
+import os
+import sys
+import tempfile
 
 import av
 import numpy as np
@@ -62,7 +66,7 @@ def frame_indices(num_frames, fps, max_frames, sampling="uniform", sample_fps=1.
     assert sampling in FRAME_SAMPLING, f"frame_sampling must be one of {FRAME_SAMPLING}, got {sampling!r}"
     if num_frames <= 0:
         return []
-    step = fps / sample_fps if fps and fps > 0 else 1.0  # source frames per sampled frame
+    step = max(1.0, fps / sample_fps) if fps and fps > 0 else 1.0  # source frames per sampled frame; each at most once
     idx = [int(i * step) for i in range(max(1, int(np.ceil(num_frames / step))))]
     if len(idx) <= max_frames:
         return idx
@@ -93,9 +97,31 @@ def _chosen(choose, num_frames, fps, name):
 
 def _decord_frames(source, size, choose, name):
     """uint8 [T, size, size, 3]."""
-    vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
-                     num_threads=1)
+    with _stderr_without(b"ERROR opening: "):
+        vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
+                         num_threads=1)
     return vr.get_batch(_chosen(choose, len(vr), vr.get_avg_fps(), name)).asnumpy()
+
+
+@contextlib.contextmanager
+def _stderr_without(marker, keep=300):
+    """Cut to `keep` bytes the stderr lines holding `marker` written inside the block (by C code: Python's
+    sys.stderr cannot catch them): decord logs the whole input as its name when it cannot open a video from
+    bytes, a megabyte per corrupt sample in a training log. The rest is written out unchanged afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught:
+                if marker in line and len(line) > keep:
+                    line = line[:keep] + b"...\n"
+                os.write(2, line)
 
 
 def _pyav_frames(source, size, choose, name):
@@ -106,7 +132,10 @@ def _pyav_frames(source, size, choose, name):
 
     with container() as c:  # demux only, no decoding
         stream = _video_stream(c, name)
-        idx = _chosen(choose, sum(1 for p in c.demux(stream) if p.size), float(stream.average_rate or 0), name)
+        packets = sum(1 for p in c.demux(stream) if p.size)
+        if packets < stream.frames:  # the header's count: a cut file ends early without an error (decord raises)
+            raise SkipSample("bad_video", f"{name}: truncated ({packets} of {stream.frames} frames)")
+        idx = _chosen(choose, packets, float(stream.average_rate or 0), name)
     wanted, got, graph = set(idx), {}, None
     with container() as c:
         stream = _video_stream(c, name)

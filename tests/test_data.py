@@ -241,11 +241,12 @@ def test_status_with_frames_is_not_no_video(tmp_path, tokenizer):
     assert len(read(tmp_path / "a.tar", tokenizer)[0]) == 1
 
 
-def camera_clip(path, frames, fps, width=96, height=64, rotation=0):
+def camera_clip(path, frames, fps, width=96, height=64, rotation=0, faststart=False):
     """An x264 mp4 with B-frames (decode order != presentation order): a gradient, a moving square and a
-    brightness that steps with the frame index, so the decoded frames tell which indices were read."""
+    brightness that steps with the frame index, so the decoded frames tell which indices were read.
+    faststart: the index (moov) at the front, as web video is laid out."""
     x = np.linspace(0, 100, width)[None, :, None]
-    with av.open(str(path), "w") as c:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
         s = c.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt = width, height, "yuv420p"
         s.options = {"preset": "medium", "bf": "2", "threads": "1"}
@@ -314,6 +315,26 @@ def test_pyav_path_skips_bad_videos_by_reason(tmp_path, monkeypatch):
         c.mux(s.encode())
     with pytest.raises(SkipSample, match="no video stream"):
         load_video_frames(str(tmp_path / "audio.mp4"), size=32)
+
+
+def test_a_cut_video_is_skipped_by_both_decoders(tmp_path, decoder):
+    """A web video (index first) cut short: decord stops with an error; PyAV's demuxer just ends early, so it
+    checks the packets against the header's frame count. Neither passes a shorter video on."""
+    clip = open(camera_clip(tmp_path / "c.mp4", frames=90, fps=30, faststart=True), "rb").read()
+    assert decode_video(clip, 32, max_frames=8).shape == (3, 3, 32, 32)
+    for part in (0.4, 0.7, 0.95):
+        with pytest.raises(SkipSample) as e:
+            decode_video(clip[:int(len(clip) * part)], 32, max_frames=8)
+        assert e.value.reason == "bad_video", (part, e.value)
+
+
+def test_a_corrupt_video_does_not_flood_stderr(capfd):
+    """decord logs the bytes it could not open as the video's name: a megabyte per corrupt sample, cut short."""
+    pytest.importorskip("decord")
+    with pytest.raises(SkipSample):
+        decode_video(b"x" * 1_000_000, 32, max_frames=8)
+    err = capfd.readouterr().err
+    assert "ERROR opening" in err and len(err) < 1000, len(err)
 
 
 def test_generate_samples_frames_as_training(tmp_path, tokenizer, decoder):
