@@ -30,10 +30,12 @@ the unfinished shard and goes on after that position: no sample is lost or writt
 
 import argparse
 import collections
+import ctypes
 import io
 import json
 import os
 import re
+import signal
 import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -101,6 +103,19 @@ def checked(media, max_frames):
         return e
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def check_worker():
+    """A check process: one thread (as a DataLoader worker), and on Linux ended with its parent, which a kill -9
+    of prepare.py would otherwise leave running (PR_SET_PDEATHSIG: no Python API has it)."""
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl
+            os._exit(1)
+
+
 def with_checks(events, workers, max_frames):
     """(event, fields or BadMedia; None for a Skip) in input order; with workers > 1 the checks run in a process
     pool, at most 2 per worker ahead of the writer (Pool.imap would read the whole input ahead)."""
@@ -110,7 +125,7 @@ def with_checks(events, workers, max_frames):
     if workers <= 1:
         yield from ((e, now(e)) for e in events)
         return
-    with ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:  # as DataLoader's
+    with ProcessPoolExecutor(workers, initializer=check_worker) as pool:
         ahead = collections.deque()
         for e in events:
             ahead.append((e, pool.submit(checked, e.media, max_frames) if isinstance(e, Item) and e.media else now(e)))

@@ -175,6 +175,7 @@ def smoltalk_inputs(args):
 def smoltalk_row(pos, path, row):
     ident = f"{os.path.basename(path)}:{pos[1]}"
     messages = [{"role": (m or {}).get("role"), "content": (m or {}).get("content")} for m in row["messages"] or []]
+    messages = [m for m in messages if m["role"] != "system" or (m["content"] or "").strip()]  # empty: no turn
     problem = chat_problem(messages)
     if problem:
         return Skip(pos, problem, ident)

@@ -7,7 +7,10 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 from collections import Counter
 
@@ -144,7 +147,9 @@ def smoltalk(root):
              "source": "everyday-conversations"},
             {"messages": chat(("user", "Say nothing."), ("assistant", "  ")), "source": "smol-rewrite"},
             {"messages": chat(("system", "Tools: [get_time]"), ("user", "Time?"), ("assistant", "get_time()")),
-             "source": "apigen-80k"}]
+             "source": "apigen-80k"},
+            {"messages": chat(("system", ""), ("user", "A colour?"), ("assistant", "Blue.")),  # no system turn
+             "source": "smol-magpie-ultra"}]
     write_parquet(root / "data" / "all" / "train-00000-of-00001.parquet", rows, schema)
     write_parquet(root / "data" / "all" / "test-00000-of-00001.parquet", rows[:1], schema)
     write_parquet(root / "data" / "smol-rewrite" / "train-00000-of-00001.parquet", rows[:2], schema)
@@ -310,13 +315,14 @@ def test_cauldron_images_kept_as_published_multi_image_and_multi_turn(src, conve
 def test_smoltalk_reads_data_all_train_only(converted, tokenizer):
     out, reports = converted
     rep = reports["smoltalk"]
-    assert rep["written"] == 3 and rep["by_kind"] == {"text chat": 3} and skipped(rep) == {"empty_turn": 1}
+    assert rep["written"] == 4 and rep["by_kind"] == {"text chat": 4} and skipped(rep) == {"empty_turn": 1}
     metas = sorted((json.loads(f["json"]) for f in shard_samples(out / "smoltalk").values()), key=lambda m: m["source"])
     assert [m["source"] for m in metas] == ["smoltalk/apigen-80k", "smoltalk/everyday-conversations",
-                                           "smoltalk/systemchats-30k"]
-    assert [m["role"] for m in metas[2]["messages"]] == ["system", "user", "assistant"]
+                                           "smoltalk/smol-magpie-ultra", "smoltalk/systemchats-30k"]
+    assert [m["role"] for m in metas[3]["messages"]] == ["system", "user", "assistant"]
+    assert [m["role"] for m in metas[2]["messages"]] == ["user", "assistant"]  # an empty system turn is dropped
     samples = load(out / "smoltalk", tokenizer)
-    assert all(s["kind"] == "text" for s in samples) and len(samples) == 3
+    assert all(s["kind"] == "text" for s in samples) and len(samples) == 4
     assert any("Speak like a pirate." in tokenizer.decode(s["input_ids"]) for s in samples)
 
 
@@ -456,5 +462,29 @@ def test_damaged_archives_and_files_are_counted_never_a_crash(src, tmp_path):
         # the cut falls after the last video: every video is read, then the archive's end is missing
         "llava-video": (4, {"unreadable_file": 1, "bad_video": 2, "video_missing": 1, "empty_turn": 1,
                             "unreferenced_video": 1}),
-        "smoltalk": (3, {"unreadable_file": 1, "empty_turn": 1})}
+        "smoltalk": (4, {"unreadable_file": 1, "empty_turn": 1})}
     assert "OpenVid_part1_partaa" in reports["openvid"]["skipped"]["unreadable_file"]["examples"][0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_check_workers_end_with_a_killed_converter():
+    """kill -9 of prepare.py leaves no check process behind (they would sleep on, orphaned, for good)."""
+    code = ("import os, signal\nfrom concurrent.futures import ProcessPoolExecutor\nimport prepare\n"
+            "with ProcessPoolExecutor(2, initializer=prepare.check_worker) as pool:\n"
+            "    print(*{f.result() for f in [pool.submit(os.getpid) for _ in range(8)]}, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    workers = [int(p) for p in out.split()]
+    assert workers
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 10
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers)), workers
