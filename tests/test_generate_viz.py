@@ -12,9 +12,8 @@ import benchmark
 import config
 import generate
 from checkpoint import CONFIG_NAME as TRAIN_CONFIG
-from conftest import TINY_DINO, tiny_model_kwargs
+from conftest import TINY_DINO, tiny_model_kwargs, write_video
 from model import FoveatedVLM
-from test_benchmark import write_video
 
 SIZE = TINY_DINO["image_size"]
 

@@ -28,9 +28,8 @@ import checkpoint
 import config
 import distributed
 import train
-from conftest import TINY_LLM, rand_frames, tiny_model_kwargs
+from conftest import TINY_LLM, rand_frames, read_log, tiny_model_kwargs, write_colour_shard, write_config
 from model import MODES, FoveatedVLM
-from test_train import read_log, write_config, write_shard
 
 CPU = torch.device("cpu")
 RTOL, GRAD_COS, GRAD_NORM_RTOL, LOGIT_TOL, SCORE_ATOL, REWARD_ATOL = 2e-2, 0.99, 5e-2, 0.1, 0.1, 0.05
@@ -164,7 +163,7 @@ def test_bf16_generate_and_score_options_match_float32(models, mode):
 
 @pytest.fixture
 def shard(tmp_path):
-    write_shard(tmp_path / "train.tar", 32, 0)
+    write_colour_shard(tmp_path / "train.tar", 32, 0)
     return str(tmp_path / "train.tar")
 
 

@@ -1,86 +1,32 @@
 """train.py: the loss falls, a SIGKILLed run resumes where it stopped, DPO's loss, and 2-process DDP on gloo."""
 
-import csv
 import glob
-import io
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import pytest
 import torch
-import yaml
-from PIL import Image
 
 import checkpoint
 import config
 import train
-from conftest import ROOT, SMOLLM2_GGUF, TINY_DINO, TINY_LLM
+from conftest import ROOT, TINY_DINO, TINY_LLM, read_log, write_colour_shard, write_config
 from data import dataset_from_config, make_loader
-
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-
-
-def write_shard(path, n, seed, kind="sft", corrupt=0):
-    """n one-colour images: SFT ("What colour?" -> "red."), DPO (chosen = the right colour), or text-only; the
-    first `corrupt` images are not images."""
-    rng = random.Random(seed)
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            name, wrong = rng.sample(list(COLORS), 2)
-            fields = {}
-            if kind != "text":
-                buf = io.BytesIO()
-                Image.new("RGB", (56, 56), COLORS[name]).save(buf, "PNG")
-                fields["png"] = buf.getvalue() if i >= corrupt else b"not a png"
-            meta = {"user": "What colour is this?", "assistant": f"{name}."}
-            if kind == "dpo":
-                meta = {"question": "What colour is this?", "chosen": f"{name}.", "rejected": f"{wrong}."}
-            fields["json"] = json.dumps(meta).encode()
-            for field, data in fields.items():
-                info = tarfile.TarInfo(f"s{seed}_{i:05d}.{field}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
-def write_config(tmp_path, name="run", **sections):
-    cfg = {
-        "model": {"llm_config": TINY_LLM, "dino_config": TINY_DINO, "query_dim": 24, "tokenizer": SMOLLM2_GGUF},
-        "data": {"train_shards": str(tmp_path / "train.tar"), "frame_size": 56, "max_frames": 4,
-                 "replicate_image_frames": 4, "num_workers": 0, "max_text_tokens": 64},
-        "training": {"total_samples": 64, "batch_size": 4, "lr_connector": 2e-3, "lr_dino": 1e-3, "lr_llm": 2e-3,
-                     "warmup_ratio": 0.1, "device": "cpu", "log_every": 2, "seed": 0},
-        "loss": {"type": "text_ce_answer_only"},
-        "checkpoint": {"save_dir": str(tmp_path / name), "save_every_steps": 4, "keep_last": 2},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    if cfg["model"].get("init_from"):  # the architecture is the checkpoint's: config.check_init_from
-        cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in config.ARCHITECTURE_KEYS}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
-    write_shard(d / "train.tar", 256, 0)  # each rank's share exceeds the loader's 100-sample shuffle buffer
-    write_shard(d / "val.tar", 16, 1)
-    write_shard(d / "text.tar", 256, 2, kind="text")
-    write_shard(d / "dpo.tar", 256, 3, kind="dpo")
+    write_colour_shard(d / "train.tar", 256, 0)  # each rank's share exceeds the loader's 100-sample shuffle buffer
+    write_colour_shard(d / "val.tar", 16, 1)
+    write_colour_shard(d / "text.tar", 256, 2, kind="text")
+    write_colour_shard(d / "dpo.tar", 256, 3, kind="dpo")
     return d
-
-
-def read_log(save_dir):
-    with open(os.path.join(save_dir, "log.csv")) as f:
-        return list(csv.DictReader(f))
 
 
 def test_dpo_loss_hand_computed():
@@ -138,7 +84,7 @@ def test_loss_falls_with_validation_and_text_retention(tmp_path, shards, one_thr
 def test_a_save_between_log_steps_holds_the_skips_so_far(tmp_path, one_thread):
     """Skip counts reach every checkpoint, not only those at a log step: a resume from step 2 (logs at 3)
     continues the count instead of losing steps 1-2's."""
-    write_shard(tmp_path / "train.tar", 24, 4, corrupt=12)
+    write_colour_shard(tmp_path / "train.tar", 24, 4, corrupt=12)
     path = write_config(tmp_path, training={"total_samples": 16, "log_every": 3},
                         checkpoint={"save_every_steps": 2, "keep_last": 5})
     train.main(["--config", path])
@@ -149,7 +95,7 @@ def test_a_save_between_log_steps_holds_the_skips_so_far(tmp_path, one_thread):
 
 
 def test_skips_and_wall_time_add_up_over_a_resume_and_a_finished_run_is_kept(tmp_path, one_thread, capsys):
-    write_shard(tmp_path / "train.tar", 24, 4, corrupt=4)
+    write_colour_shard(tmp_path / "train.tar", 24, 4, corrupt=4)
     save_dir = tmp_path / "run"
     summaries = []
     for total in (32, 64):  # the second run resumes the first's final checkpoint (step 8) and trains to 16
@@ -273,7 +219,7 @@ def torchrun(tmp_path, config_path):
 def test_two_process_gloo_keeps_ranks_identical_ce_then_dpo(tmp_path, shards):
     init = {k: v.clone() for k, v in train.FoveatedVLM(llm_config=TINY_LLM, dino_config=TINY_DINO,
                                                        query_dim=24).state_dict().items()}
-    write_shard(tmp_path / "bad.tar", 64, 5, corrupt=48)  # rank 1's shard; rank 0 reads train.tar
+    write_colour_shard(tmp_path / "bad.tar", 64, 5, corrupt=48)  # rank 1's shard; rank 0 reads train.tar
     ce = write_config(tmp_path, "ce", data={"train_shards": [str(shards / "train.tar"), str(tmp_path / "bad.tar")],
                                             "text_shards": str(shards / "text.tar"), "text_ratio": 0.5},
                       training={"total_samples": 32, "batch_size": 2, "grad_accum": 2},
