@@ -6,10 +6,13 @@
 
 - throughput: samples/s of a config's training step, seconds per step split into data, DINO, LLM and optimizer
   time, and model FLOP utilisation (MFU: FLOPs of one forward+backward counted by torch.utils.flop_counter /
-  step time / this machine's best measured 4096^2 matmul rate, float32 on the CPU, bf16 on CUDA). Data: the
-  config's train_shards through train.py's loader when they exist, else random batches of --batch-size x
-  --frames frames x --text-tokens tokens (data time ~0). DINO time is the patch encoder's forward+backward on
-  the same frames outside the step; "LLM" is the rest of the forward+backward.
+  step time / this machine's best measured 4096^2 matmul rate, float32 on the CPU, bf16 on CUDA). The step is
+  train.py's, built by its functions: the model from init_from or the config, its freeze_* switches, the DPO
+  reference, the wrapper, the optimizer's groups, the loss type and dtype, training.threads (--threads wins);
+  one micro-batch (grad_accum is not simulated). Data: the config's train_shards through train.py's loader when
+  they exist, else random batches of --batch-size x --frames frames x --text-tokens tokens (DPO: a chosen and a
+  rejected text of that length; data time ~0). DINO time is the patch encoder's forward (+backward where
+  trained, + the DPO reference's forward) on the same frames outside the step; "LLM" is the rest.
 - step: one coarse_fine forward+backward (a) of 2 images replicated to 8 frames and (b) of one 16-frame video,
   64 text tokens each, against the irreducible work measured in the same process with the same backbones
   called as plain transformers modules: DINOv2 forward+backward on the distinct frames, and the LLM's
@@ -18,17 +21,20 @@
 - scoring: 4 options x 3 modes per question for an image replicated to 8 frames and a 16-frame video:
   `option_nll` (DINO once per question, one LLM pass per mode) at batch 1 and at --batch-size questions per
   call, against the naive way (one full forward per option and mode, every frame encoded each time).
-`--shapes 135M|1.7B` builds the real architecture with random weights (pretrained.SHAPES, no download); 1.7B
-in float32 takes 6.8 GB of weights, ~27 GB with gradients and AdamW's states (throughput). Every
-comparison is timed alternating (one round runs each variant once, after a warm-up round) and reports the
-median and the spread of the per-round ratios, so a change in the machine's load hits all variants alike.
+`--shapes 135M|1.7B` builds the real architecture with random weights (pretrained.SHAPES, no download; in
+throughput it replaces init_from's or the config's model, and the rest of the config applies); 1.7B in float32
+takes 6.8 GB of weights, ~27 GB with gradients and AdamW's states (throughput). Every comparison is timed
+alternating (one round runs each variant once, after a warm-up round) and reports the median and the spread of
+the per-round ratios, so a change in the machine's load hits all variants alike.
 """
 
 import argparse
 import dataclasses
 import glob
+import os
 import statistics
 import time
+from typing import Optional
 
 import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
 import torch
@@ -69,13 +75,13 @@ def ratio(times, a, b):
     return f"{statistics.median(r):.2f}x [{r[0]:.2f}-{r[-1]:.2f}]"
 
 
-def build(settings, shapes, frame_size, dev):
-    """The model of `settings` (ModelSettings or config.ModelConfig), or with --shapes the real architecture."""
-    if shapes:
-        llm, dino = MODEL_SHAPES[shapes]
-        settings = dataclasses.replace(ModelSettings.of(settings), llm=None, dino=None, llm_config=dict(SHAPES[llm]),
-                                       dino_config=dict(SHAPES[dino], image_size=frame_size))
-    return FoveatedVLM.from_config(settings).to(dev)
+def at_shapes(settings, shapes, frame_size):
+    """The model of `settings` (ModelSettings or config.ModelConfig) with the real architecture `shapes` (a key of
+    MODEL_SHAPES) and random weights."""
+    llm, dino = MODEL_SHAPES[shapes]
+    settings = dataclasses.replace(ModelSettings.of(settings), llm=None, dino=None, llm_config=dict(SHAPES[llm]),
+                                   dino_config=dict(SHAPES[dino], image_size=frame_size))
+    return FoveatedVLM.from_config(settings)
 
 
 def random_frames(*shape, generator=None):
@@ -191,63 +197,95 @@ def matmul_peak(dev, n=4096, repeats=5):
     return 2 * n ** 3 / best
 
 
-def random_batches(batch_size, frames, text_tokens, frame_size, vocab=VOCAB):
-    """Endless identical-shape batches of random video and text: measures the model, not the loader."""
+def random_batches(batch_size, frames, text_tokens, frame_size, vocab, dpo=False):
+    """Endless identical-shape batches of random video and text: measures the model, not the loader. CE: the loss
+    on every token. DPO: a chosen and a rejected text of `text_tokens` each, one prompt (the first half) and two
+    answers (the second half, where the loss mask is)."""
     g = torch.Generator().manual_seed(0)
     while True:
-        ids = torch.randint(3, vocab, (batch_size, text_tokens), generator=g)
-        yield {"frames": random_frames(batch_size, frames, 3, frame_size, frame_size, generator=g),
-               "frame_mask": torch.ones(batch_size, frames, dtype=torch.bool),
-               "input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+        video = {"frames": random_frames(batch_size, frames, 3, frame_size, frame_size, generator=g),
+                 "frame_mask": torch.ones(batch_size, frames, dtype=torch.bool)}
+        ids = torch.randint(3, vocab, (batch_size, text_tokens), generator=g)  # [B, S]
+        if not dpo:
+            yield {**video, "input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+            continue
+        answer = (torch.arange(text_tokens) >= text_tokens // 2).long().expand(batch_size, -1)  # [B, S]
+        rejected = torch.where(answer.bool(), torch.randint(3, vocab, ids.shape, generator=g), ids)
+        yield {**video, "chosen_ids": ids, "chosen_mask": torch.ones_like(ids), "chosen_loss_mask": answer,
+               "rejected_ids": rejected, "rejected_mask": torch.ones_like(ids), "rejected_loss_mask": answer}
 
 
-def dino_seconds(model, batch, dev):
-    """Forward+backward time of the DINO patch encoder alone on this batch's (deduplicated) frames."""
-    sync(dev)
+@dataclasses.dataclass
+class Setup:
+    """What a timed step works with, built as train.main builds it."""
+    cfg: config_lib.Config
+    dev: torch.device
+    model: FoveatedVLM  # unwrapped
+    reference: Optional[FoveatedVLM]  # DPO's frozen reference, else None
+    step_module: torch.nn.Module  # train.wrap's: what the forward goes through
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+def dino_seconds(s, batch):
+    """Time of the DINO patch encoder alone on this batch's (deduplicated) frames: the policy's forward, and its
+    backward where anything it outputs is trained; for DPO also the reference's forward."""
+    sync(s.dev)
     start = time.perf_counter()
-    kv, _, _ = model.encode(batch["frames"], batch["frame_mask"])
+    kv, _, _ = s.model.encode(batch["frames"], batch["frame_mask"])
     if kv is not None:
-        outs = [t for t in (kv.features, *kv.keys, *kv.values) if t is not None]
-        torch.autograd.backward([o.float().sum() for o in outs])
-    sync(dev)
-    model.zero_grad(set_to_none=True)
+        outs = [t for t in (kv.features, *kv.keys, *kv.values) if t is not None and t.requires_grad]
+        if outs:
+            torch.autograd.backward([o.float().sum() for o in outs])
+    if s.reference is not None:
+        with torch.no_grad():
+            s.reference.encode(batch["frames"], batch["frame_mask"])
+    sync(s.dev)
+    s.model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 
-def timed_step(step_module, model, optimizer, batches, cfg, dev):
-    """One training step -> {data, fwd_bwd, dino, optimizer} seconds."""
+def timed_step(s, batches):
+    """One training step as train.train_step runs it (one micro-batch) -> ({data, fwd_bwd, dino, optimizer}
+    seconds, the batch)."""
     times = {}
     start = time.perf_counter()
-    batch = train.to_device(next(batches), dev)
+    batch = train.to_device(next(batches), s.dev)
     times["data"] = time.perf_counter() - start
-    sync(dev)
+    sync(s.dev)
     start = time.perf_counter()
-    with distributed.autocast(dev, cfg.training.dtype):
-        loss, _ = train.compute_loss(step_module, None, batch, cfg)
-    loss.backward()
-    sync(dev)
+    with distributed.autocast(s.dev, s.cfg.training.dtype):
+        loss, _ = train.compute_loss(s.step_module, s.reference, batch, s.cfg)
+    s.scaler.scale(loss).backward()
+    sync(s.dev)
     times["fwd_bwd"] = time.perf_counter() - start
     start = time.perf_counter()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sync(dev)
+    s.scaler.unscale_(s.optimizer)
+    torch.nn.utils.clip_grad_norm_(trained(s.optimizer), s.cfg.training.max_grad_norm)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    sync(s.dev)
     times["optimizer"] = time.perf_counter() - start
-    with distributed.autocast(dev, cfg.training.dtype):
-        times["dino"] = dino_seconds(model, batch, dev)
+    with distributed.autocast(s.dev, s.cfg.training.dtype):
+        times["dino"] = dino_seconds(s, batch)
     return times, batch
 
 
-def step_flops(step_module, batch, cfg, dev):
+def trained(optimizer):
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def step_flops(s, batch):
     with FlopCounterMode(display=False) as counter:
-        with distributed.autocast(dev, cfg.training.dtype):
-            loss, _ = train.compute_loss(step_module, None, batch, cfg)
+        with distributed.autocast(s.dev, s.cfg.training.dtype):
+            loss, _ = train.compute_loss(s.step_module, s.reference, batch, s.cfg)
         loss.backward()
-    step_module.model.zero_grad(set_to_none=True)
+    s.model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
-def batches_for(cfg, args, dev):
+def batches_for(cfg, args, dev, vocab):
     shards = config_lib.globs(cfg.data.train_shards)
     if shards and all(glob.glob(p) for p in shards) and not args.random_data:
         from tokenization import load_tokenizer
@@ -256,19 +294,22 @@ def batches_for(cfg, args, dev):
         dist = distributed.Dist(0, 0, 1, dev)
         return train.build_loader(cfg, tok, dist, cfg.data.train_shards, train=True), "config's train_shards"
     frames = args.frames or cfg.data.max_frames
-    return (random_batches(cfg.training.batch_size, frames, args.text_tokens, cfg.data.frame_size),
-            f"random batches: {frames} frames x {args.text_tokens} tokens")
+    dpo = cfg.loss.type == "dpo"
+    return (random_batches(cfg.training.batch_size, frames, args.text_tokens, cfg.data.frame_size, vocab, dpo),
+            f"random batches: {frames} frames x {args.text_tokens} tokens{' (chosen and rejected)' if dpo else ''}")
 
 
-def report(cfg, times, flops, peak, source, model, dev):
-    n = len(times)
+def report(s, times, flops, peak, source):
+    cfg, n = s.cfg, len(times)
     mean = {k: sum(t[k] for t in times) / n for k in times[0]}
     step = mean["data"] + mean["fwd_bwd"] + mean["optimizer"]
     llm = max(0.0, mean["fwd_bwd"] - mean["dino"])
-    params = model.count_parameters()
+    params = s.model.count_parameters()
+    parts = [name for name, group in s.model.param_groups().items() if group]
     lines = [
         f"bench: {params['total'] / 1e6:.1f}M params (dino {params['dino'] / 1e6:.1f}M, llm {params['llm'] / 1e6:.1f}M)"
-        f" | batch {cfg.training.batch_size} | {source} | {dev} ({torch.get_num_threads()} threads) | {n} steps",
+        f", {sum(p.numel() for p in trained(s.optimizer)):,} trained ({', '.join(parts)}) | loss {cfg.loss.type} | "
+        f"batch {cfg.training.batch_size} | {source} | {s.dev} ({torch.get_num_threads()} threads) | {n} steps",
         f"samples/s      {cfg.training.batch_size / step:.3f}",
         f"s/step         {step:.3f}  = data {mean['data']:.3f} + DINO {mean['dino']:.3f} + LLM {llm:.3f}"
         f" + optimizer {mean['optimizer']:.3f}",
@@ -279,29 +320,37 @@ def report(cfg, times, flops, peak, source, model, dev):
     return "\n".join(lines)
 
 
+def setup(cfg, shapes):
+    """The model, DPO reference, wrapped step module, optimizer and loss scaler train.main would build for `cfg`;
+    with `shapes`, the policy has random weights at those sizes instead of init_from's or the config's."""
+    init = cfg.model.init_from
+    if not shapes and init is not None and not os.path.isdir(init):
+        raise config_lib.ConfigError(f"'model.init_from' does not exist: {init} (--shapes times random weights)")
+    dist = distributed.init(cfg.training.seed, cfg.training.device)
+    policy = at_shapes(cfg.model, shapes, cfg.data.frame_size) if shapes else None
+    model, reference = train.build_model(cfg, dist.device, policy)
+    return Setup(cfg, dist.device, model, reference, train.wrap(model, cfg, dist),
+                 train.build_optimizer(model, cfg.training), distributed.grad_scaler(dist.device, cfg.training.dtype))
+
+
 def throughput(args):
     sets = args.set + ([f"training.batch_size={args.batch_size}"] if args.batch_size else [])
     cfg = config_lib.load(args.config, sets, check=False)
-    dev = distributed.init(cfg.training.seed, cfg.training.device).device
-    model = build(cfg.model, args.shapes, cfg.data.frame_size, dev).train()
-    if cfg.model.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    step_module = train.StepModule(model, False, cfg.model.mode)
-    if cfg.training.compile:
-        step_module.compile()
-    optimizer = train.build_optimizer(model, cfg.training)
-    batches, source = batches_for(cfg, args, dev)
-    peak = matmul_peak(dev)
-    _, batch = timed_step(step_module, model, optimizer, batches, cfg, dev)  # warm-up
-    times = [timed_step(step_module, model, optimizer, batches, cfg, dev)[0] for _ in range(args.steps)]
-    return report(cfg, times, step_flops(step_module, batch, cfg, dev), peak, source, model, dev)
+    distributed.set_threads(args.threads if args.threads is not None else cfg.training.threads)
+    s = setup(cfg, args.shapes)
+    batches, source = batches_for(cfg, args, s.dev, s.model.llm.config.vocab_size)
+    peak = matmul_peak(s.dev)
+    _, batch = timed_step(s, batches)  # warm-up
+    times = [timed_step(s, batches)[0] for _ in range(args.steps)]
+    return report(s, times, step_flops(s, batch), peak, source)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, help="CPU threads for torch (default: all of this process's cores "
-                        "when OMP_WAIT_POLICY=PASSIVE is in effect, else 1; README, CPU threads)")
+    common.add_argument("--threads", type=int, help="CPU threads for torch (default: throughput, the config's "
+                        "training.threads; else, or when unset there, all of this process's cores when "
+                        "OMP_WAIT_POLICY=PASSIVE is in effect, else 1; README, CPU threads)")
     common.add_argument("--shapes", choices=list(MODEL_SHAPES), help="real architecture, random weights (step and "
                         "scoring: default 135M)")
     common.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
@@ -323,13 +372,13 @@ def main(argv=None):
     c.add_argument("--prompt-tokens", type=int, default=60)
     c.add_argument("--option-tokens", type=int, default=8)
     args = p.parse_args(argv)
-    distributed.set_threads(args.threads)
     if args.command == "throughput":
         print(throughput(args))
         return
+    distributed.set_threads(args.threads)
     dev, shapes = torch.device(args.device), args.shapes or "135M"
     torch.manual_seed(0)
-    model = build(ModelSettings(), shapes, args.frame_size, dev)
+    model = at_shapes(ModelSettings(), shapes, args.frame_size).to(dev)
     print(f"{shapes} shapes, random weights, float32, {dev} ({torch.get_num_threads()} threads)")
     print(step_report(model.train(), args, dev) if args.command == "step" else scoring_report(model.eval(), args, dev))
 

@@ -77,16 +77,18 @@ def compute_loss(step_module, reference, batch, cfg, mode=None, encoded=(None, N
     return dpo_loss(out, ref, cfg.loss.beta)
 
 
-def build_model(cfg, dev):
-    """The policy (from init_from, or built from the config) and, for DPO, a frozen reference copy. From
-    init_from, the architecture is the checkpoint's (config.check_init_from refuses those keys beside it) and the
-    settings that may change after init, visual_scale and lambda_coarse, are the config's."""
+def build_model(cfg, dev, model=None):
+    """The policy (from init_from, or built from the config; `model` instead when given: bench.py's random
+    weights at the real sizes) and, for DPO, a frozen reference copy, with the config's freeze_* switches and
+    gradient checkpointing applied. From init_from, the architecture is the checkpoint's (config.check_init_from
+    refuses those keys beside it) and the settings that may change after init, visual_scale and lambda_coarse,
+    are the config's."""
     m = cfg.model
-    if m.init_from:
+    if model is None and m.init_from:
         model = FoveatedVLM.from_pretrained(m.init_from)
         model.settings = dataclasses.replace(model.settings, visual_scale=m.visual_scale,
                                              lambda_coarse=m.lambda_coarse)
-    else:
+    elif model is None:
         model = FoveatedVLM.from_config(m)
     reference = None
     if cfg.loss.type == "dpo":  # the init_from weights, before any resume overwrites the policy's

@@ -1,12 +1,16 @@
 """bench.py on a tiny model: the irreducible-work reference runs the same backbones, the naive scorer gives the
-scores option_nll gives, every report prints its ratios, and the throughput report runs on a config."""
+scores option_nll gives, every report prints its ratios, and the throughput report runs on a config, timing the
+step train.py would run (init_from, freeze_*, the loss type, training.threads)."""
 
 import argparse
 import re
 
+import pytest
 import torch
+import yaml
 
 import bench
+import train
 from conftest import DinoCounter, rand_frames, tiny_model_kwargs
 from model import MODES, FoveatedVLM
 
@@ -59,3 +63,39 @@ def test_throughput_report_on_the_quickstart_config(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "samples/s" in out and "random batches: 2 frames x 64 tokens" in out
     assert re.search(r"matmul peak    100\.0 GFLOP/s measured\nMFU            \d+\.\d%", out)
+
+
+def test_throughput_times_the_configured_step_from_init_from(tmp_path, tiny_model, one_thread, capsys,
+                                                             monkeypatch):
+    tiny_model.save_pretrained(str(tmp_path / "stage2"))
+    path = tmp_path / "stage3.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"init_from": str(tmp_path / "stage2"), "freeze_llm": True},
+        "data": {"train_shards": str(tmp_path / "none-*.tar"), "frame_size": 56, "max_frames": 2},
+        "training": {"batch_size": 2, "device": "cpu", "dtype": "float32", "threads": 2},
+        "loss": {"type": "dpo", "beta": 0.1}}))
+    monkeypatch.setattr(bench, "matmul_peak", lambda dev: 1e11)
+    calls = []
+    dpo_loss = train.dpo_loss
+    monkeypatch.setattr(train, "dpo_loss", lambda *a: calls.append(1) or dpo_loss(*a))
+    run = ["throughput", "--config", str(path), "--steps", "1", "--text-tokens", "8"]
+    not_llm = sum(p.numel() for name, p in tiny_model.named_parameters() if not name.startswith("llm."))
+
+    bench.main(run)
+    out = capsys.readouterr().out
+    assert f", {not_llm:,} trained (connector, dino) | loss dpo |" in out
+    assert "8 tokens (chosen and rejected)" in out and "(2 threads)" in out  # the config's training.threads
+    assert len(calls) == 3  # warm-up, timed step, FLOP count: each a DPO loss against the reference
+
+    bench.main(run + ["--threads", "1", "--set", "loss.type=text_ce_answer_only", "--set", "model.freeze_llm=false"])
+    out = capsys.readouterr().out
+    total = sum(p.numel() for p in tiny_model.parameters())
+    assert f", {total:,} trained (connector, dino, llm) | loss text_ce_answer_only |" in out
+    assert "(1 threads)" in out and len(calls) == 3
+
+
+def test_throughput_names_a_missing_init_from(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"init_from": str(tmp_path / "missing")}}))
+    with pytest.raises(ValueError, match="'model.init_from' does not exist"):
+        bench.main(["throughput", "--config", str(path)])
