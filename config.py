@@ -8,6 +8,7 @@ overrides a loaded value (the value is parsed as YAML, so `--set training.lr_llm
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import re
@@ -266,6 +267,24 @@ def check_paths(cfg, source):
         raise ConfigError(f"{source}: 'model.tokenizer' is required when neither model.llm nor model.init_from is set")
 
 
+def check_backbone_configs(cfg, source):
+    """model.llm_config / dino_config: every key must be one of its transformers config's (transformers keeps a
+    mistyped key as an inert attribute and builds the default size)."""
+    from pretrained import config_keys
+
+    for key, default_type in (("llm_config", "llama"), ("dino_config", "dinov2")):
+        given = getattr(cfg.model, key) or {}
+        model_type = given.get("model_type", default_type)
+        try:
+            known = config_keys(model_type) if given else set()
+        except ValueError as e:  # an unknown model_type
+            raise ConfigError(f"{source}: 'model.{key}.model_type': {e}") from None
+        for name in sorted(set(given) - known - {"model_type"}):
+            guess = difflib.get_close_matches(name, known, n=1)
+            raise ConfigError(f"{source}: 'model.{key}.{name}' is not a {model_type} config key"
+                              + (f" (did you mean {guess[0]}?)" if guess else ""))
+
+
 # Fixed by the checkpoint when model.init_from is set: setting one beside it is an error, never ignored.
 ARCHITECTURE_KEYS = ("llm", "dino", "llm_config", "dino_config", "query_dim", "deep_query")
 
@@ -278,7 +297,8 @@ def check_init_from(given, cfg, source):
     if cfg.model.init_from is not None and fixed:
         raise ConfigError(f"{source}: 'model.{fixed[0]}' cannot be set with model.init_from: the architecture "
                           f"({', '.join(ARCHITECTURE_KEYS)}) comes from the checkpoint {cfg.model.init_from}. "
-                          "Remove it (the tokenizer: model.tokenizer), or drop init_from to build a new model.")
+                          "Remove it, or drop init_from to build a new model (model.tokenizer may be set: it "
+                          "replaces the checkpoint's tokenizer).")
 
 
 def tokenizer_name(cfg):
@@ -299,6 +319,7 @@ def load(path, overrides=(), check=True):
     raw = apply_overrides(raw, overrides)
     cfg = from_dict(raw, source)
     check_init_from(raw.get("model") or {}, cfg, source)
+    check_backbone_configs(cfg, source)
     if check:
         check_paths(cfg, source)
     return cfg

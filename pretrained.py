@@ -213,6 +213,15 @@ def load_checkpoint(path, device="cpu", tokenizer=None):
     return model, model.tokenizer, frame_size
 
 
+LEGACY_CONFIG_KEYS = {"rope_theta", "rope_scaling"}  # transformers 5 folds them into rope_parameters
+
+
+def config_keys(model_type):
+    """The keys a transformers config of `model_type` has (ValueError for an unknown model_type)."""
+    defaults = AutoConfig.for_model(model_type)
+    return set(defaults.to_dict()) | set(vars(defaults)) | set(defaults.attribute_map) | LEGACY_CONFIG_KEYS
+
+
 def _config(config, default_type):
     if isinstance(config, dict):
         config = dict(config)

@@ -37,6 +37,10 @@ def test_loads_defaults_and_spec_number_forms(tmp_path):
     ("loss: {type: ppo}", "loss.type"),
     ("data: {train_shards: [1, 2]}", "data.train_shards"),
     ("eval: {modes: [coarse_only, fine_only]}", "eval.modes"),
+    ("model: {llm_config: {model_type: llama, hidden_sizee: 64}}", "model.llm_config.hidden_sizee' is not a llama "
+                                                                  "config key (did you mean hidden_size?)"),
+    ("model: {dino_config: {num_layers: 2}}", "model.dino_config.num_layers' is not a dinov2 config key"),
+    ("model: {dino_config: {model_type: dinov9}}", "model.dino_config.model_type"),
 ])
 def test_bad_key_or_type_names_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)
