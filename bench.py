@@ -348,8 +348,8 @@ def throughput(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, help="CPU threads for torch (default: throughput, the config's "
-                        "training.threads; else, or when unset there, all of this process's cores when "
+    common.add_argument("--threads", type=int, help="CPU threads for torch (default: for throughput the config's "
+                        "training.threads; otherwise, and when that is unset, all of this process's cores when "
                         "OMP_WAIT_POLICY=PASSIVE is in effect, else 1; README, CPU threads)")
     common.add_argument("--shapes", choices=list(MODEL_SHAPES), help="real architecture, random weights (step and "
                         "scoring: default 135M)")

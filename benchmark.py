@@ -240,8 +240,8 @@ def main(argv=None):
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--batch-size", type=int, help="questions scored per forward (default 1; same scores)")
     p.add_argument("--scoring", choices=SCORING, help="option score: 'original' (default: the original benchmark's "
-                   "mean over the tokens after the prompt, <|im_end|> counted as 0) or 'mean' (this project's "
-                   "rule before it followed the original: the answer and its <|im_end|>)")
+                   "mean over the tokens after the prompt, <|im_end|> counted as 0) or 'mean' (the mean over "
+                   "the answer and its <|im_end|>, every token counted)")
     p.add_argument("--system-prompt", help="system turn of every question (default: the checkpoint's "
                    "data.system_prompt, else the original's); 'template' for the chat template's own default")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),

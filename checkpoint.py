@@ -12,7 +12,6 @@ checkpoints; `keep_last` / `keep_best` prune the rest. The model saved is always
 
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -21,10 +20,9 @@ import numpy as np
 import torch
 
 import config as config_lib
-from pretrained import TRAIN_CONFIG_NAME as CONFIG_NAME
+from pretrained import TRAIN_CONFIG_NAME, load_tensors
 
 STATE_NAME, METRICS_NAME = "training_state.pt", "metrics.json"
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
@@ -78,7 +76,7 @@ def save(save_dir, step, model, state, cfg, tokenizer=None, metric=None, keep_la
     tmp, final = os.path.join(save_dir, _TMP_PREFIX + name), os.path.join(save_dir, name)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer=tokenizer)
-    config_lib.save(cfg, os.path.join(tmp, CONFIG_NAME))
+    config_lib.save(cfg, os.path.join(tmp, TRAIN_CONFIG_NAME))
     torch.save(state, os.path.join(tmp, STATE_NAME))
     with open(os.path.join(tmp, METRICS_NAME), "w") as f:
         json.dump({"step": step, "metric": metric}, f)
@@ -157,14 +155,6 @@ def find_resume(save_dir, resume):
 def load_state(path):
     """The training-state dict of checkpoint folder `path`, loaded as tensors and plain containers only: a file
     holding anything that unpickling would run as code is refused (ValueError naming the file)."""
-    file = os.path.join(path, STATE_NAME)
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ValueError(f"{file}: not a readable training state ({str(e).splitlines()[0]})") from None
-        found = _UNSAFE_GLOBAL.search(str(e))
-        what = f" (it references {found.group(1)})" if found else ""
-        raise ValueError(f"{file}: refused as unsafe: it holds Python objects that loading would have to run as "
-                         f"code{what}, which checkpoint.save never writes. Resume from another checkpoint "
-                         "(checkpoint.resume: a step_* folder) or start afresh (checkpoint.resume: none).") from None
+    return load_tensors(os.path.join(path, STATE_NAME),
+                        "checkpoint.save never writes them: resume from another checkpoint (checkpoint.resume: a "
+                        "step_* folder) or start afresh (checkpoint.resume: none).")

@@ -34,6 +34,7 @@ import re
 import time
 from collections import Counter
 
+import distributed  # noqa: F401  before torch: it sets OpenMP's wait policy (README, CPU threads)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -371,7 +372,6 @@ def inspect_main(argv=None):
     import argparse
 
     import config
-    import distributed
     from tokenization import load_tokenizer
 
     parser = argparse.ArgumentParser(description="Inspect the shards of a training config and time decoding.")
@@ -409,6 +409,4 @@ def inspect_main(argv=None):
 
 
 if __name__ == "__main__":
-    import distributed
-
     distributed.run_cli(inspect_main)

@@ -119,9 +119,10 @@ def set_threads(n=None):
 def parse_cli(parser, argv=None, threads=None):
     """`parser.parse_args(argv)` with the shared `--threads N` flag added and applied (`threads`: this script's
     default, None = default_threads())."""
+    default = (f"{threads}" if threads is not None else "all of this process's cores when OMP_WAIT_POLICY=PASSIVE "
+               "is in effect, else 1")
     parser.add_argument("--threads", type=int, default=threads,
-                        help="CPU threads for torch (default: all of this process's cores when OMP_WAIT_POLICY=PASSIVE "
-                             "is in effect, else 1; README, CPU threads)")
+                        help=f"CPU threads for torch (default: {default}; README, CPU threads)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     return args

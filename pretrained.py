@@ -53,6 +53,9 @@ KNOWN_LLMS = {576: "HuggingFaceTB/SmolLM2-135M-Instruct", 960: "HuggingFaceTB/Sm
 KNOWN_DINOS = {384: "facebook/dinov2-small", 768: "facebook/dinov2-base", 1024: "facebook/dinov2-large"}
 ORIGINAL_EXTENSIONS = (".pt", ".pth")  # the original's training checkpoints: {"model_state_dict": ..., ...}
 
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")  # in torch's weights_only refusal
+_COMPILED_PREFIX = re.compile(r"(^|\.)_orig_mod\.")  # torch.compile's wrapper in parameter names
+
 # transformers 4.x DINOv2 attention names -> 5.x
 _DINO_V4_NAMES = [
     (re.compile(r"\.attention\.attention\.query\."), ".attention.q_proj."),
@@ -151,15 +154,28 @@ def read_state_dict(path):
     `_orig_mod` prefixes. Neither runs code: a .pt that would need it is refused, named."""
     if os.path.isdir(path):
         return load_file(os.path.join(path, WEIGHTS_NAME))
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path}: refused as unsafe to load (it holds objects that loading would have to run "
-                         "code for); a checkpoint holds tensors and plain values only") from None
+    saved = load_tensors(path)
     state = saved.get("model_state_dict", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a checkpoint (expected a state dict, or a dict with `model_state_dict`)")
-    return {k.replace("._orig_mod", ""): v for k, v in state.items()}
+    return {_COMPILED_PREFIX.sub(r"\1", k): v for k, v in state.items()}
+
+
+def load_tensors(file, advice=""):
+    """torch.load(file, weights_only=True): tensors and plain containers only. A file holding anything that
+    unpickling would run as code is refused, named (ValueError, with `advice` on what to do instead), as is
+    one that is not a torch save (a cut or foreign file)."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _UNSAFE_GLOBAL.search(str(e))
+        if found is None:  # not a pickle at all, or a damaged one
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()
+            raise ValueError(f"{file}: not readable ({detail[0] if detail else type(e).__name__})") from None
+        raise ValueError(f"{file}: refused as unsafe: it holds Python objects that loading would have to run as "
+                         f"code (it references {found.group(1)}). {advice}".rstrip()) from None
+    except (RuntimeError, EOFError) as e:  # not a zip / a cut one
+        raise ValueError(f"{file}: not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def weights_settings(state, where):

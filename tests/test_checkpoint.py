@@ -36,7 +36,7 @@ def test_save_prune_links_and_reload(tmp_path, tiny_model):
     reloaded = FoveatedVLM.from_pretrained(os.path.join(save_dir, "best"))
     for (name, a), b in zip(tiny_model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name
-    assert config.load_saved(os.path.join(save_dir, "best", checkpoint.CONFIG_NAME)) == cfg
+    assert config.load_saved(os.path.join(save_dir, "best", checkpoint.TRAIN_CONFIG_NAME)) == cfg
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):
@@ -86,6 +86,12 @@ def test_a_training_state_holding_code_is_refused_naming_the_file(tmp_path):
     message = str(err.value)
     assert str(folder / checkpoint.STATE_NAME) in message and "refused as unsafe" in message and "print" in message
     assert "weights_only" not in message  # torch's own text suggests loading it with weights_only=False
+    torch.save({"step": 1}, folder / checkpoint.STATE_NAME)
+    whole = (folder / checkpoint.STATE_NAME).read_bytes()
+    for damaged in (b"not a torch save", whole[:len(whole) // 2]):  # a foreign file, a cut one: not "unsafe"
+        (folder / checkpoint.STATE_NAME).write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"{folder / checkpoint.STATE_NAME}: not readable"):
+            checkpoint.load_state(str(folder))
 
 
 def test_load_checkpoint_takes_a_folder_or_a_save_dir(tmp_path, tiny_model, tokenizer):
