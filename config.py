@@ -148,6 +148,16 @@ CHOICES = {
 }
 
 
+MINIMUM = {  # counts that have a floor (a batch of 0 would divide by zero before any work)
+    "data.max_frames": 1, "data.frame_size": 1, "data.num_workers": 0, "data.prefetch_factor": 1,
+    "data.replicate_image_frames": 1, "data.max_text_tokens": 1, "data.max_total_frames": 1,
+    "data.shuffle_buffer": 1, "training.total_samples": 1, "training.batch_size": 1, "training.grad_accum": 1,
+    "training.threads": 1, "training.log_every": 1, "training.max_nonfinite_steps": 1,
+    "checkpoint.save_every_steps": 1, "checkpoint.keep_last": 1, "checkpoint.keep_best": 0, "eval.every_steps": 0,
+    "eval.max_samples": 1,
+}
+
+
 class ConfigError(ValueError):
     pass
 
@@ -201,6 +211,9 @@ def _section(cls, values, name, source):
         items = value if isinstance(value, list) else [value]  # eval.modes: each item is a choice
         if choices and value is not None and any(v not in choices for v in items):
             raise ConfigError(f"{source}: '{name}.{key}' must be one of {choices}, got {value!r}")
+        low = MINIMUM.get(f"{name}.{key}")
+        if low is not None and value is not None and value < low:
+            raise ConfigError(f"{source}: '{name}.{key}' must be at least {low}, got {value!r}")
     floats = {k: float(v) for k, v in values.items() if type(v) is int and _type_ok(1.5, hints[k])}
     return cls(**{**values, **floats})
 

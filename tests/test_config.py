@@ -41,6 +41,9 @@ def test_loads_defaults_and_spec_number_forms(tmp_path):
                                                                   "config key (did you mean hidden_size?)"),
     ("model: {dino_config: {num_layers: 2}}", "model.dino_config.num_layers' is not a dinov2 config key"),
     ("model: {dino_config: {model_type: dinov9}}", "model.dino_config.model_type"),
+    ("training: {batch_size: 0}", "training.batch_size' must be at least 1, got 0"),
+    ("training: {threads: 0}", "training.threads' must be at least 1, got 0"),
+    ("data: {num_workers: -1}", "data.num_workers' must be at least 0"),
 ])
 def test_bad_key_or_type_names_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)
