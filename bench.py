@@ -121,7 +121,8 @@ def step_report(model, args, dev):
     g = torch.Generator().manual_seed(0)
     S, size = args.text_tokens, args.frame_size
     images = random_frames(2, 1, 3, size, size, generator=g).expand(2, 8, 3, size, size).contiguous()
-    cases = {"(a) 2 images x 8 frames": images, "(b) 1 video x 16 frames": random_frames(1, 16, 3, size, size, generator=g)}
+    cases = {"(a) 2 images x 8 frames": images,
+             "(b) 1 video x 16 frames": random_frames(1, 16, 3, size, size, generator=g)}
     lines = [f"training step (coarse_fine, forward+backward), {S} text tokens, {args.repeats} alternating rounds: "
              "median [spread] of the per-round ratio"]
     for name, frames in cases.items():

@@ -130,7 +130,8 @@ def score_batch(model, tokenizer, questions, protocol):
     for i, (q, _) in enumerate(questions):
         modes = {}
         for mode in protocol.modes:
-            scores = [float((n.float().cpu() * torch.tensor(w)).sum() / len(w)) for n, w in zip(nll[mode][i], weights[i])]
+            scores = [float((n.float().cpu() * torch.tensor(w)).sum() / len(w))
+                      for n, w in zip(nll[mode][i], weights[i])]
             pred = min(range(len(scores)), key=scores.__getitem__)
             modes[mode] = {"prediction": pred, "correct": pred == q.answer, "scores": scores}
         records.append({"id": q.qid, "answer": q.answer, "options": q.options, "categories": q.categories,
@@ -197,9 +198,10 @@ def format_table(results):
 
 def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, **protocol):
     """Evaluate a checkpoint folder on the benchmarks in `roots` (name -> data root) -> (results, records,
-    the Protocol used). `tokenizer` names one (default: the checkpoint's). Protocol fields not given come from the checkpoint's training config (frame size,
-    system prompt), else the defaults; the Protocol returned holds the dtype the weights were cast to ("auto":
-    bfloat16 on CUDA, the original benchmark's `model.to(bfloat16)`, float32 elsewhere)."""
+    the Protocol used). `tokenizer` names one (default: the checkpoint's). Protocol fields not given come from
+    the checkpoint's training config (frame size, system prompt), else the defaults; the Protocol returned holds
+    the dtype the weights were cast to ("auto": bfloat16 on CUDA, the original benchmark's `model.to(bfloat16)`,
+    float32 elsewhere)."""
     if not roots:
         raise ValueError("no benchmark data given: pass --data-config FILE or a data root flag "
                          f"({', '.join('--' + f for f in ROOT_FLAGS.values())})")

@@ -300,6 +300,8 @@ def check_backbone_configs(cfg, source):
 
 # Fixed by the checkpoint when model.init_from is set: setting one beside it is an error, never ignored.
 ARCHITECTURE_KEYS = ("llm", "dino", "llm_config", "dino_config", "query_dim", "deep_query")
+# The model settings a config applies on top of init_from's checkpoint: every other one.
+AFTER_INIT_KEYS = tuple(f.name for f in dataclasses.fields(ModelSettings) if f.name not in ARCHITECTURE_KEYS)
 
 
 def check_init_from(given, cfg, source):

@@ -294,8 +294,7 @@ class PretrainedMixin:
         settings: a folder / hub repo with only `model.safetensors` (a published checkpoint) or the original's
         training checkpoint (.pt). For those, kwargs name the backbones (llm_name=..., dino_name=... or
         *_config=...), else they are the published SmolLM2 and DINOv2 of the weights' widths (weights_settings).
-        The folder's
-        tokenizer, when it holds one, is `model.tokenizer` (else None)."""
+        The folder's tokenizer, when it holds one, is `model.tokenizer` (else None)."""
         path = resolve_checkpoint(path)
         config_path = os.path.join(path, CONFIG_NAME)
         args = {}

@@ -162,7 +162,8 @@ def stage2_samples(rng, n, args, tag, media="video"):
             fields = {f"{t:03d}.jpg": encode_jpg(f) for t, f in enumerate(video)}
             fields["json"] = mcq_meta(scene, rng, args)
         else:
-            fields = {"jpg": encode_jpg(video[len(video) // 2]), "json": mcq_meta(scene, rng, args, ("colour", "shape"))}
+            fields = {"jpg": encode_jpg(video[len(video) // 2]),
+                      "json": mcq_meta(scene, rng, args, ("colour", "shape"))}
         out.append((key, fields))
     return out
 

@@ -81,13 +81,12 @@ def build_model(cfg, dev, model=None):
     """The policy (from init_from, or built from the config; `model` instead when given: bench.py's random
     weights at the real sizes) and, for DPO, a frozen reference copy, with the config's freeze_* switches and
     gradient checkpointing applied. From init_from, the architecture is the checkpoint's (config.check_init_from
-    refuses those keys beside it) and the settings that may change after init, visual_scale and lambda_coarse,
-    are the config's."""
+    refuses those keys beside it) and the settings that may change after init (config.AFTER_INIT_KEYS:
+    visual_scale, lambda_coarse) are the config's."""
     m = cfg.model
     if model is None and m.init_from:
         model = FoveatedVLM.from_pretrained(m.init_from)
-        model.settings = dataclasses.replace(model.settings, visual_scale=m.visual_scale,
-                                             lambda_coarse=m.lambda_coarse)
+        model.settings = dataclasses.replace(model.settings, **{k: getattr(m, k) for k in config_lib.AFTER_INIT_KEYS})
     elif model is None:
         model = FoveatedVLM.from_config(m)
     reference = None

@@ -31,7 +31,8 @@ QUESTIONS = {  # key: (user, assistant, number of frames; 0 = a single un-number
     "video8": ("What moves in the video?\nA. a red ball\nB. a blue cube\nC. nothing\nD. two cats", "B. a blue cube", 8),
     "still": ("Which colour dominates?\nA. red\nB. green\nC. blue\nD. grey", "A. red", 0),
     "single": ("Is it day or night?\nA. day\nB. night", "B. night", 1),
-    "glued": ("Pick the shape.\nA. circle\nB. square\nC. cross\nD. grey\nAnswer with the option's letter.", "D. grey", 4),
+    "glued": ("Pick the shape.\nA. circle\nB. square\nC. cross\nD. grey\nAnswer with the option's letter.",
+              "D. grey", 4),
     "three": ("How many objects?\nA. one\nB. two\nC. three", "C", 3),
 }
 # {key: {mode: per-option scores}} from the original's benchmark (see the module docstring).
@@ -129,9 +130,9 @@ def test_the_command_line_scores_a_checkpoint_as_the_original(tmp_path, tokenize
     benchmark.main(["--checkpoint", str(tmp_path / "ckpt"), "--shards", str(tmp_path / "eval_*.tar"),
                     "--batch-size", "3", "--threads", "1", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["protocol"] == {"modes": list(benchmark.MODES), "scoring": "original", "dtype": "float32", "frame_size": 224,
-                                 "system_prompt": "You are a helpful AI assistant.", "max_frames": None, "batch_size": 3,
-                                 "yes_no": False}
+    assert saved["protocol"] == {"modes": list(benchmark.MODES), "scoring": "original", "dtype": "float32",
+                                 "frame_size": 224, "system_prompt": "You are a helpful AI assistant.",
+                                 "max_frames": None, "batch_size": 3, "yes_no": False}
     records = {r["id"]: r for r in saved["questions"]["shards"]}
     for key, expected in EXPECTED.items():
         for mode in MODES:

@@ -11,7 +11,7 @@ import attention_viz
 import benchmark
 import config
 import generate
-from checkpoint import CONFIG_NAME as TRAIN_CONFIG
+from pretrained import TRAIN_CONFIG_NAME as TRAIN_CONFIG
 from conftest import TINY_DINO, tiny_model_kwargs, write_video
 from model import FoveatedVLM
 

@@ -343,8 +343,8 @@ def test_loads_the_originals_training_checkpoint(tiny_model, tmp_path):
 def test_weights_alone_name_the_published_backbones():
     from pretrained import weights_settings
 
-    state = {"llm.model.embed_tokens.weight": torch.empty(0, 2048), "encoder.dino.embeddings.cls_token": torch.empty(1, 1, 384),
-             "q_init": torch.empty(1, 192)}
+    state = {"llm.model.embed_tokens.weight": torch.empty(0, 2048),
+             "encoder.dino.embeddings.cls_token": torch.empty(1, 1, 384), "q_init": torch.empty(1, 192)}
     assert weights_settings(state, "w") == {"llm_name": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
                                             "dino_name": "facebook/dinov2-small", "query_dim": 192}
 

@@ -27,7 +27,8 @@ def test_caption_prompt_by_source_and_own_user_text_wins(tmp_path, tokenizer):
     rows = [("o", {"mp4": clip(), "json": {"caption": "a red square", "source": "openvid"}}),
             ("w", {"mp4": clip(), "txt": "a red square", "json": {"source": "webvid"}}),
             ("x", {"mp4": clip(), "txt": "a red square"}),
-            ("u", {"mp4": clip(), "json": {"user": "Say what moves.", "assistant": "a red square", "source": "webvid"}}),
+            ("u", {"mp4": clip(),
+                   "json": {"user": "Say what moves.", "assistant": "a red square", "source": "webvid"}}),
             ("e", {"mp4": clip(), "json": {"user": "", "assistant": "a red square", "source": "openvid"}})]
     write_tar(tmp_path / "s.tar", rows)
     got = {s["key"]: text(tokenizer, s) for s in read(tmp_path / "s.tar", tokenizer)}

@@ -144,7 +144,8 @@ def test_quickstart_configs_run_and_the_loss_falls_on_the_synthetic_set(tmp_path
                         f"checkpoint.save_dir={tmp_path / name}"]
         if stage == 2:
             sets.append(f"model.init_from={tmp_path / 'quickstart' / 'latest'}")
-        train.main(["--config", os.path.join(ROOT, "configs", f"{name}.yaml"), *[a for x in sets for a in ("--set", x)]])
+        overrides = [a for x in sets for a in ("--set", x)]
+        train.main(["--config", os.path.join(ROOT, "configs", f"{name}.yaml"), *overrides])
         rows = read_log(str(tmp_path / name))
         losses = [float(r["loss"]) for r in rows if r.get("loss")]
         vals = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
