@@ -137,6 +137,9 @@ def run_cli(main):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: what was saved stays (checkpoints, finished shards); no traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def all_reduce(tensor, op="sum"):

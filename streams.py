@@ -147,6 +147,9 @@ def json_array(path, chunk=1 << 22):
             j = JSON_SEPARATORS.match(buf, i).end()  # JSON whitespace and commas: one byte each
             i, at = j, at + j - i
             if i < len(buf) and not opened:
+                if buf[i] == "\ufeff":  # a byte-order mark (3 bytes in UTF-8), as some editors write
+                    i, at = i + 1, at + 3
+                    continue
                 if buf[i] != "[":
                     raise ValueError(f"{path} is not a JSON array")
                 i, at, opened = i + 1, at + 1, True

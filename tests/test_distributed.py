@@ -64,6 +64,12 @@ def test_user_errors_exit_2_with_the_message_alone(error, capsys):
     assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {error}\n"
 
 
+def test_ctrl_c_ends_without_a_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        distributed.run_cli(failing(KeyboardInterrupt()))
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
 def test_other_errors_keep_their_traceback():
     with pytest.raises(RuntimeError, match="a bug"):
         distributed.run_cli(failing(RuntimeError("a bug")))

@@ -198,7 +198,7 @@ def llava(root):
     write_members(sub / "0_30_s_academic_v0_1_videos_2.tar.gz", [(b, BAD_MP4), (c, mp4(2))], "w:gz")
     other = root / "1_2_m_nextqa"
     os.makedirs(other)
-    (other / "1_2_m_nextqa_oe_qa_processed.json").write_text(json.dumps([
+    (other / "1_2_m_nextqa_oe_qa_processed.json").write_text("\ufeff" + json.dumps([  # with a byte-order mark
         {"id": "n0", "conversations": conv("<image>\nWhat happens? — ünïcode", "Ça tourne."), "data_source": "x",
          "video": "NextQA/NExTVideo/7/D4.mp4"}]))
     write_members(other / "1_2_m_nextqa_videos_1.tar.gz", [("NextQA/NExTVideo/7/D4.mp4", mp4(2))], "w:gz")
