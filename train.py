@@ -327,7 +327,10 @@ def fit(run, batches, val, progress, ranking):
         if not stepped:
             nonfinite += 1
             run.logger.log(step, {"nonfinite_skipped": nonfinite})
-            if nonfinite >= t.max_nonfinite_steps:
+            # float16: gradients that overflow a finite loss are the scaler's to back off from (its scale halves
+            # each time), as it does several times in a row from its initial 65536; only a scale below 1 gives up.
+            backing_off = run.scaler.is_enabled() and run.scaler.get_scale() >= 1 and bool(torch.isfinite(loss))
+            if nonfinite >= t.max_nonfinite_steps and not backing_off:
                 raise RuntimeError(f"{nonfinite} steps in a row had a non-finite loss or gradient (last at step "
                                    f"{step}); stopping. The last good checkpoint in {c.save_dir} is intact: "
                                    "lower the learning rate or check the data, then resume.")

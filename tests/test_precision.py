@@ -18,6 +18,7 @@ inputs to it and accumulates in float32, so every layer adds errors of order u, 
 """
 
 import copy
+import json
 import os
 
 import pytest
@@ -208,6 +209,24 @@ def test_float16_scales_the_loss_counts_overflow_and_resumes_the_scale(tmp_path,
     train.main(["--config", longer])
     state = checkpoint.load_state(os.path.join(save_dir, "latest"))
     assert state["step"] == 4 and state["scaler"]["scale"] == 65536.0 * 0.5  # restored, not reset
+
+
+def test_float16_backs_off_overflowing_gradients_without_stopping(tmp_path, shard, monkeypatch):
+    """Gradients that overflow float16 at the scaler's initial scale skip steps until it has halved enough:
+    steps in a row, more than max_nonfinite_steps, that must not stop the run (a finite loss each time)."""
+    scalers = []
+
+    def high_scale(device, dtype):
+        scalers.append(torch.amp.GradScaler(device.type, init_scale=2.0 ** 40, growth_interval=10 ** 6))
+        return scalers[-1]
+    monkeypatch.setattr(distributed, "grad_scaler", high_scale)
+    path = write_config(tmp_path, data={"train_shards": shard, "max_frames": 2, "replicate_image_frames": 2},
+                        training={"batch_size": 2, "dtype": "float16", "max_nonfinite_steps": 2, "total_samples": 8})
+    train.main(["--config", path])
+    skipped = [int(r["nonfinite_skipped"]) for r in read_log(str(tmp_path / "run")) if r.get("nonfinite_skipped")]
+    assert max(skipped) > 2, skipped  # more in a row than max_nonfinite_steps
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+    assert scalers[0].get_scale() == 2.0 ** (40 - len(skipped))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
