@@ -141,15 +141,19 @@ def clean_tmp(save_dir):
 
 def find_resume(save_dir, resume):
     """The checkpoint folder to resume from: `auto` -> the newest complete one in save_dir (None if there is
-    none), `none` -> None, anything else -> that folder (which must exist)."""
+    none), `none` -> None, anything else -> that folder, or that training save_dir's newest."""
     if resume == "none":
         return None
     if resume == "auto":
         found = checkpoints(save_dir)
         return found[-1][1] if found else None
-    if not os.path.exists(os.path.join(resume, STATE_NAME)):
-        raise FileNotFoundError(f"checkpoint.resume: {resume} is not a checkpoint folder (no {STATE_NAME})")
-    return resume
+    if os.path.exists(os.path.join(resume, STATE_NAME)):
+        return resume
+    found = checkpoints(resume) if os.path.isdir(resume) else []
+    if not found:
+        raise FileNotFoundError(f"checkpoint.resume: {resume} is neither a checkpoint folder (no {STATE_NAME}) nor "
+                                "a training save_dir holding one")
+    return found[-1][1]
 
 
 def load_state(path):

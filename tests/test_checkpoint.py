@@ -31,6 +31,11 @@ def test_save_prune_links_and_reload(tmp_path, tiny_model):
     assert [s for s, _ in checkpoint.checkpoints(save_dir)] == [20, 30, 40]  # 2 newest + the best
     assert os.path.realpath(os.path.join(save_dir, "best")).endswith("step_00000020")
     assert checkpoint.find_resume(save_dir, "auto").endswith("step_00000040")
+    other = str(tmp_path / "elsewhere")
+    assert checkpoint.find_resume(other, save_dir).endswith("step_00000040")  # resume: another run's save_dir
+    assert checkpoint.find_resume(other, os.path.join(save_dir, "step_00000030")).endswith("step_00000030")
+    with pytest.raises(FileNotFoundError, match="elsewhere is neither a checkpoint folder"):
+        checkpoint.find_resume(save_dir, other)
     loaded = checkpoint.load_state(os.path.join(save_dir, "latest"))
     assert loaded["step"] == 40 and loaded["data"] == {"batches": 40}
     reloaded = FoveatedVLM.from_pretrained(os.path.join(save_dir, "best"))
