@@ -154,7 +154,7 @@ MINIMUM = {  # counts that have a floor (a batch of 0 would divide by zero befor
     "data.shuffle_buffer": 1, "training.total_samples": 1, "training.batch_size": 1, "training.grad_accum": 1,
     "training.threads": 1, "training.log_every": 1, "training.max_nonfinite_steps": 1,
     "checkpoint.save_every_steps": 1, "checkpoint.keep_last": 1, "checkpoint.keep_best": 0, "eval.every_steps": 0,
-    "eval.max_samples": 1,
+    "eval.max_samples": 1, "data.sample_fps": 1e-3,
 }
 
 

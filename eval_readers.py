@@ -152,14 +152,17 @@ def load_media(media, max_frames=None, frame_size=224):
     from, becomes REPLICATE_IMAGE_FRAMES views of it (the original replicates every one-frame sample).
     `max_frames` None: every frame of a shard sample (as the original reads its eval shards), a video's
     VIDEO_MAX_FRAMES. Raises frames.SkipSample."""
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
     if media.fields is not None:  # a shard's fields: frame members, never more than the fields (or a video)
-        frames = _decode_fields(media.fields, max_frames or max(len(media.fields), VIDEO_MAX_FRAMES), frame_size)
+        cap = max(len(media.fields), VIDEO_MAX_FRAMES) if max_frames is None else max_frames
+        frames = _decode_fields(media.fields, cap, frame_size)
     else:
-        path = find_video(media.path)
+        path, cap = find_video(media.path), VIDEO_MAX_FRAMES if max_frames is None else max_frames
         if os.path.isdir(path):
-            frames = _load_frame_folder(path, media.bound, max_frames or VIDEO_MAX_FRAMES, frame_size)
+            frames = _load_frame_folder(path, media.bound, cap, frame_size)
         else:
-            frames = _load_video(path, media.bound, max_frames or VIDEO_MAX_FRAMES, frame_size)
+            frames = _load_video(path, media.bound, cap, frame_size)
     return frames.expand(REPLICATE_IMAGE_FRAMES, -1, -1, -1) if frames.shape[0] == 1 else frames
 
 

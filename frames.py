@@ -12,8 +12,10 @@ A medium that does not decode raises `SkipSample` with its reason, which the rea
 import contextlib
 import io
 import os
+import re
 import sys
 import tempfile
+import threading
 
 import av
 import numpy as np
@@ -33,6 +35,9 @@ VIDEO_FIELDS = ("mp4", "webm", "mkv", "avi", "mov")  # the video formats read (a
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")  # the image formats read
 FRAME_SAMPLING = ("uniform", "head")
 DECORD_TRANSPOSE = {90: ["1"], 180: ["1", "1"], 270: ["2"]}  # clockwise display rotation -> transpose filters
+DECORD_OPEN_ERROR = b"ERROR opening: "  # decord's log line naming a video it cannot open
+DECORD_LOG_LINE = re.compile(rb"\[\d\d:\d\d:\d\d\] ")  # the start of each of decord's log lines
+_STDERR_LOCK = threading.Lock()  # fd 2 is the process's: one redirect at a time
 
 
 class SkipSample(Exception):
@@ -97,20 +102,26 @@ def _chosen(choose, num_frames, fps, name):
 
 def _decord_frames(source, size, choose, name):
     """uint8 [T, size, size, 3]."""
-    with _stderr_without(b"ERROR opening: "):
+    with _decord_dump_cut() if isinstance(source, bytes) else contextlib.nullcontext():
         vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
                          num_threads=1)
     return vr.get_batch(_chosen(choose, len(vr), vr.get_avg_fps(), name)).asnumpy()
 
 
 @contextlib.contextmanager
-def _stderr_without(marker, keep=300):
-    """Cut to `keep` bytes the stderr lines holding `marker` written inside the block (by C code: Python's
-    sys.stderr cannot catch them): decord logs the whole input as its name when it cannot open a video from
-    bytes, a megabyte per corrupt sample in a training log. The rest is written out unchanged afterwards."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
+def _decord_dump_cut(keep=300):
+    """decord logs the bytes it cannot open as a video as their name ("ERROR opening: <bytes>"), a megabyte per
+    corrupt sample in a training log. From C++, so sys.stderr cannot catch it: fd 2 is redirected to a file
+    inside the block, then replayed with that message cut to `keep` bytes (its following lines, the rest of the
+    bytes, dropped). Without a usable fd 2 the block runs as is."""
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        saved, caught = os.dup(2), tempfile.TemporaryFile()
+    except OSError:
+        yield
+        return
+    with _STDERR_LOCK, caught:
         os.dup2(caught.fileno(), 2)
         try:
             yield
@@ -118,10 +129,23 @@ def _stderr_without(marker, keep=300):
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
-            for line in caught:
-                if marker in line and len(line) > keep:
-                    line = line[:keep] + b"...\n"
-                os.write(2, line)
+            try:
+                _replay(caught, keep)
+            except OSError:  # stderr gone: nothing to show it on
+                pass
+
+
+def _replay(caught, keep):
+    dumping = False
+    for line in caught:
+        if DECORD_OPEN_ERROR in line:
+            dumping = True
+            line = line if len(line) <= keep else line[:keep] + b" ... (cut)\n"
+        elif dumping and DECORD_LOG_LINE.match(line) is None:
+            continue  # more of the dumped bytes
+        else:
+            dumping = False
+        os.write(2, line)
 
 
 def _pyav_frames(source, size, choose, name):
@@ -132,10 +156,9 @@ def _pyav_frames(source, size, choose, name):
 
     with container() as c:  # demux only, no decoding
         stream = _video_stream(c, name)
-        packets = sum(1 for p in c.demux(stream) if p.size)
-        if packets < stream.frames:  # the header's count: a cut file ends early without an error (decord raises)
-            raise SkipSample("bad_video", f"{name}: truncated ({packets} of {stream.frames} frames)")
-        idx = _chosen(choose, packets, float(stream.average_rate or 0), name)
+        if "mp4" in c.format.name.split(",") and _boxes_end(source) > _size(source):
+            raise SkipSample("bad_video", f"{name}: truncated (its boxes run past the end)")  # decord raises too
+        idx = _chosen(choose, sum(1 for p in c.demux(stream) if p.size), float(stream.average_rate or 0), name)
     wanted, got, graph = set(idx), {}, None
     with container() as c:
         stream = _video_stream(c, name)
@@ -150,6 +173,27 @@ def _pyav_frames(source, size, choose, name):
     if len(got) < len(wanted):
         raise SkipSample("bad_video", f"{name}: decoding ended before frame {min(wanted - got.keys())}")
     return np.stack([got[i] for i in idx])
+
+
+def _size(source):
+    return len(source) if isinstance(source, bytes) else os.path.getsize(source)
+
+
+def _boxes_end(source):
+    """Where an mp4's top-level boxes end by their declared sizes: past the file's size when it was cut short (a
+    cut download whose index comes first demuxes without an error in FFmpeg, only shorter)."""
+    size, pos = _size(source), 0
+    with contextlib.nullcontext(io.BytesIO(source)) if isinstance(source, bytes) else open(source, "rb") as f:
+        while pos + 8 <= size:
+            f.seek(pos)
+            head = f.read(16)
+            n = int.from_bytes(head[:4], "big")
+            if n == 1 and len(head) == 16:  # a 64-bit size follows the type
+                n = int.from_bytes(head[8:], "big")
+            if n == 0 or n < 8:  # 0: the last box runs to the end; < 8: not a box, the demuxer's to judge
+                return size
+            pos += n
+    return pos
 
 
 def _decord_filters(stream, rotation, size):

@@ -106,13 +106,13 @@ def checked(media, max_frames):
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def check_worker():
+def check_worker(parent):
     """A check process: one thread (as a DataLoader worker), and on Linux ended with its parent, which a kill -9
     of prepare.py would otherwise leave running (PR_SET_PDEATHSIG: no Python API has it)."""
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() == 1:  # the parent died before prctl
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl
             os._exit(1)
 
 
@@ -125,7 +125,7 @@ def with_checks(events, workers, max_frames):
     if workers <= 1:
         yield from ((e, now(e)) for e in events)
         return
-    with ProcessPoolExecutor(workers, initializer=check_worker) as pool:
+    with ProcessPoolExecutor(workers, initializer=check_worker, initargs=(os.getpid(),)) as pool:
         ahead = collections.deque()
         for e in events:
             ahead.append((e, pool.submit(checked, e.media, max_frames) if isinstance(e, Item) and e.media else now(e)))

@@ -154,19 +154,25 @@ def read_state_dict(path):
     `_orig_mod` prefixes. Neither runs code: a .pt that would need it is refused, named."""
     if os.path.isdir(path):
         return load_file(os.path.join(path, WEIGHTS_NAME))
-    saved = load_tensors(path)
+    saved = load_tensors(path, mmap=True)
     state = saved.get("model_state_dict", saved) if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a checkpoint (expected a state dict, or a dict with `model_state_dict`)")
     return {_COMPILED_PREFIX.sub(r"\1", k): v for k, v in state.items()}
 
 
-def load_tensors(file, advice=""):
+def load_tensors(file, advice="", mmap=False):
     """torch.load(file, weights_only=True): tensors and plain containers only. A file holding anything that
     unpickling would run as code is refused, named (ValueError, with `advice` on what to do instead), as is
-    one that is not a torch save (a cut or foreign file)."""
+    one that is not a torch save (a cut or foreign file). mmap: map the file rather than read it whole (for
+    weights to copy from: the original's .pt also holds the optimizer's state, ~20 GB at 1.7B)."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)  # a legacy (not zip) save: no mmap
     except pickle.UnpicklingError as e:
         found = _UNSAFE_GLOBAL.search(str(e))
         if found is None:  # not a pickle at all, or a damaged one
@@ -181,14 +187,16 @@ def load_tensors(file, advice=""):
 def weights_settings(state, where):
     """Constructor settings of weights without config.json: the published SmolLM2 and DINOv2 of their widths
     (llm_name, dino_name) and the query width (query_dim)."""
-    llm = state.get("llm.model.embed_tokens.weight")
-    dino = state.get("encoder.dino.embeddings.cls_token")
-    names = {"llm_name": llm is not None and KNOWN_LLMS.get(llm.shape[1]),
-             "dino_name": dino is not None and KNOWN_DINOS.get(dino.shape[-1])}
+    keys = {"LLM": "llm.model.embed_tokens.weight", "DINO": "encoder.dino.embeddings.cls_token"}
+    missing = [key for key in keys.values() if key not in state]
+    if missing:
+        raise ValueError(f"{where}: not an fVLM state dict (no {missing[0]})")
+    widths = {"LLM": state[keys["LLM"]].shape[1], "DINO": state[keys["DINO"]].shape[-1]}
+    names = {"llm_name": KNOWN_LLMS.get(widths["LLM"]), "dino_name": KNOWN_DINOS.get(widths["DINO"])}
     if not all(names.values()):
-        raise ValueError(f"{where} holds weights only, and their widths (LLM {llm is not None and llm.shape[1]}, "
-                         f"DINO {dino is not None and dino.shape[-1]}) are not a published backbone's: pass "
-                         f"llm_name= and dino_name= (or *_config=)")
+        raise ValueError(f"{where} holds weights only, and their widths (LLM {widths['LLM']}, DINO "
+                         f"{widths['DINO']}) are not a published backbone's: save it as a checkpoint folder with "
+                         "FoveatedVLM.from_pretrained(path, llm_name=..., dino_name=...).save_pretrained(folder)")
     if "q_init" in state:
         names["query_dim"] = state["q_init"].shape[-1]
     return names
@@ -229,7 +237,7 @@ def load_checkpoint(path, device="cpu", tokenizer=None):
     return model, model.tokenizer, frame_size
 
 
-LEGACY_CONFIG_KEYS = {"rope_theta", "rope_scaling"}  # transformers 5 folds them into rope_parameters
+LEGACY_CONFIG_KEYS = {"rope_theta", "rope_scaling", "torch_dtype"}  # transformers 5 still takes these (4.x) names
 
 
 def config_keys(model_type):

@@ -168,7 +168,8 @@ def to_device(batch, dev):
 def train_step(step_module, reference, batches, optimizer, cfg, dist, scaler):
     """Forward/backward over grad_accum micro-batches, clip, and step unless anything was non-finite (decided on
     all ranks together). `scaler` (distributed.grad_scaler) scales float16 losses and backs its scale off after
-    a non-finite step; for other dtypes it passes through. Returns (stepped, loss, metrics) as tensors."""
+    a non-finite step; for other dtypes it passes through. Returns (stepped, whether every rank's loss was
+    finite, the loss, metrics as tensors)."""
     accum, total, metrics = cfg.training.grad_accum, 0.0, {}
     for i in range(accum):
         batch = to_device(next(batches), dist.device)
@@ -183,13 +184,13 @@ def train_step(step_module, reference, batches, optimizer, cfg, dist, scaler):
     scaler.unscale_(optimizer)  # clip (and report) the true gradients
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.training.max_grad_norm)
-    finite = distributed.all_reduce((torch.isfinite(total) & torch.isfinite(norm)).float(), "min")
-    stepped = bool(finite.item())
+    finite = distributed.all_reduce(torch.stack([torch.isfinite(total), torch.isfinite(norm)]).float(), "min")
+    loss_finite, stepped = bool(finite[0]), bool(finite.min())
     if stepped:
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return stepped, total, {"grad_norm": norm.detach().float(), **metrics}
+    return stepped, loss_finite, total, {"grad_norm": norm.detach().float(), **metrics}
 
 
 def eval_modes(cfg):
@@ -321,15 +322,15 @@ def fit(run, batches, val, progress, ranking):
     tick = start
     batches = SkipCount(batches)
     while step < run.total_steps:
-        stepped, loss, metrics = train_step(run.step_module, run.reference, batches, run.optimizer, cfg, run.dist,
-                                            run.scaler)
+        stepped, loss_finite, loss, metrics = train_step(run.step_module, run.reference, batches, run.optimizer, cfg,
+                                                         run.dist, run.scaler)
         batches_seen += t.grad_accum
         if not stepped:
             nonfinite += 1
             run.logger.log(step, {"nonfinite_skipped": nonfinite})
             # float16: gradients that overflow a finite loss are the scaler's to back off from (its scale halves
             # each time), as it does several times in a row from its initial 65536; only a scale below 1 gives up.
-            backing_off = run.scaler.is_enabled() and run.scaler.get_scale() >= 1 and bool(torch.isfinite(loss))
+            backing_off = run.scaler.is_enabled() and run.scaler.get_scale() >= 1 and loss_finite  # on every rank
             if nonfinite >= t.max_nonfinite_steps and not backing_off:
                 raise RuntimeError(f"{nonfinite} steps in a row had a non-finite loss or gradient (last at step "
                                    f"{step}); stopping. The last good checkpoint in {c.save_dir} is intact: "

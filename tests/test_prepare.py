@@ -470,7 +470,7 @@ def test_damaged_archives_and_files_are_counted_never_a_crash(src, tmp_path):
 def test_check_workers_end_with_a_killed_converter():
     """kill -9 of prepare.py leaves no check process behind (they would sleep on, orphaned, for good)."""
     code = ("import os, signal\nfrom concurrent.futures import ProcessPoolExecutor\nimport prepare\n"
-            "with ProcessPoolExecutor(2, initializer=prepare.check_worker) as pool:\n"
+            "with ProcessPoolExecutor(2, initializer=prepare.check_worker, initargs=(os.getpid(),)) as pool:\n"
             "    print(*{f.result() for f in [pool.submit(os.getpid) for _ in range(8)]}, flush=True)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
