@@ -148,7 +148,7 @@ CHOICES = {
 }
 
 
-MINIMUM = {  # counts that have a floor (a batch of 0 would divide by zero before any work)
+MINIMUM = {  # values with a floor (a batch of 0 would divide by zero, a sample_fps of 0 too, before any work)
     "data.max_frames": 1, "data.frame_size": 1, "data.num_workers": 0, "data.prefetch_factor": 1,
     "data.replicate_image_frames": 1, "data.max_text_tokens": 1, "data.max_total_frames": 1,
     "data.shuffle_buffer": 1, "training.total_samples": 1, "training.batch_size": 1, "training.grad_accum": 1,
