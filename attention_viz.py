@@ -7,7 +7,7 @@ entropy per frame (low entropy = a focused glance, log(1+P) = uniform over the C
 --checkpoint takes a checkpoint folder or a training save_dir (then its `latest` checkpoint).
 
 From Python: `entropy = visualize(model, frames, "maps.png")` with frames [T, 3, H, W] from
-generate.load_frames. The maps come from `model.attention_maps` (CLS first, then the patches row by row).
+frames.load_clip. The maps come from `model.attention_maps` (CLS first, then the patches row by row).
 """
 
 import argparse
@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from generate import add_input_args, load_inputs  # noqa: E402
-from inputs import denormalise  # noqa: E402
+from frames import denormalise  # noqa: E402
 
 KINDS = ("coarse", "fine")
 

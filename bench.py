@@ -41,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import checkpoint
 import config as config_lib
 import train
-from model import MODES, FoveatedVLM, ModelSettings
-from pretrained import SHAPES
+from config import MODES, ModelSettings
+from model import FoveatedVLM
+from pretrained import SHAPES, check_backbone_configs, load_tokenizer
 
 MODEL_SHAPES = {"135M": ("smollm2-135m", "dinov2-small"), "1.7B": ("smollm2-1.7b", "dinov2-small")}
 VOCAB = SHAPES["smollm2-135m"]["vocab_size"]
@@ -289,9 +291,7 @@ def step_flops(s, batch):
 def batches_for(cfg, args, dev, vocab):
     shards = config_lib.globs(cfg.data.train_shards)
     if shards and all(glob.glob(p) for p in shards) and not args.random_data:
-        from tokenization import load_tokenizer
-
-        tok = load_tokenizer(config_lib.tokenizer_name(cfg))
+        tok = load_tokenizer(checkpoint.tokenizer_source(cfg.model))
         dist = distributed.Dist(0, 0, 1, dev)
         return train.build_loader(cfg, tok, dist, cfg.data.train_shards, train=True), "config's train_shards"
     frames = args.frames or cfg.data.max_frames
@@ -336,7 +336,8 @@ def setup(cfg, shapes):
 
 def throughput(args):
     sets = args.set + ([f"training.batch_size={args.batch_size}"] if args.batch_size else [])
-    cfg = config_lib.load(args.config, sets, check=False)
+    cfg = config_lib.load(args.config, sets)
+    check_backbone_configs(cfg.model, config_lib.source_name(args.config, sets))
     distributed.set_threads(args.threads if args.threads is not None else cfg.training.threads)
     s = setup(cfg, args.shapes)
     batches, source = batches_for(cfg, args, s.dev, s.model.llm.config.vocab_size)

@@ -6,7 +6,7 @@ checkpoint scores here what it scored there: the prompt is the system turn "You 
 and the question as the user turn, then the assistant header; each option ("B. text") is the assistant turn,
 and its score is the mean cross-entropy of the tokens after the prompt (the option, <|im_end|> and the
 newline), with the <|im_end|> target counted as 0 (the original's `ignore_index=pad_id`, pad = eos); the
-lowest score wins. Every one-frame question is replicated to 8 frames. `Protocol` names each choice
+lowest score wins. Every one-frame question is replicated to 8 frames. `config.EvalProtocol` names each choice
 (`--scoring`, `--system-prompt`, ...); `model.option_nll` runs DINOv2 once per question for all options and
 modes, several questions per call with --batch-size.
 
@@ -20,8 +20,7 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from dataclasses import asdict, replace
 
 from distributed import autocast, parse_cli, run_cli  # before torch: it sets OpenMP's wait policy (README)
 import torch
@@ -29,11 +28,12 @@ import yaml
 from tqdm import tqdm
 
 import eval_readers
+from checkpoint import training_config
 from collate import pad_frames
+from config import MODES, SCORING, SYSTEM_PROMPT, EvalProtocol
 from frames import SkipSample
-from model import MODES
-from pretrained import load_checkpoint, training_config
-from tokenization import SCORING, SYSTEM_PROMPT, option_targets, prompt_ids
+from model import load_checkpoint
+from tokenization import option_targets, prompt_ids
 
 READERS = {
     "MVBench": eval_readers.read_mvbench,
@@ -68,24 +68,8 @@ def load_roots(config_path=None, flags=None):
     return roots
 
 
-@dataclass
-class Protocol:
-    """How questions become scores (README, Evaluation). The defaults are the original fVLM benchmark's."""
-
-    modes: tuple = MODES
-    scoring: str = "original"  # tokenization.SCORING
-    system_prompt: Optional[str] = SYSTEM_PROMPT  # None: the LLM chat template's own default system turn
-    max_frames: Optional[int] = None  # None: every frame of an eval-shard sample (the original's), 64 by
-    #                                  MVBench's segment rule for videos (eval_readers.VIDEO_MAX_FRAMES)
-    frame_size: int = 224
-    batch_size: int = 1  # questions per forward; scores equal batch 1's
-    dtype: str = "auto"  # the model weights' dtype; auto: bfloat16 on CUDA (the original's), float32 elsewhere
-    yes_no: bool = False  # score eval-shard questions without options whose answer is yes/no as Yes/No (the
-    #                       original skips them as having no options)
-
-
 @torch.no_grad()
-def evaluate(model, tokenizer, questions, protocol=Protocol(), limit=None, desc="eval"):
+def evaluate(model, tokenizer, questions, protocol=EvalProtocol(), limit=None, desc="eval"):
     """Score MCQ questions in every mode -> (result dict (see `summarize`), per-question records). Questions
     that cannot be scored are skipped, counted by reason, and never count as answers."""
     if limit is not None:
@@ -96,7 +80,7 @@ def evaluate(model, tokenizer, questions, protocol=Protocol(), limit=None, desc=
         try:
             if q.skip is not None:
                 raise q.skip
-            pending.append((q, eval_readers.load_media(q.media, protocol.max_frames, protocol.frame_size)))
+            pending.append((q, eval_readers.question_frames(q, protocol)))
         except SkipSample as e:
             if sum(skipped.values()) < WARN_SKIPS:
                 tqdm.write(f"{desc}: skipping {q.qid}: {e}")
@@ -198,8 +182,8 @@ def format_table(results):
 
 def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, **protocol):
     """Evaluate a checkpoint folder on the benchmarks in `roots` (name -> data root) -> (results, records,
-    the Protocol used). `tokenizer` names one (default: the checkpoint's). Protocol fields not given come from
-    the checkpoint's training config (frame size, system prompt), else the defaults; the Protocol returned holds
+    the EvalProtocol used). `tokenizer` names one (default: the checkpoint's). Protocol fields not given come from
+    the checkpoint's training config (frame size, system prompt), else the defaults; the protocol returned holds
     the dtype the weights were cast to ("auto": bfloat16 on CUDA, the original benchmark's `model.to(bfloat16)`,
     float32 elsewhere)."""
     if not roots:
@@ -214,14 +198,14 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, 
         raise ValueError(f"unknown mode(s) {unknown}; choose from {MODES}")
     model, tokenizer, saved_size = load_checkpoint(checkpoint, device, tokenizer)
     saved = training_config(checkpoint)
-    protocol = replace(Protocol(frame_size=saved_size, system_prompt=saved.data.system_prompt if saved
-                                else SYSTEM_PROMPT), **protocol)
+    protocol = replace(EvalProtocol(frame_size=saved_size, system_prompt=saved.data.system_prompt if saved
+                                    else SYSTEM_PROMPT), **protocol)
     if protocol.dtype == "auto":
         protocol = replace(protocol, dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
     model.to(getattr(torch, protocol.dtype))
     results, records = {}, {}
     for name in names:
-        questions = READERS[name](roots[name], **({"yes_no": protocol.yes_no} if name == "shards" else {}))
+        questions = READERS[name](roots[name], protocol)
         results[name], records[name] = evaluate(model, tokenizer, questions, protocol, limit, desc=name)
     return results, records, protocol
 

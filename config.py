@@ -1,16 +1,19 @@
-"""Training configuration: one dataclass per section of a stage YAML (model, data, training, loss, checkpoint,
-eval, wandb), loaded and checked before any work starts.
+"""Settings: one dataclass per concern, the choice lists and defaults every module checks against, and the checked
+loading of a stage YAML. This module is the bottom layer: it imports nothing of the project (nor torch), so
+everything may import it.
 
-The defaults live only here. A YAML key the dataclass does not have, a value of the wrong type, or a required
-path that does not exist stops the run with a message naming the key and the file. `--set section.key=value`
-overrides a loaded value (the value is parsed as YAML, so `--set training.lr_llm=1e-5` is a float).
+- `ModelSettings`: what defines a FoveatedVLM besides its weights (model.py, checkpoint config.json).
+- `FrameConfig`: how media becomes frames (frames.py); `DataConfig` (training) and `EvalProtocol` (benchmark.py)
+  extend it, so one object carries a frame setting from YAML or the command line to its use.
+- The stage YAML's sections (model, data, training, loss, checkpoint, eval, wandb), loaded by `load`: a key the
+  dataclass does not have, a value of the wrong type or outside its choices stops the run with a message naming
+  the key and the file. `--set section.key=value` overrides a loaded value (parsed as YAML, so
+  `--set training.lr_llm=1e-5` is a float). The checks that need the file system, torch or transformers (shard
+  paths, init_from, backbone config keys) are train.check_config's.
 """
 
-import argparse
 import dataclasses
-import difflib
 import json
-import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -18,51 +21,106 @@ from typing import Optional, Union
 
 import yaml
 
-from data import LOSS_TYPES
-from distributed import DEVICES, DTYPES
-from frames import FRAME_SAMPLING
-from model import MODES, ModelSettings
-from schedule import SCHEDULES
+# ---------------------------------------------------------------- choices and shared defaults
+MODES = ("coarse_fine", "coarse_only", "autoregressive")  # FoveatedVLM's forward modes
+PARAM_GROUPS = ("connector", "dino", "llm")  # parameter groups: their lr_* and freeze_* settings, the optimizer's
+LOSS_TYPES = ("text_ce_all", "text_ce_answer_only", "dpo")
+FRAME_SAMPLING = ("uniform", "head")  # a video longer than max_frames at sample_fps: uniform over it, or its head
+SCHEDULES = ("cosine", "constant", "converging")
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # autocast (distributed.resolve_dtype)
+DEVICES = ("auto", "cpu", "cuda")
+SCORING = ("original", "mean")  # an MCQ option's score (tokenization.option_targets)
+MAX_FRAMES = 64  # frames taken from a video by default, in training and inference alike
+FRAME_SIZE = 224  # DINOv2's input side as trained
+SYSTEM_PROMPT = "You are a helpful AI assistant."  # the original recipe's system turn (tokenization.chat)
 
 Paths = Union[str, list]  # shards: one name, glob, brace pattern or URL, or a list of them (shards.py)
 
 
 @dataclass
-class ModelConfig(ModelSettings):
-    """The model's settings (model.ModelSettings: llm, dino, their configs, query_dim, visual_scale, deep_query,
-    lambda_coarse) and how training uses the model."""
+class ModelSettings:
+    """What defines a FoveatedVLM besides its weights, written once: the constructor's defaults, ModelConfig (which
+    adds the training-only fields), bench.py and a checkpoint's config.json all use it."""
 
-    tokenizer: Optional[str] = None  # default: llm, else init_from
+    llm: Optional[str] = None  # hub id, folder, .gguf or pkg://package/file.gguf
+    dino: Optional[str] = None  # hub id or folder
+    llm_config: Optional[dict] = None  # a transformers config as a dict -> random init (tests, quickstart)
+    dino_config: Optional[dict] = None
+    query_dim: int = 384
+    visual_scale: float = 0.14  # the visual tokens' scale on entering the LLM
+    deep_query: bool = True  # the query goes through every DINO layer (False: one cross-attention at the end)
+    lambda_coarse: float = 0.0  # weight of the coarse tokens' own text loss in coarse_fine
+
+    @classmethod
+    def of(cls, source, where="model settings"):
+        """The settings of an object with these fields (ModelConfig) or of a dict (a saved config.json); a dict
+        key that is not a setting is an error naming it and `where`."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(source, dict):
+            return cls(**{name: getattr(source, name) for name in names})
+        unknown = sorted(set(source) - set(names))
+        if unknown:
+            raise ValueError(f"{where}: unknown model setting(s) {unknown}; the settings are {', '.join(names)}")
+        return cls(**source)
+
+    def constructor_kwargs(self):
+        """FoveatedVLM's keywords for these settings (it names the backbones llm_name and dino_name)."""
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)}
+        kwargs["llm_name"], kwargs["dino_name"] = kwargs.pop("llm"), kwargs.pop("dino")
+        return kwargs
+
+
+@dataclass
+class FrameConfig:
+    """How media becomes frames (frames.load_clip): frame side, frame cap, the video sampling rule, and how many
+    views a single frame (an image, or a one-frame clip) becomes. The defaults are inference's: the original
+    recipe's stages 2-3 trained images as 8 identical frames."""
+
+    frame_size: int = FRAME_SIZE
+    max_frames: Optional[int] = MAX_FRAMES  # null: every frame at sample_fps
+    frame_sampling: str = "uniform"  # beyond max_frames at sample_fps: "uniform" over the video, or the "head"
+    sample_fps: float = 1.0
+    replicate_image_frames: int = 8  # a single frame becomes this many views of one tensor (encoded once)
+
+
+# ---------------------------------------------------------------- the stage YAML's sections
+@dataclass
+class ModelConfig(ModelSettings):
+    """The model's settings (ModelSettings) and how training uses the model."""
+
+    tokenizer: Optional[str] = None  # default: llm, else init_from's checkpoint
     mode: str = "coarse_fine"  # forward mode for training and validation
     gradient_checkpointing: bool = False
-    init_from: Optional[str] = None  # a checkpoint folder (save_pretrained layout) to start from
+    init_from: Optional[str] = None  # a checkpoint folder or a training save_dir (its newest checkpoint)
     freeze_dino: bool = False
     freeze_llm: bool = False
     freeze_connector: bool = False
 
+    def frozen(self, group):
+        """Whether parameter group `group` (one of PARAM_GROUPS) is frozen (freeze_<group>)."""
+        return getattr(self, f"freeze_{group}")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(FrameConfig):
+    """The training data: shards, the frames they become (FrameConfig) and the text the model reads."""
+
     train_shards: Optional[Paths] = None
     val_shards: Optional[Paths] = None
     text_shards: Optional[Paths] = None
     text_ratio: float = 0.0  # fraction of batches that are text-only retention batches
-    max_frames: int = 64
-    frame_size: int = 224
     num_workers: int = 2
     prefetch_factor: int = 2
-    replicate_image_frames: int = 1  # images become this many identical frames (8 in stages 2-3)
+    replicate_image_frames: int = 1  # the recipe sets 8 in stages 2-3
     max_text_tokens: int = 1024
     max_total_frames: Optional[int] = None  # cap on the padded frames of a batch (long videos -> smaller batches)
-    frame_sampling: str = "uniform"  # beyond max_frames at sample_fps: "uniform" over the video, or the "head"
-    sample_fps: float = 1.0
     shuffle_buffer: int = 100  # training: samples shuffled in a buffer before decoding
     resampled: bool = False  # training: each rank/worker draws shards with replacement (fewer or uneven shards)
-    # Prompts (tokenization.py): the system turn every conversation starts with (null: the LLM template's
-    # own default, this project's behaviour before it followed the original recipe), the user prompt of
-    # caption-only samples by their json `source` (null: the original's table; a sample's own `user` text
-    # wins), and `prompt`, which when set replaces the per-source prompt for every caption-only sample.
-    system_prompt: Optional[str] = "You are a helpful AI assistant."
+    # Prompts (tokenization.py): the system turn every conversation starts with (null: the LLM template's own
+    # default), the user prompt of caption-only samples by their json `source` (null: the original recipe's
+    # table; a sample's own `user` text wins), and `prompt`, which when set replaces the per-source prompt for
+    # every caption-only sample.
+    system_prompt: Optional[str] = SYSTEM_PROMPT
     caption_prompts: Optional[dict] = None
     prompt: Optional[str] = None
 
@@ -80,7 +138,7 @@ class TrainingConfig:
     min_lr_ratio: float = 0.1  # cosine schedule floor, as a fraction of each group's peak LR
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    schedule: str = "cosine"  # cosine | constant | converging
+    schedule: str = "cosine"  # one of SCHEDULES
     dtype: str = "auto"  # autocast: auto (bfloat16 on CUDA, float32 on the CPU) | bfloat16 | float16 | float32
     threads: Optional[int] = None  # torch's CPU threads; None = distributed.default_threads()
     compile: bool = False
@@ -89,10 +147,14 @@ class TrainingConfig:
     log_every: int = 10
     max_nonfinite_steps: int = 5  # this many skipped (non-finite) steps in a row stop the run
 
+    def peak_lr(self, group):
+        """The starting LR of parameter group `group` (one of PARAM_GROUPS): lr_<group>."""
+        return getattr(self, f"lr_{group}")
+
 
 @dataclass
 class LossConfig:
-    type: str = "text_ce_all"  # text_ce_all | text_ce_answer_only | dpo
+    type: str = "text_ce_all"  # one of LOSS_TYPES
     beta: float = 0.1  # DPO temperature
 
 
@@ -103,7 +165,7 @@ class CheckpointConfig:
     keep_last: int = 2
     keep_best: int = 1
     metric: str = "val_loss"  # val_loss | train_loss; lower is better
-    resume: str = "auto"  # auto (latest in save_dir, if any) | none | a checkpoint folder
+    resume: str = "auto"  # auto (the newest in save_dir, if any) | none | a checkpoint folder or another save_dir
 
 
 @dataclass
@@ -135,6 +197,24 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# ---------------------------------------------------------------- evaluation
+@dataclass
+class EvalProtocol(FrameConfig):
+    """How benchmark.py turns questions into scores (README, Evaluation); the defaults are the original fVLM
+    benchmark's. Its frame fields are the readers' (eval_readers.py, frames.load_clip)."""
+
+    modes: tuple = MODES
+    scoring: str = "original"  # one of SCORING
+    system_prompt: Optional[str] = SYSTEM_PROMPT  # None: the LLM chat template's own default system turn
+    max_frames: Optional[int] = None  # None: every frame of an eval-shard sample (the original's); raw video
+    #                                  layouts take MAX_FRAMES by MVBench's segment rule
+    batch_size: int = 1  # questions per forward; scores equal batch 1's
+    dtype: str = "auto"  # the model weights' dtype; auto: bfloat16 on CUDA (the original's), float32 elsewhere
+    yes_no: bool = False  # score eval-shard questions without options whose answer is yes/no as Yes/No (the
+    #                       original skips them as having no options)
+
+
+# ---------------------------------------------------------------- checked loading
 CHOICES = {
     "model.mode": MODES,
     "eval.modes": MODES,  # each item of the list
@@ -156,6 +236,11 @@ MINIMUM = {  # values with a floor (a batch of 0 would divide by zero, a sample_
     "checkpoint.save_every_steps": 1, "checkpoint.keep_last": 1, "checkpoint.keep_best": 0, "eval.every_steps": 0,
     "eval.max_samples": 1, "data.sample_fps": 1e-3,
 }
+
+# Fixed by the checkpoint when model.init_from is set: setting one beside it is an error, never ignored.
+ARCHITECTURE_KEYS = ("llm", "dino", "llm_config", "dino_config", "query_dim", "deep_query")
+# The model settings a config applies on top of init_from's checkpoint: every other one.
+AFTER_INIT_KEYS = tuple(f.name for f in dataclasses.fields(ModelSettings) if f.name not in ARCHITECTURE_KEYS)
 
 
 class ConfigError(ValueError):
@@ -252,56 +337,8 @@ def apply_overrides(raw, overrides):
 
 
 def globs(value):
+    """A shard setting (one name or a list) as a list."""
     return [value] if isinstance(value, str) else list(value or [])
-
-
-def check_paths(cfg, source):
-    """Every local shard name or glob must match a file (URLs and pipe: commands are opened when read) and
-    init_from must be a folder: fail before any work."""
-    from shards import expand_shards  # imports webdataset (and torch): only when a config is checked
-
-    for key in ("train_shards", "val_shards", "text_shards"):
-        patterns = globs(getattr(cfg.data, key))
-        try:
-            if patterns:
-                expand_shards(patterns)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{source}: 'data.{key}': {e}") from None
-    init = cfg.model.init_from
-    if init is not None and not os.path.isdir(init):
-        raise ConfigError(f"{source}: 'model.init_from' does not exist: {init}")
-    if cfg.loss.type == "dpo" and init is None:
-        raise ConfigError(f"{source}: 'model.init_from' is required for loss.type dpo (the frozen reference)")
-    if not cfg.data.train_shards:
-        raise ConfigError(f"{source}: 'data.train_shards' is required")
-    if init is None and not (cfg.model.llm or cfg.model.llm_config):
-        raise ConfigError(f"{source}: 'model.llm' (or model.llm_config) is required without model.init_from")
-    if not tokenizer_name(cfg):
-        raise ConfigError(f"{source}: 'model.tokenizer' is required when neither model.llm nor model.init_from is set")
-
-
-def check_backbone_configs(cfg, source):
-    """model.llm_config / dino_config: every key must be one of its transformers config's (transformers keeps a
-    mistyped key as an inert attribute and builds the default size)."""
-    from pretrained import config_keys
-
-    for key, default_type in (("llm_config", "llama"), ("dino_config", "dinov2")):
-        given = getattr(cfg.model, key) or {}
-        model_type = given.get("model_type", default_type)
-        try:
-            known = config_keys(model_type) if given else set()
-        except ValueError as e:  # an unknown model_type
-            raise ConfigError(f"{source}: 'model.{key}.model_type': {e}") from None
-        for name in sorted(set(given) - known - {"model_type"}):
-            guess = difflib.get_close_matches(name, known, n=1)
-            raise ConfigError(f"{source}: 'model.{key}.{name}' is not a {model_type} config key"
-                              + (f" (did you mean {guess[0]}?)" if guess else ""))
-
-
-# Fixed by the checkpoint when model.init_from is set: setting one beside it is an error, never ignored.
-ARCHITECTURE_KEYS = ("llm", "dino", "llm_config", "dino_config", "query_dim", "deep_query")
-# The model settings a config applies on top of init_from's checkpoint: every other one.
-AFTER_INIT_KEYS = tuple(f.name for f in dataclasses.fields(ModelSettings) if f.name not in ARCHITECTURE_KEYS)
 
 
 def check_init_from(given, cfg, source):
@@ -316,27 +353,37 @@ def check_init_from(given, cfg, source):
                           "replaces the checkpoint's tokenizer).")
 
 
-def tokenizer_name(cfg):
-    """The tokenizer's source: model.tokenizer, else model.llm, else the init_from folder (saved with it)."""
-    return cfg.model.tokenizer or cfg.model.llm or cfg.model.init_from
+def check_required(cfg, source):
+    """The settings a training run cannot do without."""
+    if cfg.loss.type == "dpo" and cfg.model.init_from is None:
+        raise ConfigError(f"{source}: 'model.init_from' is required for loss.type dpo (the frozen reference)")
+    if not cfg.data.train_shards:
+        raise ConfigError(f"{source}: 'data.train_shards' is required")
+    if cfg.model.init_from is None and not (cfg.model.llm or cfg.model.llm_config):
+        raise ConfigError(f"{source}: 'model.llm' (or model.llm_config) is required without model.init_from")
+    if not (cfg.model.tokenizer or cfg.model.llm or cfg.model.init_from):
+        raise ConfigError(f"{source}: 'model.tokenizer' is required when neither model.llm nor model.init_from is set")
 
 
-def load(path, overrides=(), check=True):
-    """Read a stage YAML, apply `--set` overrides, and return the checked Config."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
+def source_name(path, overrides=()):
+    """How error messages name a config: its file, and the --set overrides applied to it."""
+    return f"{path} (with --set {' '.join(overrides)})" if overrides else path
+
+
+def load(path, overrides=()):
+    """Read a stage YAML, apply `--set` overrides, and return the Config, checked for keys, types, choices and
+    the model keys init_from fixes (train.check_config adds the checks that need files and libraries)."""
+    try:
+        with open(path) as f:
             raw = yaml.load(f, Loader=_Loader) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    source = f"{path} (with --set {' '.join(overrides)})" if overrides else path
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    source = source_name(path, overrides)
     raw = apply_overrides(raw, overrides)
     cfg = from_dict(raw, source)
     check_init_from(raw.get("model") or {}, cfg, source)
-    check_backbone_configs(cfg, source)
-    if check:
-        check_paths(cfg, source)
     return cfg
 
 
@@ -351,16 +398,7 @@ def save(cfg, path):
 
 
 def load_saved(path):
-    """Read a config written by `save` (YAML or JSON) without the path checks."""
+    """Read a config written by `save` (YAML or JSON)."""
     with open(path) as f:
         raw = json.load(f) if path.endswith(".json") else yaml.load(f, Loader=_Loader)
     return from_dict(raw, path)
-
-
-def parse_args(argv=None, description="fVLM training"):
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/stage1_135M.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value (repeatable), e.g. --set training.batch_size=4")
-    args = parser.parse_args(argv)
-    return load(args.config, args.set)

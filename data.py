@@ -7,13 +7,14 @@ webdataset library opens (`pipe:`, http(s), `hf://`): see shards.py. The formats
   uniformly over its whole length (`frame_sampling: uniform`) or keeps its first `max_frames` (`head`).
   Samples whose json `status` is not "success" (failed downloads, written without mp4) are skipped.
 - pre-extracted frames: one image field (`jpg`/`jpeg`/`png`/`webp`) or numbered `000.jpg`, `001.jpg`, ...;
-  a single image (or a single numbered frame) becomes `replicate_image_frames` views of one tensor
-  (stride 0, no copy), so the model's content dedup encodes it once.
+  one frame (an image, a single numbered frame, a one-frame video) becomes `replicate_image_frames` views of one
+  tensor (stride 0, no copy), so the model's content dedup encodes it once.
 - text: json `messages` | `user`+`assistant` | `question`+`chosen`+`rejected` (DPO; the original's
   `user`+`chosen_assistant`+`rejected_assistant` too) | `caption`, or `txt` | pre-tokenized `token_ids` +
   `loss_mask`. Prompts follow the original recipe (tokenization.py): an explicit system turn, and a
   caption's user prompt chosen by the sample's `source` unless it has its own `user` text.
-Frames are decoded by frames.py: square-resized to `frame_size` and ImageNet-normalised, [T, 3, H, W] float32.
+Frames come from frames.load_clip with the data config: square-resized to `frame_size` and ImageNet-normalised,
+[T, 3, H, W] float32.
 
 Training reads an endless stream (each pass over this worker's shards in a new random order, or shards drawn
 with replacement when `resampled`, then a shuffle buffer of undecoded samples); evaluation reads one ordered
@@ -25,62 +26,33 @@ Inspector and decode throughput: `python data.py --config CONFIG [--workers N] [
 (see `inspect_main`).
 """
 
+import argparse
 import functools
 import json
 import logging
 import math
 import random
-import re
 import time
 from collections import Counter
 
-import distributed  # noqa: F401  before torch: it sets OpenMP's wait policy (README, CPU threads)
+import distributed  # before torch: it sets OpenMP's wait policy (README, CPU threads)
 import numpy as np
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
 
+import checkpoint
+import config
 from collate import BudgetBatches, collate
-from frames import FRAME_SAMPLING, IMAGE_FIELDS, VIDEO_FIELDS, SkipSample, decode_image, decode_video, frame_indices
+from config import LOSS_TYPES, ConfigError
+from pretrained import load_tokenizer
+from frames import IMAGE_FIELDS, NUMBERED_FRAME, VIDEO_FIELDS, Media, SkipSample, load_clip
 from shards import SHARD_REASONS, ShardStream, expand_shards, names
-from tokenization import SYSTEM_PROMPT, PromptTooLong, caption_messages, caption_prompt, tokenize_chat, tokenize_dpo
+from tokenization import PromptTooLong, caption_messages, caption_prompt, tokenize_chat, tokenize_dpo
 
 log = logging.getLogger("fvlm.data")
-NUMBERED_FRAME = re.compile(rf"^(\d+)\.({'|'.join(IMAGE_FIELDS)})$")  # 000.jpg, 001.jpg, ...
-LOSS_TYPES = ("text_ce_all", "text_ce_answer_only", "dpo")
-
-
-# ---------------------------------------------------------------- a sample's frames
-
-def _image(data, frame_size, name):
-    try:
-        return decode_image(data, frame_size)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SkipSample("bad_image", f"{name}: {e}") from e
-
-
-def sample_frames(fields, cfg):
-    """The sample's visual input -> (kind, format, frames [T, 3, H, W]); kind is video | image | text and
-    format names the field(s) decoded (e.g. `mp4`, `jpg frames`, `jpg`)."""
-    video = next((f for f in VIDEO_FIELDS if f in fields), None)
-    if video:
-        return "video", video, decode_video(fields[video], cfg["frame_size"], cfg["max_frames"],
-                                     cfg["frame_sampling"], cfg["sample_fps"])
-    numbered = sorted((int(m.group(1)), f) for f in fields if (m := NUMBERED_FRAME.match(f)))
-    if len(numbered) > 1:
-        names = [f for _, f in numbered]  # already extracted: every frame, unless more than max_frames
-        keep = frame_indices(len(names), 0, cfg["max_frames"], cfg["frame_sampling"])
-        frames = [_image(fields[names[i]], cfg["frame_size"], names[i]) for i in keep]
-        return "video", names[0].split(".")[-1] + " frames", torch.stack(frames)
-    # One image, or ONE numbered frame: an image either way (the original replicates any single frame).
-    image = numbered[0][1] if numbered else next((f for f in IMAGE_FIELDS if f in fields), None)
-    if image:
-        frame = _image(fields[image], cfg["frame_size"], image)  # [3, H, W]
-        return "image", image, frame.unsqueeze(0).expand(max(1, cfg["replicate_image_frames"]), -1, -1, -1)
-    size = cfg["frame_size"]
-    return "text", "none", torch.zeros(0, 3, size, size)
 
 
 # ---------------------------------------------------------------- text
@@ -100,7 +72,7 @@ def sample_meta(fields):
     return meta
 
 
-def conversation(meta, fields, cfg):
+def conversation(meta, fields, data):
     """Metadata -> ("tokens", {input_ids, loss_mask}) when the shard is pre-tokenized (the original's
     `token_ids` + `loss_mask`), ("chat", messages), or ("dpo", (question, chosen, rejected)) from
     `question`/`user` + `chosen`/`chosen_assistant` + `rejected`/`rejected_assistant` (the original's keys).
@@ -113,8 +85,8 @@ def conversation(meta, fields, cfg):
                           "loss_mask": torch.tensor(mask, dtype=torch.float).round().long()}
     if "messages" in meta:
         return "chat", meta["messages"]
-    user = meta.get("user") or meta.get("question") or cfg["prompt"] or caption_prompt(meta.get("source"),
-                                                                                         cfg["caption_prompts"])
+    user = meta.get("user") or meta.get("question") or data.prompt or caption_prompt(meta.get("source"),
+                                                                                       data.caption_prompts)
     chosen, rejected = meta.get("chosen", meta.get("chosen_assistant")), meta.get("rejected",
                                                                                   meta.get("rejected_assistant"))
     if chosen is not None or rejected is not None:
@@ -133,39 +105,39 @@ def conversation(meta, fields, cfg):
     return "chat", caption_messages(caption, user)
 
 
-def tokenize_sample(tokenizer, meta, fields, cfg):
-    """Token ids and loss masks for the configured loss type, with the configured system prompt."""
-    form, content = conversation(meta, fields, cfg)
-    n, system = cfg["max_text_tokens"], cfg["system_prompt"]
+def tokenize_sample(tokenizer, meta, fields, data, loss):
+    """Token ids and loss masks for the loss type, with data.system_prompt, cut to data.max_text_tokens."""
+    form, content = conversation(meta, fields, data)
+    n, system = data.max_text_tokens, data.system_prompt
     try:
         if form == "tokens":
-            if cfg["loss"] == "dpo":
+            if loss == "dpo":
                 raise SkipSample("not_dpo", "a pre-tokenized sample cannot be a preference pair")
             return {k: v[:n] for k, v in content.items()}
-        if cfg["loss"] == "dpo":
+        if loss == "dpo":
             if form != "dpo":
                 raise SkipSample("not_dpo", "loss.type dpo needs a chosen and a rejected answer")
             return tokenize_dpo(tokenizer, *content, max_tokens=n, system_prompt=system)
         if form == "dpo":  # a preference pair in a CE stage trains on its chosen answer
             content = [{"role": "user", "content": content[0]}, {"role": "assistant", "content": content[1]}]
-        loss = "all" if cfg["loss"] == "text_ce_all" else "assistant"
-        return tokenize_chat(tokenizer, content, loss=loss, max_tokens=n, system_prompt=system)
+        targets = "all" if loss == "text_ce_all" else "assistant"
+        return tokenize_chat(tokenizer, content, loss=targets, max_tokens=n, system_prompt=system)
     except PromptTooLong as e:
         raise SkipSample("prompt_too_long", str(e)) from e
     except (ValueError, TypeError, AttributeError) as e:
         raise SkipSample("bad_text", str(e)) from e
 
 
-def decode_sample(key, fields, shard, tokenizer, cfg):
-    """Raw tar fields -> a training sample dict. Raises SkipSample."""
+def decode_sample(key, fields, shard, tokenizer, data, loss):
+    """Raw tar fields -> a training sample dict, its frames by data (a config.DataConfig). Raises SkipSample."""
     meta = sample_meta(fields)
     visual = any(f in VIDEO_FIELDS or f in IMAGE_FIELDS or NUMBERED_FRAME.match(f) for f in fields)
     if "status" in meta and not visual:  # a video2dataset sample must have its video
         raise SkipSample("no_video", "status success but no video or image field")
-    text = tokenize_sample(tokenizer, meta, fields, cfg)  # first: cheap, and it rejects before decoding
-    kind, fmt, frames = sample_frames(fields, cfg)
-    return {"kind": "dpo" if cfg["loss"] == "dpo" else kind, "format": fmt, "key": key, "shard": shard,
-            "frames": frames, **text}
+    text = tokenize_sample(tokenizer, meta, fields, data, loss)  # first: cheap, and it rejects before decoding
+    clip = load_clip(Media(fields=fields), data)
+    return {"kind": "dpo" if loss == "dpo" else clip.kind, "format": clip.format, "key": key, "shard": shard,
+            "frames": clip.frames, **text}
 
 
 # ---------------------------------------------------------------- the stream
@@ -173,30 +145,22 @@ def decode_sample(key, fields, shard, tokenizer, cfg):
 class ShardDataset(IterableDataset):
     """Decoded samples from WebDataset shards: endless and shuffled (train=True) or one ordered pass.
 
-    rank/world default to torch.distributed when it is initialised (else 0/1); DataLoader workers split the
-    rank's share further (resampled=True: each draws shards with replacement instead, training only). Each
+    `data` (a config.DataConfig) says how samples are read: their frames, text length, prompts, shuffle buffer
+    and `resampled`. rank/world default to torch.distributed when it is initialised (else 0/1); DataLoader workers
+    split the rank's share further (resampled: each draws shards with replacement instead, training only). Each
     sample carries `skipped`: a Counter of samples and shards skipped (by reason) since the previous sample from
     the same worker; the last sample of a pass also carries the skips after it. A worker that yields no sample
     at all has nobody to carry its counts: they show only in its warnings and in `dataset.skipped` when
     iterating in-process.
     """
 
-    def __init__(self, shards, tokenizer, *, loss="text_ce_all", train=True, max_frames=64, frame_size=224,
-                 replicate_image_frames=1, max_text_tokens=1024, frame_sampling="uniform", sample_fps=1.0,
-                 prompt=None, system_prompt=SYSTEM_PROMPT, caption_prompts=None, shuffle_buffer=100, seed=0,
-                 resampled=False, rank=None, world=None, warn_limit=5):
+    def __init__(self, shards, tokenizer, data, *, loss="text_ce_all", train=True, seed=0, rank=None, world=None,
+                 warn_limit=5):
         if loss not in LOSS_TYPES:
             raise ValueError(f"loss must be one of {LOSS_TYPES}, got {loss!r}")
-        if frame_sampling not in FRAME_SAMPLING:
-            raise ValueError(f"frame_sampling must be one of {FRAME_SAMPLING}, got {frame_sampling!r}")
         self.shards = expand_shards(shards)
-        self.tokenizer = tokenizer
-        self.train, self.seed, self.shuffle_buffer, self.warn_limit = train, seed, shuffle_buffer, warn_limit
-        self.resampled = resampled
-        self.cfg = dict(loss=loss, max_frames=max_frames, frame_size=frame_size, sample_fps=sample_fps,
-                        replicate_image_frames=replicate_image_frames, max_text_tokens=max_text_tokens,
-                        frame_sampling=frame_sampling, prompt=prompt, system_prompt=system_prompt,
-                        caption_prompts=caption_prompts)
+        self.tokenizer, self.data, self.loss = tokenizer, data, loss
+        self.train, self.seed, self.warn_limit = train, seed, warn_limit
         if rank is None:
             ddp = dist.is_available() and dist.is_initialized()
             rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -222,7 +186,7 @@ class ShardDataset(IterableDataset):
     def _check_all_bad(self, stream):
         """An endless stream whose samples are all bad would loop forever: stop once it is certain. A sample
         survives 20 * buffer draws from the shuffle buffer with probability (1 - 1/buffer)^(20 buffer) < e^-20."""
-        limit = stream.pass_size + 20 * self.shuffle_buffer
+        limit = stream.pass_size + 20 * self.data.shuffle_buffer
         if self.train and self._good == 0 and stream.pass_size and sum(self.skipped.values()) > limit:
             raise RuntimeError(f"no usable sample in {names(stream.shards)}: skipped {dict(self.skipped)}")
 
@@ -230,17 +194,18 @@ class ShardDataset(IterableDataset):
         split, n_splits = self._split()
         rng = random.Random(self.seed * 100003 + split)
         stream = ShardStream(self.shards, split, n_splits, self._count, train=self.train,
-                             resampled=self.resampled, seed=self.seed, rng=rng)
+                             resampled=self.data.resampled, seed=self.seed, rng=rng)
         raw = iter(stream)
         if self.train:  # a buffer of undecoded samples, as webdataset's shuffle stage
-            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
+            buffer = self.data.shuffle_buffer
+            raw = wds.shuffle(buffer, initial=buffer, rng=rng)(raw)
         self._skipped, self._warned, self._warned_shards, self._good = Counter(), 0, set(), 0
         self.skipped = Counter()  # this pass's totals in this process (the inspector, num_workers=0)
         held = None  # one sample of look-ahead, so skips after the last sample still travel with it
         for key, fields, shard in raw:
             start = time.perf_counter()
             try:
-                sample = decode_sample(key, fields, shard, self.tokenizer, self.cfg)
+                sample = decode_sample(key, fields, shard, self.tokenizer, self.data, self.loss)
                 sample["seconds"] = time.perf_counter() - start  # decode + tokenize time
             except SkipSample as e:
                 self._count(e.reason, key, shard, str(e))
@@ -256,37 +221,25 @@ class ShardDataset(IterableDataset):
             yield held
 
 
-def make_loader(dataset, batch_size, pad_id, num_workers=0, prefetch_factor=2, max_total_frames=None,
-                pin_memory=False):
-    """Batches from a ShardDataset (see collate.collate). With max_total_frames, a batch holds at most that
-    many (padded) frames, so long videos make smaller batches. Workers persist across passes (validation
-    re-reads its loader); pin_memory (for CUDA) puts batches in page-locked memory, which is what lets
-    `tensor.to(device, non_blocking=True)` copy asynchronously."""
-    kwargs = dict(num_workers=num_workers, prefetch_factor=prefetch_factor if num_workers else None,
-                  persistent_workers=num_workers > 0, pin_memory=pin_memory,
+def make_loader(dataset, batch_size, pad_id, num_workers=None, pin_memory=False):
+    """Batches from a ShardDataset (see collate.collate), with its data config's num_workers (unless given),
+    prefetch_factor and max_total_frames (a batch then holds at most that many padded frames, so long videos make
+    smaller batches). Workers persist across passes (validation re-reads its loader); pin_memory (for CUDA) puts
+    batches in page-locked memory, which is what lets `tensor.to(device, non_blocking=True)` copy asynchronously."""
+    data = dataset.data
+    workers = data.num_workers if num_workers is None else num_workers
+    kwargs = dict(num_workers=workers, prefetch_factor=data.prefetch_factor if workers else None,
+                  persistent_workers=workers > 0, pin_memory=pin_memory,
                   collate_fn=functools.partial(collate, pad_id=pad_id))
-    if max_total_frames:
-        return DataLoader(BudgetBatches(dataset, batch_size, max_total_frames), batch_size=None, **kwargs)
+    if data.max_total_frames:
+        return DataLoader(BudgetBatches(dataset, batch_size, data.max_total_frames), batch_size=None, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, **kwargs)
 
 
 # ---------------------------------------------------------------- from a config, and the inspector
 
-DATASET_KEYS = ("max_frames", "frame_size", "replicate_image_frames", "max_text_tokens", "frame_sampling",
-                "sample_fps", "prompt", "system_prompt", "caption_prompts", "shuffle_buffer", "resampled")
 STAGE_LOSS = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}
-
-
-def dataset_from_config(cfg, tokenizer, split="train", loss=None, rank=None, world=None):
-    """The ShardDataset of one shard set of a config.Config: train (endless), text (endless) or val (one pass).
-
-    """
-    shards = {"train": cfg.data.train_shards, "text": cfg.data.text_shards, "val": cfg.data.val_shards}[split]
-    if not shards:
-        raise ValueError(f"data.{split}_shards is not set")
-    kwargs = {k: getattr(cfg.data, k) for k in DATASET_KEYS}
-    return ShardDataset(shards, tokenizer, loss=loss or cfg.loss.type, train=split != "val",
-                        seed=cfg.training.seed, rank=rank, world=world, **kwargs)
+SPLITS = ("train", "text", "val")  # the shard sets of a config: data.<split>_shards
 
 
 def inspect_shards(datasets, limit=None):
@@ -294,8 +247,6 @@ def inspect_shards(datasets, limit=None):
 
     Returns (per-sample rows (kind, format, frames, text tokens, decode seconds), skipped Counter, wall seconds).
     """
-    from tqdm import tqdm
-
     rows, skipped, start = [], Counter(), time.perf_counter()
     with tqdm(total=limit, unit="sample", desc="reading") as bar:
         for dataset in datasets:
@@ -365,15 +316,22 @@ def loader_throughput(datasets, workers, batch_size, pad_id, limit=None):
     return samples, frames, seconds, startup
 
 
+def check_shards(cfg, source):
+    """Every local shard name or glob of the config's shard sets must match a file (URLs and pipe: commands are
+    opened when read): a ConfigError naming the key and `source` (the config file) otherwise."""
+    for split in SPLITS:
+        patterns = getattr(cfg.data, f"{split}_shards")
+        try:
+            if patterns:
+                expand_shards(patterns)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{source}: 'data.{split}_shards': {e}") from None
+
+
 def inspect_main(argv=None):
     """`python data.py --config CONFIG [--workers N] [--limit K] [--split ...] [--set data.KEY=VALUE]`: read a
     config's shards once in this process (kinds, lengths, skips, decode rate per worker), then with N loader
     workers as training reads them."""
-    import argparse
-
-    import config
-    from tokenization import load_tokenizer
-
     parser = argparse.ArgumentParser(description="Inspect the shards of a training config and time decoding.")
     parser.add_argument("--config", required=True, help="stage YAML")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -381,21 +339,25 @@ def inspect_main(argv=None):
     parser.add_argument("--stage", type=int, choices=sorted(STAGE_LOSS), help="tokenize as this stage "
                         "(1 all-text CE, 2 answer-only CE, 3 DPO); default: the config's loss.type")
     parser.add_argument("--limit", type=int, help="stop after this many samples (each pass)")
-    parser.add_argument("--split", choices=("train", "text", "val"), action="append",
+    parser.add_argument("--split", choices=SPLITS, action="append",
                         help="shard sets to read (repeatable); default: every one the config sets")
     parser.add_argument("--workers", type=int, default=0, help="then time a pass with this many loader workers")
     parser.add_argument("--target", type=float, default=27.0, help="samples/s the GPU trains at (default: the "
                         "original fVLM's A100 bf16 rate for 135M): prints the loader workers needed to feed it")
     args = distributed.parse_cli(parser, argv, threads=1)  # default 1 thread, as in a DataLoader worker
-    cfg = config.load(args.config, args.set, check=False)
-    tokenizer = load_tokenizer(config.tokenizer_name(cfg))
-    splits = args.split or [s for s in ("train", "text", "val") if getattr(cfg.data, f"{s}_shards")]
+    cfg = config.load(args.config, args.set)
+    check_shards(cfg, config.source_name(args.config, args.set))
+    splits = args.split or [s for s in SPLITS if getattr(cfg.data, f"{s}_shards")]
+    missing = [s for s in splits if not getattr(cfg.data, f"{s}_shards")]
+    if missing:
+        raise ValueError(f"{args.config}: data.{missing[0]}_shards is not set")
+    tokenizer = load_tokenizer(checkpoint.tokenizer_source(cfg.model))
+    loss = STAGE_LOSS.get(args.stage) or cfg.loss.type
     datasets = []
-    for split in splits:
-        ds = dataset_from_config(cfg, tokenizer, split, loss=STAGE_LOSS.get(args.stage))
-        ds.train = False  # inspect: one ordered pass
-        datasets.append(ds)
-        print(f"{split}: {len(ds.shards)} shard(s) from {getattr(cfg.data, f'{split}_shards')}")
+    for split in splits:  # inspect: one ordered pass of each
+        shards = getattr(cfg.data, f"{split}_shards")
+        datasets.append(ShardDataset(shards, tokenizer, cfg.data, loss=loss, train=False, seed=cfg.training.seed))
+        print(f"{split}: {len(datasets[-1].shards)} shard(s) from {shards}")
     print(f"frames at {cfg.data.frame_size} px, up to {cfg.data.max_frames} per video at {cfg.data.sample_fps:g} fps")
     rows, skipped, seconds = inspect_shards(datasets, args.limit)
     print(format_report(rows, skipped, seconds, args.target))

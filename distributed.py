@@ -27,11 +27,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-
-DEVICES = ("auto", "cpu", "cuda")  # training.device
-DTYPES = ("auto", "bfloat16", "float16", "float32")  # training.dtype (resolve_dtype)
-
-
 @dataclass
 class Dist:
     rank: int

@@ -6,15 +6,16 @@ where the frames come from. The original fVLM's eval shards are read as its benc
 answer letter parsed by its rules, see `original_options`); for the raw layouts the question is laid out as
 in training (`tokenization.format_mcq`: the question, then one 'A. option' line per candidate; the scored
 answer is 'B. option', `mcq_answer`), whatever the benchmark's own harness prompt. Frames are decoded only
-when the question is scored (`load_media`, with the training decoders of frames.py), so a missing or
-unreadable video becomes a skip with a reason instead of a crash; a question with one frame is replicated to 8,
-as the original does.
+when the question is scored (`question_frames`: frames.load_clip with benchmark.py's protocol), so a missing or
+unreadable video becomes a skip with a reason instead of a crash; a question with one frame is replicated to
+8, as the original does.
 
 Layouts: MVBench (OpenGVLab/MVBench: json/<task>.json + video/<folder>/...), Video-MME (lmms-lab/Video-MME:
 videomme/test-*.parquet + data/{videoID}.mp4), ScienceQA (derek-thomas/ScienceQA test parquet, image subset),
 POPE (lmms-lab/POPE test parquet) and the original fVLM's eval shards (WebDataset, json user/assistant/source).
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -23,15 +24,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from data import sample_frames
-from frames import SkipSample, read_video
+from config import MAX_FRAMES, EvalProtocol
+from frames import VIDEO_FIELDS, Media, SkipSample, load_clip
 from shards import expand_shards, iter_tar
 from tokenization import MCQ_LETTERS, format_mcq, mcq_answer
-
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".MP4")
-REPLICATE_IMAGE_FRAMES = 8  # as stages 2-3 train images (data.replicate_image_frames: 8)
-VIDEO_MAX_FRAMES = 64  # a video's frames by MVBench's segment rule, unless the benchmark is given --max-frames
-FRAME_FOLDER_FPS = 3  # MVBench's pre-extracted frame folders (tvqa/frames_fps3_hq)
 
 # MVBench task -> video folder under <root>/video (the benchmark's own table). A task not listed here is
 # looked up in <root>/video/<task>, which is how a locally written set in this layout is read.
@@ -49,16 +45,6 @@ MVBENCH_FOLDERS = {
 }
 YES_NO = ["Yes", "No"]  # POPE's options; "Yes" (option 0) is the positive class
 POPE_INSTRUCTION = "Answer the question using a single word or phrase."
-
-
-@dataclass
-class Media:
-    """Where a question's frames come from: a video file or frame folder (with an optional MVBench
-    (start, end) bound in seconds), or a shard-style sample's image fields (an image is replicated to 8)."""
-
-    path: str = None
-    bound: tuple = None
-    fields: dict = None  # shard-style fields: an image {"jpg": bytes} or numbered frames {"000.jpg": ...}
 
 
 @dataclass
@@ -87,83 +73,18 @@ def parse_option(line):
 
 # ---------------------------------------------------------------- frames
 
-def segment_indices(num_frames, fps, max_frames, bound=None, first_idx=0):
-    """MVBench's frame-index rule: the middle of `max_frames` equal segments of [start_idx, end_idx].
-
-    Without a bound this is uniform sampling of the whole video. A range of at most `max_frames` frames is
-    read whole (the rule would repeat some frames and drop others). Frame folders index from `first_idx` 1.
-    """
-    last = num_frames - 1 + first_idx
-    start, end = bound if bound is not None else (-1e5, 1e5)
-    start_idx = max(first_idx, round(start * fps))
-    end_idx = min(round(end * fps), last)
-    if end_idx < start_idx:  # a bound past the end of the video: keep its last frame
-        start_idx = end_idx
-    if end_idx - start_idx + 1 <= max_frames:
-        return list(range(start_idx, end_idx + 1))
-    seg = (end_idx - start_idx) / max_frames
-    return [int(start_idx + seg / 2 + round(seg * i)) for i in range(max_frames)]
-
-
-def find_video(path):
-    """The video at `path`, or the same name with another extension (MVBench mixes .mp4/.webm/.avi)."""
-    if os.path.exists(path):
-        return path
-    stem = os.path.splitext(path)[0]
-    for ext in VIDEO_EXTENSIONS:
-        if os.path.exists(stem + ext):
-            return stem + ext
-    raise SkipSample("video_not_found", path)
-
-
-def _load_frame_folder(path, bound, max_frames, frame_size):
-    """A folder of 00001.jpg, 00002.jpg, ... at 3 fps (MVBench's tvqa frames)."""
-    names = os.listdir(path)
-    if not names:
-        raise SkipSample("empty_frame_folder", path)
-    fields = {}
-    for i in segment_indices(len(names), FRAME_FOLDER_FPS, max_frames, bound, first_idx=1):
-        file = os.path.join(path, f"{i:05d}.jpg")
-        if not os.path.exists(file):
-            raise SkipSample("frame_missing", file)
-        with open(file, "rb") as f:
-            fields[f"{i:05d}.jpg"] = f.read()
-    return _decode_fields(fields, max_frames, frame_size)
-
-
-def _decode_fields(fields, max_frames, frame_size):
-    """Frames of a shard-style sample ({`jpg`: image} or {`000.jpg`: frame, ...}) with the training decoder:
-    an image becomes 8 views of one tensor (replicated, no copy)."""
-    cfg = dict(frame_size=frame_size, max_frames=max_frames, frame_sampling="uniform", sample_fps=1.0,
-               replicate_image_frames=REPLICATE_IMAGE_FRAMES)
-    kind, _, frames = sample_frames(fields, cfg)
-    if kind == "text":
+def question_frames(q, protocol=EvalProtocol()):
+    """A question's frames [T, 3, H, W] by the protocol's frame settings. Its `max_frames` None is the benchmark's
+    own count: every frame of a shard sample (as the original reads its eval shards), MAX_FRAMES of a video;
+    0 is no cap. Raises frames.SkipSample."""
+    cap = protocol.max_frames
+    if cap is None:
+        video = q.media.path is not None or any(f in VIDEO_FIELDS for f in q.media.fields or {})
+        cap = MAX_FRAMES if video else None
+    clip = load_clip(q.media, dataclasses.replace(protocol, max_frames=cap or None))
+    if clip.kind == "text":
         raise SkipSample("no_frames")
-    return frames
-
-
-def _load_video(path, bound, max_frames, frame_size):
-    """A video file's frames by the MVBench rule."""
-    return read_video(path, frame_size, lambda n, fps: segment_indices(n, fps, max_frames, bound))
-
-
-def load_media(media, max_frames=None, frame_size=224):
-    """Decode a question's frames -> [T, 3, H, W] float (ImageNet-normalised); one frame, whatever it came
-    from, becomes REPLICATE_IMAGE_FRAMES views of it (the original replicates every one-frame sample).
-    `max_frames` None: every frame of a shard sample (as the original reads its eval shards), a video's
-    VIDEO_MAX_FRAMES. Raises frames.SkipSample."""
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be at least 1, got {max_frames}")
-    if media.fields is not None:  # a shard's fields: frame members, never more than the fields (or a video)
-        cap = max(len(media.fields), VIDEO_MAX_FRAMES) if max_frames is None else max_frames
-        frames = _decode_fields(media.fields, cap, frame_size)
-    else:
-        path, cap = find_video(media.path), VIDEO_MAX_FRAMES if max_frames is None else max_frames
-        if os.path.isdir(path):
-            frames = _load_frame_folder(path, media.bound, cap, frame_size)
-        else:
-            frames = _load_video(path, media.bound, cap, frame_size)
-    return frames.expand(REPLICATE_IMAGE_FRAMES, -1, -1, -1) if frames.shape[0] == 1 else frames
+    return clip.frames
 
 
 # ---------------------------------------------------------------- readers
@@ -187,7 +108,7 @@ def mcq(qid, question, candidates, answer, media, categories):
     return MCQ(qid, format_mcq(question, candidates), options, answer, media, categories)
 
 
-def read_mvbench(root):
+def read_mvbench(root, protocol=EvalProtocol()):
     """MVBench: <root>/json/<task>.json records {video, question, candidates, answer[, start, end]}.
 
     `answer` is the text of one candidate. The video is <root>/video/<task folder>/<video> (a file, or a
@@ -206,7 +127,7 @@ def read_mvbench(root):
             if r["answer"] not in r["candidates"]:
                 raise ValueError(f"{file} record {i}: answer {r['answer']!r} is not one of its candidates")
             bound = (float(r["start"]), float(r["end"])) if "start" in r and "end" in r else None
-            media = Media(path=os.path.join(folder, r["video"]), bound=bound)
+            media = Media(path=os.path.join(folder, r["video"]), rule="segments", bound=bound)
             questions.append(mcq(f"{task}/{i}", r["question"], r["candidates"],
                                  r["candidates"].index(r["answer"]), media, {"task": task}))
     return questions
@@ -221,7 +142,7 @@ def split_options(lines, where):
     return letters, [p[1] for p in parsed]
 
 
-def read_videomme(root):
+def read_videomme(root, protocol=EvalProtocol()):
     """Video-MME: <root>/videomme/test-*.parquet (options 'A. ...', answer a letter) and
     <root>/data/{videoID}.mp4 (other extensions tried)."""
     if not os.path.isdir(root):
@@ -233,14 +154,14 @@ def read_videomme(root):
         letters, texts = split_options([str(o).strip() for o in row.options], where)
         if row.answer not in letters:
             raise ValueError(f"{where}: answer {row.answer!r} is not one of {letters}")
-        media = Media(path=os.path.join(root, "data", f"{row.videoID}.mp4"))
+        media = Media(path=os.path.join(root, "data", f"{row.videoID}.mp4"), rule="segments")
         categories = {"duration": row.duration, "domain": row.domain, "task_type": row.task_type}
         questions.append(mcq(str(row.question_id), row.question, texts, letters.index(row.answer), media,
                              categories))
     return questions
 
 
-def read_scienceqa(root):
+def read_scienceqa(root, protocol=EvalProtocol()):
     """ScienceQA image subset: test rows whose `image` is not null (one image replicated to 8 frames); the
     hint, when there is one, goes before the question as 'Context: ...'."""
     df = read_parquets(root, os.path.join("**", "test-*.parquet"))
@@ -256,7 +177,7 @@ def read_scienceqa(root):
     return questions
 
 
-def read_pope(root):
+def read_pope(root, protocol=EvalProtocol()):
     """POPE: yes/no questions about an image; options ('Yes', 'No'), 'Yes' is the positive class."""
     df = read_parquets(root, os.path.join("**", "test-*.parquet"))
     questions = []
@@ -309,18 +230,18 @@ def _shard_question(meta, where, yes_no=False):
     return options, letters.index(letter) if letter in letters else -1
 
 
-def read_eval_shards(pattern, yes_no=False):
+def read_eval_shards(root, protocol=EvalProtocol()):
     """The original's eval shards: json {user, assistant[, source]} with one image or numbered frames. MCQs
     carry their options as lines 'A. ...' inside `user` and `assistant` starts with the letter (both parsed
-    by the original's rules); `yes_no`: see _shard_question. Yields questions lazily (shards
+    by the original's rules); protocol.yes_no: see _shard_question. Yields questions lazily (shards
     can be large); the last path part of `source` is the category. A sample whose question cannot be scored
     is yielded as an MCQ with `skip` set (its reason), so the benchmark counts it."""
-    for path in expand_shards(pattern):
+    for path in expand_shards(root):
         for key, sample, _ in iter_tar(path):
             where = f"{path} sample {key}"
             try:
                 meta = json.loads(sample["json"])
-                options, answer = _shard_question(meta, where, yes_no)
+                options, answer = _shard_question(meta, where, protocol.yes_no)
             except SkipSample as e:
                 yield MCQ(key, "", [], -1, Media(fields={}), {}, skip=e)
                 continue

@@ -5,11 +5,11 @@ r"""Answer a question about a video or an image with a trained fVLM checkpoint.
         [--mode autoregressive] [--max-new-tokens 64] [--threads N]
 
 --checkpoint takes a checkpoint folder or a training save_dir (then its `latest` checkpoint).
-From Python (notebooks): `model, tokenizer, frame_size = pretrained.load_checkpoint(dir)`, then
-`answer(model, tokenizer, load_frames(video=..., frame_size=frame_size), "question")`.
-Videos are sampled as in training: 1 frame per second up to --max-frames (64), uniform over the video beyond;
-images are replicated to 8 frames (as stages 2-3 trained).
-The model is rebuilt from the checkpoint's saved config (FoveatedVLM.from_pretrained).
+From Python (notebooks): `model, tokenizer, frame_size = model.load_checkpoint(dir)`, then
+`answer(model, tokenizer, load_clip("clip.mp4", FrameConfig(frame_size=frame_size)).frames, "question")`.
+Videos are sampled as in training (frames.load_clip): 1 frame per second up to --max-frames (64), uniform over the
+video beyond; a folder of frames gives every frame up to --max-frames; an image is replicated to 8 frames (as
+stages 2-3 trained). The model is rebuilt from the checkpoint's saved config (FoveatedVLM.from_pretrained).
 """
 
 import argparse
@@ -18,32 +18,11 @@ import os
 import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
 import torch
 
-import eval_readers
-from frames import IMAGE_FIELDS, SkipSample, load_video_frames
+from config import MAX_FRAMES, MODES, FrameConfig
 from distributed import autocast
-from model import MODES
-from pretrained import load_checkpoint
+from frames import SkipSample, load_clip
+from model import load_checkpoint
 from tokenization import prompt_ids
-
-
-def load_frames(video=None, image=None, max_frames=64, frame_size=224, sample_fps=1.0):
-    """Frames sampled as in training -> [T, 3, H, W]: a video file at `sample_fps` up to `max_frames`, uniform
-    over the video beyond (frames.frame_indices); a folder of frame images, every frame up to `max_frames`
-    (uniform beyond); an image, replicated to 8 frames."""
-    if (video is None) == (image is None):
-        raise ValueError("give exactly one of video= or image=")
-    if video is not None and not os.path.isdir(video):
-        return load_video_frames(video, max_frames, frame_size, sample_fps=sample_fps)
-    if image is not None:
-        files = {"jpg": image}
-    else:
-        images = sorted(f for f in os.listdir(video) if f.lower().rsplit(".", 1)[-1] in IMAGE_FIELDS)
-        files = {f"{i:05d}.jpg": os.path.join(video, f) for i, f in enumerate(images)}  # PIL reads any format
-    fields = {}
-    for field, path in files.items():
-        with open(path, "rb") as f:
-            fields[field] = f.read()
-    return eval_readers.load_media(eval_readers.Media(fields=fields), max_frames, frame_size)
 
 
 @torch.no_grad()
@@ -77,16 +56,17 @@ def load_inputs(p, args):
     if not os.path.exists(source):
         p.error(f"{source} does not exist")
     model, tokenizer, frame_size = load_checkpoint(args.checkpoint, args.device)
+    cfg = FrameConfig(frame_size=args.frame_size or frame_size, max_frames=args.max_frames)
     try:
-        frames = load_frames(args.video, args.image, args.max_frames, args.frame_size or frame_size)
+        clip = load_clip(source, cfg)
     except SkipSample as e:
         p.error(f"cannot read {source}: {e}")
-    return model, tokenizer, frames
+    return model, tokenizer, clip.frames
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_input_args(p, max_frames=64)
+    add_input_args(p, max_frames=MAX_FRAMES)
     p.add_argument("--prompt", required=True)
     p.add_argument("--mode", default="autoregressive", choices=MODES)
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -9,11 +9,9 @@ import warnings
 
 import torch
 
+from frames import IMAGENET_MEAN, IMAGENET_STD, normalise_pixels
 from tokenization import option_targets, prompt_ids
 
-# DINOv2's input normalisation (ImageNet statistics), applied to pixels in [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALISED_RANGE = (min(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)),  # (pixel - mean) / std for pixels
                     max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)))  # in [0, 1]: [-2.12, 2.64]
 RANGE_MARGIN = 0.5  # resizing normalised frames (bicubic) can overshoot the range a little
@@ -61,25 +59,6 @@ def prepare_frames(frames, frame_mask, patch_size):
         raise ValueError(f"frames have dtype {frames.dtype}; {expected}")
     _check_normalised(frames[frame_mask], expected)
     return frames, frame_mask
-
-
-def _imagenet(like):
-    """ImageNet's mean and std as [3, 1, 1] tensors on `like`'s device."""
-    return (torch.tensor(IMAGENET_MEAN, device=like.device).view(3, 1, 1),
-            torch.tensor(IMAGENET_STD, device=like.device).view(3, 1, 1))
-
-
-def normalise_pixels(pixels):
-    """uint8 pixels [..., 3, H, W] -> float32 ImageNet-normalised frames (DINOv2's input), on their device."""
-    assert pixels.dtype == torch.uint8, f"expected uint8 pixels, got {pixels.dtype}"
-    mean, std = _imagenet(pixels)
-    return pixels.float().mul_(1 / 255).sub_(mean).div_(std)  # float() copies: the in-place ops are safe
-
-
-def denormalise(frames):
-    """ImageNet-normalised frames [..., 3, H, W] -> pixel values in [0, 1] (for display)."""
-    mean, std = _imagenet(frames)
-    return frames * std + mean
 
 
 def _check_normalised(real, expected):

@@ -14,7 +14,7 @@ DINOv2 runs once per distinct frame: consecutive identical frames (a replicated 
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -22,46 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+import checkpoint
+from config import MODES, PARAM_GROUPS, DataConfig, ModelSettings
 from encoder import FoveatedEncoder
 from inputs import mcq_ids, prepare_frames, prompt_batch, question_ids
 from layout import compact_text, gather_rows, option_tree, pack, pad_packed
-from pretrained import PretrainedMixin, build_dino, build_llm
-
-MODES = ("coarse_fine", "coarse_only", "autoregressive")
-
-
-@dataclass
-class ModelSettings:
-    """What defines a FoveatedVLM besides its weights, written once: the constructor's defaults, config.ModelConfig
-    (which adds the training-only fields), bench.py and a checkpoint's config.json all use it."""
-
-    llm: Optional[str] = None  # hub id, folder, .gguf or pkg://package/file.gguf
-    dino: Optional[str] = None  # hub id or folder
-    llm_config: Optional[dict] = None  # a transformers config as a dict -> random init (tests, quickstart)
-    dino_config: Optional[dict] = None
-    query_dim: int = 384
-    visual_scale: float = 0.14  # the visual tokens' scale on entering the LLM
-    deep_query: bool = True  # the query goes through every DINO layer (False: one cross-attention at the end)
-    lambda_coarse: float = 0.0  # weight of the coarse tokens' own text loss in coarse_fine
-
-    @classmethod
-    def of(cls, source, where="model settings"):
-        """The settings of an object with these fields (config.ModelConfig) or of a dict (a saved config.json);
-        a dict key that is not a setting is an error naming it and `where`."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(source, dict):
-            return cls(**{name: getattr(source, name) for name in names})
-        unknown = sorted(set(source) - set(names))
-        if unknown:
-            raise ValueError(f"{where}: unknown model setting(s) {unknown}; the settings are {', '.join(names)}")
-        return cls(**source)
-
-    def constructor_kwargs(self):
-        """FoveatedVLM's keywords for these settings (it names the backbones llm_name and dino_name)."""
-        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)}
-        kwargs["llm_name"], kwargs["dino_name"] = kwargs.pop("llm"), kwargs.pop("dino")
-        return kwargs
-
+from pretrained import build_dino, build_llm, load_tokenizer, plain_config
 
 class _Text(NamedTuple):
     """Text in compact form: ids [B, S] (real tokens first), embeds [B, S, D], n [B] real tokens per row, and
@@ -73,9 +39,7 @@ class _Text(NamedTuple):
     branch: Optional[torch.Tensor] = None
 
 
-class FoveatedVLM(PretrainedMixin, nn.Module):
-    settings_class = ModelSettings  # what PretrainedMixin writes to and reads from config.json
-
+class FoveatedVLM(nn.Module):
     def __init__(self, llm_name=None, dino_name=None, query_dim=ModelSettings.query_dim,
                  visual_scale=ModelSettings.visual_scale, deep_query=ModelSettings.deep_query,
                  lambda_coarse=ModelSettings.lambda_coarse, *, llm_config=None, dino_config=None, dtype=None):
@@ -354,24 +318,24 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
 
     # ---------------------------------------------------------------- training helpers
     def param_groups(self):
-        """Trainable parameters by part, for differential learning rates."""
-        groups = {"connector": [], "dino": [], "llm": []}
+        """Trainable parameters by group (config.PARAM_GROUPS), for differential learning rates."""
+        groups = {group: [] for group in PARAM_GROUPS}
         for name, p in self.named_parameters():
             if p.requires_grad:
-                groups[_part(name)].append(p)
+                groups[param_group(name)].append(p)
         return groups
 
     def count_parameters(self):
-        counts = {"connector": 0, "dino": 0, "llm": 0}
+        counts = dict.fromkeys(PARAM_GROUPS, 0)
         for name, p in self.named_parameters():
-            counts[_part(name)] += p.numel()
+            counts[param_group(name)] += p.numel()
         counts["total"] = sum(counts.values())
         return counts
 
-    def set_trainable(self, dino=True, llm=True, connector=True):
-        wanted = {"dino": dino, "llm": llm, "connector": connector}
+    def set_trainable(self, frozen=()):
+        """Train every parameter group but those in `frozen`."""
         for name, p in self.named_parameters():
-            p.requires_grad_(wanted[_part(name)])
+            p.requires_grad_(param_group(name) not in frozen)
         return self
 
     def enable_gradient_checkpointing(self):
@@ -379,13 +343,79 @@ class FoveatedVLM(PretrainedMixin, nn.Module):
         self.encoder.gradient_checkpointing = True
         return self
 
+    # ---------------------------------------------------------------- checkpoint folders (checkpoint.py)
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """A checkpoint folder written by save_pretrained or train.py, a training save_dir (its newest checkpoint),
+        a hub repo, or weights without settings: a folder / hub repo with only `model.safetensors` (a published
+        checkpoint) or the original's training checkpoint (.pt). For those, kwargs name the backbones
+        (llm_name=..., dino_name=... or *_config=...), else they are the published SmolLM2 and DINOv2 of the
+        weights' widths (checkpoint.weights_settings). The folder's tokenizer, when it holds one, is
+        `model.tokenizer` (else None). In eval mode."""
+        folder = checkpoint.resolve(path)
+        saved = checkpoint.read_settings(folder)
+        where = os.path.join(folder, checkpoint.CONFIG_NAME)
+        args = ModelSettings.of(saved, where).constructor_kwargs() if saved else {}
+        args.update(kwargs)
+        state = checkpoint.read_state_dict(folder)
+        model = cls(**(args or checkpoint.weights_settings(state, folder)))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # weights of other backbones or settings than those given: a user error
+            raise ValueError(f"{folder}: {e}") from None
+        model.tokenizer = load_tokenizer(folder) if checkpoint.has_tokenizer(folder) else None
+        return model.eval()
 
-def _part(name):
+    def save_pretrained(self, path, tokenizer=None):
+        """Write config.json, model.safetensors (and the tokenizer) into the folder `path`."""
+        settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in checkpoint.BACKBONE_CONFIGS}
+        configs = {"llm_config": plain_config(self.llm.config), "dino_config": plain_config(self.encoder.dino.config)}
+        state = checkpoint.convert_state_dict(self.state_dict(), self._tied())
+        checkpoint.write_model(path, settings, configs, state, tokenizer)
+
+    def _tied(self):
+        out, inp = self.llm.get_output_embeddings(), self.llm.get_input_embeddings()
+        return out is not None and out.weight is inp.weight
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """nn.Module's, taking the original's names too (checkpoint.convert_state_dict)."""
+        state_dict = checkpoint.convert_state_dict(state_dict, self._tied())
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not (k == "llm.lm_head.weight" and self._tied())]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing[:8]} "
+                               f"(of {len(missing)}), unexpected {result.unexpected_keys[:8]} "
+                               f"(of {len(result.unexpected_keys)})")
+        return result
+
+
+def param_group(name):
+    """The parameter group (config.PARAM_GROUPS) of parameter `name`."""
     if name.startswith("encoder.dino."):
         return "dino"
     if name.startswith("llm."):
         return "llm"
     return "connector"
+
+
+def load_checkpoint(path, device="cpu", tokenizer=None):
+    """(model, tokenizer, frame_size) of checkpoint `path` (see checkpoint.resolve), the model in eval mode on
+    `device`. `frame_size` is the training config's data.frame_size (train_config.yaml), else the default. The
+    tokenizer (also `model.tokenizer`) is the one `tokenizer` names, else the one saved in the folder, else the one
+    the training config or the model's `llm` names."""
+    folder = checkpoint.resolve(path)
+    model = FoveatedVLM.from_pretrained(folder).to(device).eval()
+    cfg = checkpoint.training_config(folder)
+    frame_size = (cfg.data if cfg else DataConfig()).frame_size
+    if tokenizer is not None:
+        model.tokenizer = load_tokenizer(tokenizer)
+    if model.tokenizer is None:
+        name = (cfg and (cfg.model.tokenizer or cfg.model.llm)) or model.llm_name
+        if not name:
+            raise ValueError(f"{folder} holds no tokenizer and names no LLM to take one from; save one "
+                             "with model.save_pretrained(path, tokenizer=tokenizer)")
+        model.tokenizer = load_tokenizer(name)
+    return model, model.tokenizer, frame_size
 
 
 @contextlib.contextmanager

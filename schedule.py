@@ -12,13 +12,7 @@ import math
 
 from torch.optim.lr_scheduler import LambdaLR
 
-GROUPS = ("connector", "dino", "llm")
-SCHEDULES = ("cosine", "constant", "converging")
-
-
-def peak_lrs(training):
-    """Each group's starting LR from the `training` config section."""
-    return {"connector": training.lr_connector, "dino": training.lr_dino, "llm": training.lr_llm}
+from config import SCHEDULES
 
 
 def lr_at(step, peak, total_steps, warmup_steps, schedule, target_lr=None, min_lr_ratio=0.1):
@@ -38,7 +32,7 @@ def lr_at(step, peak, total_steps, warmup_steps, schedule, target_lr=None, min_l
 
 
 def build(optimizer, training, total_steps):
-    """A LambdaLR over an optimizer whose param groups carry a `name` in GROUPS and their peak LR as `lr`."""
+    """A LambdaLR over an optimizer whose param groups (config.PARAM_GROUPS) carry their peak LR as `lr`."""
     if training.schedule == "converging" and training.target_lr is None:
         raise ValueError("training.schedule 'converging' needs training.target_lr")
     warmup = round(training.warmup_ratio * total_steps)

@@ -4,7 +4,7 @@ they were trained on.
 
 Every conversation starts with an explicit system turn, `SYSTEM_PROMPT` ("You are a helpful AI assistant."),
 rather than the default one SmolLM2's template inserts ("... named SmolLM, trained by Hugging Face");
-`system_prompt=None` keeps the template's own (what this project used before). A conversation's own system
+`system_prompt=None` keeps the template's own (for checkpoints trained that way). A conversation's own system
 turn (SmolTalk's persona rules, say) is kept as it is. The sequence is rendered with the LLM's chat template
 (SmolLM2: `<|im_start|>role\\ncontent<|im_end|>\\n`) and tokenized in one piece, content unstripped.
 
@@ -22,13 +22,11 @@ generation and MCQ-scoring inputs tokenized exactly as the original's benchmark 
 """
 
 import torch
-from transformers import AutoTokenizer
 
-from pretrained import resolve_source
+from config import SCORING, SYSTEM_PROMPT
 
 ROLES = ("system", "user", "assistant")
 MCQ_LETTERS = "ABCDEFGHIJ"
-SYSTEM_PROMPT = "You are a helpful AI assistant."
 # The original's stage-1 prompts by the sample's `source`, for samples without their own user text.
 CAPTION_PROMPTS = {
     "openvid": "Write a brief caption for this video.",
@@ -37,27 +35,10 @@ CAPTION_PROMPTS = {
     "sharegpt4video": "Describe what happens in this video in detail.",
 }
 DEFAULT_CAPTION_PROMPT = "Describe this."
-# How an MCQ option is scored (benchmark.py --scoring): the mean per-token cross-entropy of its targets.
-#   original: the tokens after the prompt ("B. text", <|im_end|>, "\n"), with the <|im_end|> target counted
-#             in the mean but contributing 0 (the original's `ignore_index=pad_id`, pad = eos = <|im_end|>);
-#   mean:     "B. text" and its <|im_end|>, each counted (this project's rule before the original's).
-SCORING = ("original", "mean")
 
 
 class PromptTooLong(ValueError):
     """The prompt alone fills `max_tokens`, so no answer token would remain."""
-
-
-def load_tokenizer(name):
-    """Load the LLM's tokenizer from `pkg://package/file.gguf`, a .gguf path, a folder or a hub id
-    (names resolved by `pretrained.resolve_source`, which locates a package without importing it)."""
-    source, gguf_file = resolve_source(name)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        raise ValueError(f"tokenizer {name!r} has no chat template")
-    return tokenizer
 
 
 def caption_prompt(source=None, prompts=None):
@@ -157,8 +138,14 @@ def prompt_ids(tokenizer, messages, system_prompt=SYSTEM_PROMPT):
 def option_targets(tokenizer, messages, answer, scoring="original", system_prompt=SYSTEM_PROMPT):
     """The target ids of an MCQ option after `prompt_ids(tokenizer, messages)` and their weights.
 
-    The option's score is sum(weights * token cross-entropies) / len(ids) (see SCORING). Raises ValueError
-    when the option changes how the prompt before it tokenizes (it could not share the prompt's prefix).
+    The option's score is sum(weights * token cross-entropies) / len(ids), the mean per-token cross-entropy of
+    its targets, by `scoring` (config.SCORING):
+    - original: the tokens after the prompt ("B. text", <|im_end|>, "\n"), with the <|im_end|> target counted in
+      the mean but contributing 0 (the original benchmark's `ignore_index=pad_id`, pad = eos = <|im_end|>);
+    - mean: "B. text" and its <|im_end|>, each counted (what checkpoints trained on "answer<|im_end|>" targets
+      are scored with).
+    Raises ValueError when the option changes how the prompt before it tokenizes (it could not share the
+    prompt's prefix).
     """
     if scoring not in SCORING:
         raise ValueError(f"scoring must be one of {SCORING}, got {scoring!r}")

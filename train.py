@@ -9,13 +9,15 @@ Checkpoints, logs and the resolved config go to `checkpoint.save_dir`; `resume: 
 finished run is left as it is.
 """
 
+import argparse
 import contextlib
 import copy
 import dataclasses
 import math
+import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
@@ -26,17 +28,42 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import config as config_lib
-import pretrained
 import schedule
-from data import ShardDataset, make_loader
+from config import PARAM_GROUPS
+from data import ShardDataset, check_shards, make_loader
 from logger import Logger
 from model import FoveatedVLM
+from pretrained import check_backbone_configs, load_tokenizer
 from text_interleave import interleave
-from tokenization import load_tokenizer
 
 DPO_KEYS = ("frames", "frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
             "rejected_mask", "rejected_loss_mask")
 CE_KEYS = ("frames", "input_ids", "attention_mask", "loss_mask", "frame_mask")
+
+
+def check_config(cfg, source):
+    """The checks of a loaded config that need files and libraries: required settings, backbone config keys,
+    local shard names that match no file and an init_from that is no checkpoint stop the run before any work,
+    naming the key and `source` (the config file)."""
+    check_backbone_configs(cfg.model, source)
+    config_lib.check_required(cfg, source)
+    check_shards(cfg, source)
+    init = cfg.model.init_from
+    if init is not None and not (os.path.isdir(init) and (checkpoint.is_checkpoint(init) or checkpoint.newest(init))):
+        raise config_lib.ConfigError(f"{source}: 'model.init_from' is not a checkpoint folder or a training save_dir "
+                                     f"holding one: {init}")
+
+
+def load_config(argv=None):
+    """The checked Config of `train.py --config FILE [--set section.key=value ...]`."""
+    parser = argparse.ArgumentParser(description="fVLM training")
+    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/stage1_135M.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set training.batch_size=4")
+    args = parser.parse_args(argv)
+    cfg = config_lib.load(args.config, args.set)
+    check_config(cfg, config_lib.source_name(args.config, args.set))
+    return cfg
 
 
 class StepModule(nn.Module):
@@ -92,21 +119,21 @@ def build_model(cfg, dev, model=None):
     reference = None
     if cfg.loss.type == "dpo":  # the init_from weights, before any resume overwrites the policy's
         reference = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
-    model.set_trainable(dino=not m.freeze_dino, llm=not m.freeze_llm, connector=not m.freeze_connector)
+    model.set_trainable(frozen=[group for group in PARAM_GROUPS if m.frozen(group)])
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.to(dev).train(), reference
 
 
 def build_optimizer(model, training):
-    """AdamW with the connector, dino and llm groups; weight decay on matrices only (not biases or norms).
-    Fused (one kernel for all parameters) when every parameter is on CUDA."""
-    peaks, groups = schedule.peak_lrs(training), []
+    """AdamW with the parameter groups (config.PARAM_GROUPS) at their peak LRs; weight decay on matrices only (not
+    biases or norms). Fused (one kernel for all parameters) when every parameter is on CUDA."""
+    groups = []
     for name, params in model.param_groups().items():
         for decay in (True, False):
             chosen = [p for p in params if (p.ndim >= 2) == decay]
             if chosen:
-                groups.append({"params": chosen, "lr": peaks[name], "name": name,
+                groups.append({"params": chosen, "lr": training.peak_lr(name), "name": name,
                                "weight_decay": training.weight_decay if decay else 0.0})
     if not groups:
         raise ValueError("nothing to train: every part is frozen (model.freeze_*)")
@@ -122,14 +149,10 @@ def build_loader(cfg, tokenizer, dist, shards, train, start=0):
     d, seed = cfg.data, cfg.training.seed + start
 
     def loader(paths, loss_type):
-        dataset = ShardDataset(paths, tokenizer, loss=loss_type, train=train, max_frames=d.max_frames,
-                               frame_size=d.frame_size, replicate_image_frames=d.replicate_image_frames,
-                               max_text_tokens=d.max_text_tokens, frame_sampling=d.frame_sampling,
-                               sample_fps=d.sample_fps, shuffle_buffer=d.shuffle_buffer, prompt=d.prompt,
-                               system_prompt=d.system_prompt, caption_prompts=d.caption_prompts,
-                               seed=seed, resampled=d.resampled, rank=dist.rank, world=dist.world_size)
-        return make_loader(dataset, cfg.training.batch_size, tokenizer.pad_token_id, d.num_workers,
-                           d.prefetch_factor, d.max_total_frames, pin_memory=dist.device.type == "cuda")
+        dataset = ShardDataset(paths, tokenizer, d, loss=loss_type, train=train, seed=seed, rank=dist.rank,
+                               world=dist.world_size)
+        return make_loader(dataset, cfg.training.batch_size, tokenizer.pad_token_id,
+                           pin_memory=dist.device.type == "cuda")
 
     if not train:
         return loader(shards, cfg.loss.type)
@@ -224,31 +247,62 @@ def evaluate(step_module, reference, loader, cfg, dist):
     return {("val_loss" if i == 0 else f"val_loss_{mode}"): v for i, (mode, v) in enumerate(zip(modes, means))}
 
 
+@dataclass
+class Progress:
+    """The training loop's state: what a checkpoint holds besides the weights and the optimizer's, what the log
+    and the summary report, and what `fit` returns. The losses are the last logged ones."""
+
+    step: int = 0
+    samples_seen: int = 0
+    wall_time_s: float = 0.0  # the whole run's, across resumes
+    batches_seen: int = 0  # micro-batches drawn: the data position (text_interleave's schedule continues from it)
+    skip_reasons: dict = field(default_factory=dict)  # samples the loaders skipped, by reason: all ranks, whole run
+    train_loss: Optional[float] = None
+    val: dict = field(default_factory=dict)  # val_loss, val_loss_<mode>: the last validation's
+
+    @property
+    def skipped(self):
+        return sum(self.skip_reasons.values())
+
+    def state(self):
+        """What training_state.pt holds of it."""
+        return {"step": self.step, "samples_seen": self.samples_seen, "wall_time_s": self.wall_time_s,
+                "data": {"batches_seen": self.batches_seen, "skip_reasons": dict(self.skip_reasons)}}
+
+    @classmethod
+    def from_state(cls, state):
+        data = state.get("data", {})
+        return cls(state["step"], state["samples_seen"], state.get("wall_time_s", 0.0), data.get("batches_seen", 0),
+                   dict(data.get("skip_reasons", {})))
+
+
 def resume(cfg, model, optimizer, scheduler, scaler, dist):
     """Restore weights, optimizer, schedule, loss scale and RNG from the checkpoint that checkpoint.resume names.
-    Returns the training state (step 0 and an empty data position for a fresh run)."""
+    Returns its Progress (step 0 for a fresh run). The state file is memory-mapped and dropped once copied."""
     path = checkpoint.find_resume(cfg.checkpoint.save_dir, cfg.checkpoint.resume)
     if path is None:
-        return {"step": 0, "samples_seen": 0, "wall_time_s": 0.0, "data": {"batches_seen": 0, "skip_reasons": {}}}
+        return Progress()
     state = checkpoint.load_state(path)
-    pretrained.load_weights(model, path)
+    model.load_state_dict(checkpoint.read_state_dict(path))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # empty when saved without float16 loss scaling
         scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(state["rng"])
+    progress = Progress.from_state(state)
     if dist.is_main:
-        print(f"resumed from {path}: step {state['step']}, {state['samples_seen']} samples seen", flush=True)
-    return state
+        print(f"resumed from {path}: step {progress.step}, {progress.samples_seen} samples seen", flush=True)
+    return progress
 
 
-def save(run, progress, metric):
-    """Rank 0 writes the checkpoint; every rank waits for it."""
+def save(run, progress, ranking):
+    """Rank 0 writes the checkpoint, ranked by `ranking` (val_loss | train_loss); every rank waits for it."""
     if run.dist.is_main:
-        state = {**progress, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        state = {**progress.state(), "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "scaler": run.scaler.state_dict(), "rng": checkpoint.rng_state()}
+        metric = progress.train_loss if ranking == "train_loss" else progress.val.get("val_loss")
         c = run.cfg.checkpoint
-        checkpoint.save(c.save_dir, progress["step"], run.model, state, run.cfg, run.tokenizer, metric, c.keep_last,
+        checkpoint.save(c.save_dir, progress.step, run.model, state, run.cfg, run.tokenizer, metric, c.keep_last,
                         c.keep_best)
     distributed.barrier()
 
@@ -292,99 +346,93 @@ def wrap(model, cfg, dist):
     return step_module
 
 
-def count_skips(batches, last):
-    """Add the samples every rank's loader skipped since the last call to `last["skip_reasons"]` (the whole run,
-    carried in checkpoints). A collective: every rank calls it at the same steps (log and save steps)."""
-    last["skip_reasons"] = dict(Counter(last["skip_reasons"]) + distributed.sum_counts(batches.take()))
-    last["skipped"] = sum(last["skip_reasons"].values())
+def count_skips(batches, progress):
+    """Add the samples every rank's loader skipped since the last call to progress.skip_reasons. A collective:
+    every rank calls it at the same steps (log and save steps)."""
+    progress.skip_reasons = dict(Counter(progress.skip_reasons) + distributed.sum_counts(batches.take()))
 
 
-def log_window(run, step, window, batches, last, tick):
+def log_window(run, progress, window, batches, tick):
     """The log step: the window's mean figures over all ranks, and the skip counts brought up to date."""
     means = torch.stack([torch.stack(list(w.values())) for w in window]).mean(0)  # [steps, figures] -> [figures]
     figures = dict(zip(window[0], distributed.all_reduce(means, "mean").tolist()))
-    count_skips(batches, last)
-    if last["skipped"]:
-        figures["skipped"] = last["skipped"]
-    last["train_loss"] = figures["loss"]
-    run.logger.log(step, figures, group_lrs(run.optimizer), len(window) * run.global_batch / (time.time() - tick))
+    count_skips(batches, progress)
+    if progress.skipped:
+        figures["skipped"] = progress.skipped
+    progress.train_loss = figures["loss"]
+    samples_per_s = len(window) * run.global_batch / (time.time() - tick)
+    run.logger.log(progress.step, figures, group_lrs(run.optimizer), samples_per_s)
 
 
 def fit(run, batches, val, progress, ranking):
-    """The training loop from progress["step"] to run.total_steps. Returns the last train/val losses, the
-    samples the loader skipped ("skipped", "skip_reasons": all ranks, the whole run) and the run's wall time
-    (this process's plus the earlier ones', carried in checkpoints), the step and the samples seen."""
+    """The training loop from progress.step to run.total_steps; returns the Progress at the end."""
     cfg, t, c = run.cfg, run.cfg.training, run.cfg.checkpoint
-    step, samples, batches_seen = progress["step"], progress["samples_seen"], progress["data"]["batches_seen"]
-    skip_reasons = progress["data"].get("skip_reasons", {})
-    last = {"skip_reasons": skip_reasons, "skipped": sum(skip_reasons.values())}
-    window, nonfinite, wall_before, start = [], 0, progress.get("wall_time_s", 0.0), time.time()
+    window, nonfinite, wall_before, start = [], 0, progress.wall_time_s, time.time()
     tick = start
     batches = SkipCount(batches)
-    while step < run.total_steps:
+    while progress.step < run.total_steps:
         stepped, loss_finite, loss, metrics = train_step(run.step_module, run.reference, batches, run.optimizer, cfg,
                                                          run.dist, run.scaler)
-        batches_seen += t.grad_accum
+        progress.batches_seen += t.grad_accum
         if not stepped:
             nonfinite += 1
-            run.logger.log(step, {"nonfinite_skipped": nonfinite})
+            run.logger.log(progress.step, {"nonfinite_skipped": nonfinite})
             # float16: gradients that overflow a finite loss are the scaler's to back off from (its scale halves
             # each time), as it does several times in a row from its initial 65536; only a scale below 1 gives up.
             backing_off = run.scaler.is_enabled() and run.scaler.get_scale() >= 1 and loss_finite  # on every rank
             if nonfinite >= t.max_nonfinite_steps and not backing_off:
                 raise RuntimeError(f"{nonfinite} steps in a row had a non-finite loss or gradient (last at step "
-                                   f"{step}); stopping. The last good checkpoint in {c.save_dir} is intact: "
-                                   "lower the learning rate or check the data, then resume.")
+                                   f"{progress.step}); stopping. The last good checkpoint in {c.save_dir} is "
+                                   "intact: lower the learning rate or check the data, then resume.")
             continue
         nonfinite = 0
         run.scheduler.step()
-        step, samples = step + 1, samples + run.global_batch
+        progress.step += 1
+        progress.samples_seen += run.global_batch
+        step, last = progress.step, progress.step == run.total_steps
         window.append({"loss": loss, **metrics})
-        if step % t.log_every == 0 or step == run.total_steps:
-            log_window(run, step, window, batches, last, tick)
+        if step % t.log_every == 0 or last:
+            log_window(run, progress, window, batches, tick)
             window, tick = [], time.time()
-        if val is not None and (step % cfg.eval.every_steps == 0 or step == run.total_steps):
-            figures = evaluate(run.step_module, run.reference, val, cfg, run.dist)
-            last.update(figures)
-            run.logger.log(step, figures)
+        if val is not None and (step % cfg.eval.every_steps == 0 or last):
+            progress.val = evaluate(run.step_module, run.reference, val, cfg, run.dist)
+            run.logger.log(step, progress.val)
             tick = time.time()
-        last["wall_time_s"] = round(wall_before + time.time() - start, 1)
-        if step % c.save_every_steps == 0 or step == run.total_steps:
-            count_skips(batches, last)  # a save between log steps holds the skips up to it
-            progress = {"step": step, "samples_seen": samples, "wall_time_s": last["wall_time_s"],
-                        "data": {"batches_seen": batches_seen, "skip_reasons": last["skip_reasons"]}}
-            save(run, progress, last.get(ranking))
+        progress.wall_time_s = round(wall_before + time.time() - start, 1)
+        if step % c.save_every_steps == 0 or last:
+            count_skips(batches, progress)  # a save between log steps holds the skips up to it
+            save(run, progress, ranking)
             tick = time.time()
-    return last, step, samples
+    return progress
 
 
 def main(argv=None):
     """Train with the config named on the command line (or in argv); returns the trained, unwrapped model."""
-    cfg = config_lib.parse_args(argv)
+    cfg = load_config(argv)
     t, c = cfg.training, cfg.checkpoint
     threads = distributed.set_threads(t.threads)
     dist = distributed.init(t.seed, t.device)
     if dist.is_main:
         checkpoint.clean_tmp(c.save_dir)
-    tokenizer = load_tokenizer(config_lib.tokenizer_name(cfg))
+    tokenizer = load_tokenizer(checkpoint.tokenizer_source(cfg.model))
     model, reference = build_model(cfg, dist.device)
     optimizer = build_optimizer(model, t)
     global_batch = t.batch_size * t.grad_accum * dist.world_size
     total_steps = math.ceil(t.total_samples / global_batch)
     scheduler, scaler = schedule.build(optimizer, t, total_steps), distributed.grad_scaler(dist.device, t.dtype)
     progress = resume(cfg, model, optimizer, scheduler, scaler, dist)
-    if progress["step"] >= total_steps:  # a finished run: keep its checkpoints, log and summary as they are
+    if progress.step >= total_steps:  # a finished run: keep its checkpoints, log and summary as they are
         if dist.is_main:
-            print(f"{c.save_dir} holds the finished run (step {progress['step']} of {total_steps}): nothing to "
+            print(f"{c.save_dir} holds the finished run (step {progress.step} of {total_steps}): nothing to "
                   "train. Delete it, or set checkpoint.save_dir, to train again.", flush=True)
         distributed.cleanup()
         return model
-    logger = Logger(c.save_dir, total_steps, cfg.wandb, cfg.to_dict(), progress["step"], enabled=dist.is_main)
+    logger = Logger(c.save_dir, total_steps, cfg.wandb, cfg.to_dict(), progress.step, enabled=dist.is_main)
     run = Run(cfg, dist, model, wrap(model, cfg, dist), reference, tokenizer, optimizer, scheduler, scaler, logger,
               total_steps, global_batch)
 
     batches = build_loader(cfg, tokenizer, dist, cfg.data.train_shards, train=True,
-                           start=progress["data"]["batches_seen"])
+                           start=progress.batches_seen)
     val = None
     if cfg.data.val_shards and cfg.eval.every_steps > 0:
         val = build_loader(cfg, tokenizer, dist, cfg.data.val_shards, train=False)
@@ -394,10 +442,10 @@ def main(argv=None):
               f"samples | {dist.world_size} x {dist.device} | {distributed.resolve_dtype(dist.device, t.dtype)} | "
               f"{threads} CPU threads", flush=True)
 
-    last, step, samples = fit(run, batches, val, progress, metric_name(cfg, val is not None, dist))
-    logger.summary(final_loss=last.get("train_loss"), val_loss=last.get("val_loss"), steps=step, samples=samples,
-                   skipped=last["skipped"], skip_reasons=last["skip_reasons"], wall_time_s=last.get("wall_time_s"),
-                   save_dir=c.save_dir)
+    progress = fit(run, batches, val, progress, metric_name(cfg, val is not None, dist))
+    logger.summary(final_loss=progress.train_loss, val_loss=progress.val.get("val_loss"), steps=progress.step,
+                   samples=progress.samples_seen, skipped=progress.skipped, skip_reasons=progress.skip_reasons,
+                   wall_time_s=progress.wall_time_s, save_dir=c.save_dir)
     logger.close()
     del run  # the DDP wrapper first (distributed.cleanup says why)
     distributed.cleanup()

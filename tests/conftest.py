@@ -51,9 +51,18 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from tokenization import load_tokenizer
+    from pretrained import load_tokenizer
 
     return load_tokenizer(SMOLLM2_GGUF)
+
+
+def shard_dataset(shards, tokenizer, loss="text_ce_all", train=True, seed=0, rank=None, world=None, **data):
+    """data.ShardDataset with a config.DataConfig of the `data` fields given (the rest its defaults)."""
+    from config import DataConfig
+    from data import ShardDataset
+
+    return ShardDataset(shards, tokenizer, DataConfig(**data), loss=loss, train=train, seed=seed, rank=rank,
+                        world=world)
 
 
 @pytest.fixture

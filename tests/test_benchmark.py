@@ -13,12 +13,22 @@ from PIL import Image
 
 import benchmark
 import eval_readers as er
+from config import EvalProtocol
 from conftest import DinoCounter, image_bytes, script_error, tiny_model_kwargs, write_members, write_video
-from inputs import denormalise
+from frames import denormalise, segment_indices
 from model import FoveatedVLM
 from tokenization import option_targets, prompt_ids
 
 SIZE = 56  # the tiny DINO's image size
+
+
+def question(media):
+    return er.MCQ("q", "", [], 0, media)
+
+
+def frames_of(q, max_frames):
+    """A question's frames as benchmark.py reads them with --max-frames (None: the benchmark's own count)."""
+    return er.question_frames(q, EvalProtocol(max_frames=max_frames, frame_size=SIZE))
 
 
 def frame_ids(frames):
@@ -76,7 +86,7 @@ class FirstOptionModel(torch.nn.Module):
 
 
 def run(questions, tokenizer, modes=("coarse_only", "coarse_fine"), max_frames=4, **protocol):
-    protocol = benchmark.Protocol(modes=modes, max_frames=max_frames, frame_size=SIZE, **protocol)
+    protocol = EvalProtocol(modes=modes, max_frames=max_frames, frame_size=SIZE, **protocol)
     return benchmark.evaluate(FirstOptionModel(), tokenizer, questions, protocol)[0]
 
 
@@ -85,12 +95,12 @@ def run(questions, tokenizer, modes=("coarse_only", "coarse_fine"), max_frames=4
 @pytest.mark.parametrize("bound,fps,n,first", [(None, 10, 30, 0), ((1.0, 2.0), 10, 30, 0), ((0.5, 9.0), 3, 12, 1),
                                                ((2.2, 7.9), 29.97, 300, 0), (None, 3, 100, 1)])
 def test_segment_indices_follow_mvbench(bound, fps, n, first):
-    ours = er.segment_indices(n, fps, 4, bound, first_idx=first)
+    ours = segment_indices(n, fps, 4, bound, first_idx=first)
     assert ours == mvbench_reference_index(bound, fps, n - 1 + first, first, 4)
 
 
 def test_segment_indices_never_repeat_frames_of_a_short_range():
-    assert er.segment_indices(3, 10, 64) == [0, 1, 2]
+    assert segment_indices(3, 10, 64) == [0, 1, 2]
 
 
 def test_option_parsing():
@@ -112,8 +122,8 @@ def test_mvbench_reader_bounds_folders_and_skips(mvbench_root, tokenizer):
     assert q.answer == 1 and q.options[1] == "B. close" and "\nB. close\n" in q.prompt
     assert q.media.bound == (1.0, 2.0) and q.media.path.endswith(os.path.join("sta", "sta_video", "clip.webm"))
     # clip.webm is stored as clip.mp4; frames of the bound [1 s, 2 s] at 10 fps by the benchmark's rule
-    assert frame_ids(er.load_media(q.media, 4, SIZE)) == [11, 13, 16, 19]
-    ep = er.load_media(qs["episodic_reasoning/0"].media, 4, SIZE)
+    assert frame_ids(frames_of(q, 4)) == [11, 13, 16, 19]
+    ep = frames_of(qs["episodic_reasoning/0"], 4)
     assert frame_ids(ep) == mvbench_reference_index((1.0, 3.0), 3, 12, 1, 4) == [3, 5, 6, 7]
     assert qs["episodic_reasoning/0"].options[2] == "C. (C) x"  # candidate text kept as written
 
@@ -128,7 +138,7 @@ def test_mvbench_reader_bounds_folders_and_skips(mvbench_root, tokenizer):
 
 
 def test_limit_and_unknown_benchmark_name(mvbench_root, tokenizer, tmp_path):
-    protocol = benchmark.Protocol(modes=("coarse_only",), max_frames=4, frame_size=SIZE)
+    protocol = EvalProtocol(modes=("coarse_only",), max_frames=4, frame_size=SIZE)
     result, records = benchmark.evaluate(FirstOptionModel(), tokenizer, er.read_mvbench(mvbench_root), protocol,
                                          limit=2)
     assert result["questions"] == 2 and len(records) == 1  # the second question's video is missing
@@ -188,7 +198,7 @@ def test_scienceqa_image_subset(tmp_path, tokenizer):
     qs = er.read_scienceqa(str(tmp_path))
     assert len(qs) == 3 and qs[0].prompt.startswith("Context: Look at the picture.\nWhich is a mammal?")
     assert not qs[1].prompt.startswith("Context")
-    frames = er.load_media(qs[0].media, 64, SIZE)
+    frames = frames_of(qs[0], 64)
     assert frames.shape == (8, 3, SIZE, SIZE) and frames.stride(0) == 0  # one image, replicated without copies
     result = run(qs, tokenizer)
     assert (result["questions"], result["answered"], result["skip_reasons"]) == (3, 2, {"bad_image": 1})
@@ -237,16 +247,16 @@ def test_eval_shards(tmp_path, tokenizer):
         ("s3", "no_options"), ("s4", "no_options"), ("s5", "bad_json")]
     assert "--yes-no" in str(qs[3].skip) and "--yes-no" not in str(qs[4].skip)
     assert qs[0].options == ["A. three", "B. four", "C. five"] and qs[0].prompt == video_q
-    assert er.load_media(qs[0].media, 3, SIZE).shape == (3, 3, SIZE, SIZE)
-    assert er.load_media(qs[1].media, 64, SIZE).shape == (8, 3, SIZE, SIZE)  # an image, replicated
+    assert frames_of(qs[0], 3).shape == (3, 3, SIZE, SIZE)
+    assert frames_of(qs[1], 64).shape == (8, 3, SIZE, SIZE)  # an image, replicated
     long = er.Media(fields={f"{i}.jpg": image_bytes(i, "JPEG") for i in range(70)})  # the original keeps all
-    assert er.load_media(long, None, SIZE).shape == (70, 3, SIZE, SIZE)
-    assert torch.equal(er.load_media(long, None, SIZE)[-1], er.load_media(er.Media(fields={"69.jpg": image_bytes(
-        69, "JPEG")}), None, SIZE)[0])  # in numeric order: 69.jpg last
+    assert frames_of(question(long), None).shape == (70, 3, SIZE, SIZE)
+    assert torch.equal(frames_of(question(long), None)[-1], frames_of(question(er.Media(fields={"69.jpg": image_bytes(
+        69, "JPEG")})), None)[0])  # in numeric order: 69.jpg last
     result = run(qs, tokenizer)
     assert (result["answered"], result["skip_reasons"]) == (2, {"no_frames": 1, "no_options": 2, "bad_json": 1})
     assert result["modes"]["coarse_fine"]["correct"] == 1  # s0 (A); s1 answers B
-    yes_no = list(er.read_eval_shards(str(tmp_path / "eval_*.tar"), yes_no=True))  # --yes-no
+    yes_no = list(er.read_eval_shards(str(tmp_path / "eval_*.tar"), EvalProtocol(yes_no=True)))  # --yes-no
     assert (yes_no[3].skip, yes_no[3].options, yes_no[3].answer) == (None, er.YES_NO, 1)
     result = run(yes_no, tokenizer)
     assert (result["answered"], result["skip_reasons"]) == (3, {"no_frames": 1, "no_options": 1, "bad_json": 1})
@@ -259,9 +269,9 @@ def test_records_batches_and_protocol(mvbench_root, tokenizer):
     """Per-question records carry the answer, every option's score and the prediction per mode; batching
     questions does not change them."""
     questions = er.read_mvbench(mvbench_root)
-    one = benchmark.evaluate(FirstOptionModel(), tokenizer, questions, benchmark.Protocol(frame_size=SIZE))[1]
+    one = benchmark.evaluate(FirstOptionModel(), tokenizer, questions, EvalProtocol(frame_size=SIZE))[1]
     three = benchmark.evaluate(FirstOptionModel(), tokenizer, questions,
-                               benchmark.Protocol(frame_size=SIZE, batch_size=3))[1]
+                               EvalProtocol(frame_size=SIZE, batch_size=3))[1]
     assert one == three and [r["id"] for r in one] == ["action_localization/0", "episodic_reasoning/0", "shapes/0"]
     r = one[0]
     assert (r["answer"], r["options"][1], r["categories"]) == (1, "B. close", {"task": "action_localization"})
@@ -270,7 +280,7 @@ def test_records_batches_and_protocol(mvbench_root, tokenizer):
     assert r["modes"]["autoregressive"]["scores"] == pytest.approx([i * (k - 1) / k for i, k in enumerate(n)])
     assert (r["modes"]["autoregressive"]["prediction"], r["modes"]["autoregressive"]["correct"]) == (0, False)
     mean = benchmark.evaluate(FirstOptionModel(), tokenizer, questions[:1],
-                              benchmark.Protocol(frame_size=SIZE, scoring="mean"))[1]
+                              EvalProtocol(frame_size=SIZE, scoring="mean"))[1]
     assert mean[0]["modes"]["coarse_fine"]["scores"] == [0.0, 1.0, 2.0]
 
 
@@ -280,13 +290,13 @@ def test_one_dino_encoding_per_question_and_shared_scores_equal_naive(mvbench_ro
     torch.manual_seed(0)
     model = FoveatedVLM(**tiny_model_kwargs()).eval()
     q = er.mcq("q", "What moves?", ["a red ball", "a blue cube", "nothing", "two cats"], 1,
-               er.Media(path=os.path.join(mvbench_root, "video", "sta", "sta_video", "clip.mp4")), {})
+               er.Media(path=os.path.join(mvbench_root, "video", "sta", "sta_video", "clip.mp4"), rule="segments"), {})
     with DinoCounter(model) as dino:
-        result, _ = benchmark.evaluate(model, tokenizer, [q], benchmark.Protocol(max_frames=6, frame_size=SIZE))
+        result, _ = benchmark.evaluate(model, tokenizer, [q], EvalProtocol(max_frames=6, frame_size=SIZE))
     assert (dino.calls, dino.frames) == (1, 6)  # 6 distinct frames, encoded once for 4 options x 3 modes
     assert result["answered"] == 1
 
-    frames = er.load_media(q.media, 6, SIZE).unsqueeze(0)
+    frames = frames_of(q, 6).unsqueeze(0)
     prompt = prompt_ids(tokenizer, q.prompt)
     options = [option_targets(tokenizer, q.prompt, o)[0] for o in q.options]
     shared = model.score_options(frames, prompt, options, modes=benchmark.MODES)
@@ -303,5 +313,5 @@ def test_replicated_image_costs_one_frame(tmp_path, tokenizer):
     model = FoveatedVLM(**tiny_model_kwargs()).eval()
     q = er.mcq("q", "Colour?", ["red", "green", "blue", "grey"], 0, er.Media(fields={"jpg": image_bytes()}), {})
     with DinoCounter(model) as dino:
-        benchmark.evaluate(model, tokenizer, [q], benchmark.Protocol(frame_size=SIZE))
+        benchmark.evaluate(model, tokenizer, [q], EvalProtocol(frame_size=SIZE))
     assert dino.frames == 1

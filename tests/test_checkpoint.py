@@ -1,5 +1,5 @@
 """checkpoint.py: atomic folders that from_pretrained loads, pruning, a kill during a save, a refused unsafe
-training state; pretrained.py's loading: a save_dir for its latest checkpoint, hub ids that fail fast offline."""
+training state; resolving a save_dir to its newest checkpoint; hub ids that fail fast offline."""
 
 import json
 import os
@@ -16,7 +16,7 @@ import checkpoint
 import config
 import pretrained
 from conftest import tiny_model_kwargs
-from model import FoveatedVLM
+from model import FoveatedVLM, load_checkpoint
 
 
 def state(step):
@@ -105,14 +105,14 @@ def test_load_checkpoint_takes_a_folder_or_a_save_dir(tmp_path, tiny_model, toke
     for step in (1, 2):
         checkpoint.save(save_dir, step, tiny_model, state(step), cfg, tokenizer)
     for path in (save_dir, os.path.join(save_dir, "step_00000002")):
-        model, tok, frame_size = pretrained.load_checkpoint(path)
+        model, tok, frame_size = load_checkpoint(path)
         assert frame_size == 56 and tok.eos_token == "<|im_end|>" and model.tokenizer is tok and not model.training
         for (name, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
             assert torch.equal(a, b), name
     (tmp_path / "empty").mkdir()
     for name, expected in [("empty", "neither a checkpoint folder"), ("nowhere", "does not exist")]:
         with pytest.raises(FileNotFoundError, match=expected):
-            pretrained.load_checkpoint(str(tmp_path / name))
+            load_checkpoint(str(tmp_path / name))
 
 
 def test_an_uncached_hub_id_fails_at_once_and_a_cached_one_needs_no_network(tmp_path, monkeypatch):

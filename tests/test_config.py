@@ -6,6 +6,7 @@ import os
 import pytest
 
 import config
+import train
 from conftest import ROOT
 
 
@@ -13,6 +14,13 @@ def write(tmp_path, text, name="stage.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
+
+
+def checked(path, overrides=()):
+    """config.load with the checks train.py adds before any work (files, libraries)."""
+    cfg = config.load(path, overrides)
+    train.check_config(cfg, config.source_name(path, overrides))
+    return cfg
 
 
 def shard(tmp_path):
@@ -48,7 +56,7 @@ def test_loads_defaults_and_spec_number_forms(tmp_path):
 def test_bad_key_or_type_names_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)
     with pytest.raises(config.ConfigError) as err:
-        config.load(path)
+        checked(path)
     assert key in str(err.value) and path in str(err.value)
 
 
@@ -56,13 +64,13 @@ def test_missing_paths_are_named(tmp_path):
     base = f"model: {{llm: x}}\ndata: {{train_shards: '{shard(tmp_path)}'}}\n"
     path = write(tmp_path, base + "model: {llm: x, init_from: nowhere/best}\n")
     with pytest.raises(config.ConfigError, match="model.init_from.*nowhere/best"):
-        config.load(path)
+        checked(path)
     path = write(tmp_path, "model: {llm: x}\ndata: {train_shards: data/missing/*.tar}\n")
     with pytest.raises(config.ConfigError, match="data.train_shards.*data/missing"):
-        config.load(path)
+        checked(path)
     path = write(tmp_path, base + "loss: {type: dpo}\n")
     with pytest.raises(config.ConfigError, match="model.init_from"):
-        config.load(path)
+        checked(path)
 
 
 def test_set_overrides_are_typed_and_checked(tmp_path):
@@ -88,7 +96,7 @@ SHIPPED = sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) - {EVAL
 
 @pytest.mark.parametrize("path", SHIPPED, ids=os.path.basename)
 def test_shipped_configs_match_the_schema(path):
-    cfg = config.load(path, check=False)  # keys and types; the data paths exist only after downloading
+    cfg = config.load(path)  # keys and types; the data paths exist only after downloading
     loss = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}[cfg.stage]
     assert cfg.loss.type == loss and (cfg.stage == 1) == (cfg.model.init_from is None)
     if os.path.basename(path).startswith("quickstart"):  # fast on the CPU: no autocast there (README, Throughput)

@@ -18,13 +18,14 @@ from PIL import Image
 import config
 import data
 import distributed
-import generate
 import train
 from collate import collate
 from conftest import write_video
-from data import ShardDataset, make_loader
-from frames import SkipSample, decode_video, frame_indices, load_image_frames, load_video_frames, read_video
-from inputs import IMAGENET_MEAN, IMAGENET_STD, denormalise
+from conftest import shard_dataset
+from data import make_loader
+from config import FrameConfig
+from frames import (IMAGENET_MEAN, IMAGENET_STD, Media, SkipSample, denormalise, frame_indices, load_clip,
+                    load_image_frames, read_video)
 from shards import assign_shards, expand_shards, iter_tar
 from synthetic import BACKGROUND, encode_jpg, encode_mp4, render, write_tar
 
@@ -61,9 +62,14 @@ def decoder(request, monkeypatch):
     return request.param
 
 
+def video_frames(data, size, max_frames):
+    """Frames of encoded video bytes, sampled as in training (a shard sample's mp4)."""
+    return load_clip(Media(fields={"mp4": data}), FrameConfig(frame_size=size, max_frames=max_frames)).frames
+
+
 def read(path, tokenizer, **kwargs):
     kwargs = {"train": False, "frame_size": SIZE, "max_frames": 8, **kwargs}
-    ds = ShardDataset(str(path), tokenizer, **kwargs)
+    ds = shard_dataset(str(path), tokenizer, **kwargs)
     samples = list(ds)
     carried = sum((s["skipped"] for s in samples), start=Counter())
     assert not samples or carried == ds.skipped, "the samples must carry every skip of the pass"
@@ -105,7 +111,7 @@ def test_mp4_sampled_at_one_fps(tmp_path, tokenizer, decoder):
     assert read(tmp_path / "a.tar", tokenizer)[0][0]["frames"].shape[0] == 2  # 2 s of video at 1 fps
     assert read(tmp_path / "a.tar", tokenizer, sample_fps=4.0)[0][0]["frames"].shape[0] == 8
     (tmp_path / "v.mp4").write_bytes(mp4(frames=8, fps=4))
-    frames = load_video_frames(str(tmp_path / "v.mp4"), max_frames=64, size=SIZE, sample_fps=4.0)
+    frames = load_clip(str(tmp_path / "v.mp4"), FrameConfig(frame_size=SIZE, sample_fps=4.0)).frames
     assert torch.equal(frames, read(tmp_path / "a.tar", tokenizer, sample_fps=4.0)[0][0]["frames"])
 
 
@@ -201,7 +207,7 @@ def test_loader_workers_split_and_carry_skip_counts(tmp_path, tokenizer):
     for s in range(4):
         write_tar(tmp_path / f"w-{s}.tar", [(f"s{s}k{i}", {"txt": "cap"}) for i in range(3)]
                   + [(f"s{s}bad", {"json": "{oops"})])
-    ds = ShardDataset(str(tmp_path / "w-*.tar"), tokenizer, train=False, frame_size=SIZE)
+    ds = shard_dataset(str(tmp_path / "w-*.tar"), tokenizer, train=False, frame_size=SIZE)
     loader = make_loader(ds, batch_size=2, pad_id=tokenizer.pad_token_id, num_workers=2)
     batches = list(loader)
     assert sum(b["input_ids"].shape[0] for b in batches) == 12
@@ -210,32 +216,32 @@ def test_loader_workers_split_and_carry_skip_counts(tmp_path, tokenizer):
 
 def test_training_stream_is_endless_and_shuffled(tmp_path, tokenizer):
     pattern = caption_shards(tmp_path, 2, 10)
-    ds = ShardDataset(pattern, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=8, seed=1)
+    ds = shard_dataset(pattern, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=8, seed=1)
     stream = iter(ds)
     keys = [next(stream)["key"] for _ in range(50)]
     assert len(set(keys)) == 20  # every sample, and more than one pass
     ordered = [s["key"] for s in read(pattern, tokenizer)[0]]
     assert keys[:20] != ordered
-    again = iter(ShardDataset(pattern, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=8, seed=1))
+    again = iter(shard_dataset(pattern, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=8, seed=1))
     assert [next(again)["key"] for _ in range(50)] == keys  # deterministic by seed
 
 
 def test_small_shard_larger_than_buffer_streams(tmp_path, tokenizer):
     pattern = caption_shards(tmp_path, 1, 3)  # fewer samples than the shuffle buffer holds
-    stream = iter(ShardDataset(pattern, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=100))
+    stream = iter(shard_dataset(pattern, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=100))
     assert {next(stream)["key"] for _ in range(30)} == {"s0k0", "s0k1", "s0k2"}
 
 
 def test_all_bad_training_stream_raises(tmp_path, tokenizer):
     write_tar(tmp_path / "bad.tar", [("k", {"json": "{oops"})])
     with pytest.raises(RuntimeError, match="no usable sample"):
-        next(iter(ShardDataset(str(tmp_path / "bad.tar"), tokenizer, train=True, frame_size=SIZE, shuffle_buffer=4)))
+        next(iter(shard_dataset(str(tmp_path / "bad.tar"), tokenizer, train=True, frame_size=SIZE, shuffle_buffer=4)))
     write_tar(tmp_path / "empty.tar", [])  # a valid tar without members
     with pytest.raises(RuntimeError, match="no sample in"):
-        next(iter(ShardDataset(str(tmp_path / "empty.tar"), tokenizer, train=True, frame_size=SIZE)))
+        next(iter(shard_dataset(str(tmp_path / "empty.tar"), tokenizer, train=True, frame_size=SIZE)))
     (tmp_path / "zero.tar").write_bytes(b"")
     with pytest.raises(RuntimeError, match="every shard is unreadable"):
-        next(iter(ShardDataset(str(tmp_path / "zero.tar"), tokenizer, train=True, frame_size=SIZE)))
+        next(iter(shard_dataset(str(tmp_path / "zero.tar"), tokenizer, train=True, frame_size=SIZE)))
 
 
 def test_status_with_frames_is_not_no_video(tmp_path, tokenizer):
@@ -276,8 +282,9 @@ def test_without_decord_pyav_decodes(tmp_path):
     """Where decord does not install (macOS, Linux aarch64) the import falls back to PyAV."""
     clip = write_video(tmp_path / "c.mp4", 30, 10, **CAMERA)
     code = ("import sys; sys.modules['decord'] = None\n"  # makes `import decord` fail, as on those machines
-            "import frames\n"
-            f"print(frames.VIDEO_DECODER, tuple(frames.load_video_frames({clip!r}, size=32).shape))")
+            "import config, frames\n"
+            f"print(frames.VIDEO_DECODER, tuple(frames.load_clip({clip!r}, config.FrameConfig(frame_size=32))"
+            ".frames.shape))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[-2] == "pyav (3, 3, 32, 32)"  # 3 s at 1 fps
 
@@ -285,10 +292,10 @@ def test_without_decord_pyav_decodes(tmp_path):
 def test_pyav_path_skips_bad_videos_by_reason(tmp_path, monkeypatch):
     monkeypatch.setattr("frames.VIDEO_DECODER", "pyav")
     clip = open(write_video(tmp_path / "c.mp4", 30, 10, **CAMERA), "rb").read()
-    assert decode_video(clip, 32, max_frames=8).shape == (3, 3, 32, 32)  # 3 s at 1 fps
+    assert video_frames(clip, 32, max_frames=8).shape == (3, 3, 32, 32)  # 3 s at 1 fps
     for bad, reason in ((clip[:len(clip) // 3], "bad_video"), (b"not a video" * 50, "bad_video")):
         with pytest.raises(SkipSample) as e:
-            decode_video(bad, 32, max_frames=8)
+            video_frames(bad, 32, max_frames=8)
         assert e.value.reason == reason
     with av.open(str(tmp_path / "audio.mp4"), "w") as c:  # a file with no video stream
         s = c.add_stream("aac", rate=8000)
@@ -297,17 +304,17 @@ def test_pyav_path_skips_bad_videos_by_reason(tmp_path, monkeypatch):
         c.mux(s.encode(frame))
         c.mux(s.encode())
     with pytest.raises(SkipSample, match="no video stream"):
-        load_video_frames(str(tmp_path / "audio.mp4"), size=32)
+        load_clip(str(tmp_path / "audio.mp4"), FrameConfig(frame_size=32))
 
 
 def test_a_cut_video_is_skipped_by_both_decoders(tmp_path, decoder):
     """A web video (index first) cut short: decord stops with an error; PyAV's demuxer just ends early, so it
     checks the packets against the header's frame count. Neither passes a shorter video on."""
     clip = open(write_video(tmp_path / "c.mp4", 90, 30, faststart=True, **CAMERA), "rb").read()
-    assert decode_video(clip, 32, max_frames=8).shape == (3, 3, 32, 32)
+    assert video_frames(clip, 32, max_frames=8).shape == (3, 3, 32, 32)
     for part in (0.4, 0.7, 0.95):
         with pytest.raises(SkipSample) as e:
-            decode_video(clip[:int(len(clip) * part)], 32, max_frames=8)
+            video_frames(clip[:int(len(clip) * part)], 32, max_frames=8)
         assert e.value.reason == "bad_video", (part, e.value)
 
 
@@ -317,7 +324,7 @@ def test_a_corrupt_video_does_not_flood_stderr(capfd):
     page = b"<html>\n" + b"<p>404: this video is gone</p>\n" * 30_000 + b"</html>\n"  # an error page saved as mp4
     for bad in (b"x" * 1_000_000, page):
         with pytest.raises(SkipSample):
-            decode_video(bad, 32, max_frames=8)
+            video_frames(bad, 32, max_frames=8)
         err = capfd.readouterr().err
         assert "ERROR opening" in err and len(err) < 1000, len(err)
 
@@ -325,14 +332,14 @@ def test_a_corrupt_video_does_not_flood_stderr(capfd):
 def test_generate_samples_frames_as_training(tmp_path, tokenizer, decoder):
     clip = write_video(tmp_path / "c.mp4", 60, 30, **CAMERA)  # 2 s at 30 fps: 2 frames, not 60
     write_tar(tmp_path / "a.tar", [("k", {"mp4": open(clip, "rb").read(), "txt": "x"})])
-    frames = generate.load_frames(video=clip, max_frames=64, frame_size=SIZE)
+    frames = load_clip(clip, FrameConfig(frame_size=SIZE, max_frames=64)).frames
     assert frames.shape == (2, 3, SIZE, SIZE)
     assert torch.equal(frames, read(tmp_path / "a.tar", tokenizer, max_frames=64)[0][0]["frames"])
     folder = tmp_path / "frames"
     folder.mkdir()
     for i in range(12):
         (folder / f"{i + 1:05d}.jpg").write_bytes(solid_jpg(20 * i))
-    frames = generate.load_frames(video=str(folder), max_frames=4, frame_size=SIZE)  # uniform beyond max_frames
+    frames = load_clip(str(folder), FrameConfig(frame_size=SIZE, max_frames=4)).frames  # uniform beyond max_frames
     means = frames[:, 0].mean(dim=(1, 2))
     assert frames.shape == (4, 3, SIZE, SIZE) and torch.all(means[1:] > means[:-1])
 
@@ -365,6 +372,6 @@ def test_loader_pins_memory_for_cuda_only(tmp_path, tokenizer):
         dist = distributed.Dist(rank=0, local_rank=0, world_size=1, device=torch.device(device))
         assert train.build_loader(cfg, tokenizer, dist, str(tmp_path / "a.tar"), train=False).pin_memory is pinned
     if torch.cuda.is_available():
-        batch = next(iter(make_loader(ShardDataset(str(tmp_path / "a.tar"), tokenizer, frame_size=SIZE), 2,
+        batch = next(iter(make_loader(shard_dataset(str(tmp_path / "a.tar"), tokenizer, frame_size=SIZE), 2,
                                       tokenizer.pad_token_id, num_workers=1, pin_memory=True)))
         assert batch["frames"].is_pinned() and batch["input_ids"].is_pinned()

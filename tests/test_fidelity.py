@@ -23,6 +23,7 @@ import torch
 
 import benchmark
 import eval_readers as er
+from config import EvalProtocol
 from conftest import image_bytes, tiny_model_kwargs, write_members
 from model import FoveatedVLM
 
@@ -99,7 +100,7 @@ def records(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("shards") / "eval_000.tar"
     write_shard(path)
     questions = list(er.read_eval_shards(str(path)))
-    protocol = benchmark.Protocol(modes=MODES, frame_size=224, batch_size=2)
+    protocol = EvalProtocol(modes=MODES, frame_size=224, batch_size=2)
     _, recs = benchmark.evaluate(fixed_model(), tokenizer, questions, protocol)
     return {r["id"]: r for r in recs}
 
@@ -132,7 +133,8 @@ def test_the_command_line_scores_a_checkpoint_as_the_original(tmp_path, tokenize
     saved = json.loads(out.read_text())
     assert saved["protocol"] == {"modes": list(benchmark.MODES), "scoring": "original", "dtype": "float32",
                                  "frame_size": 224, "system_prompt": "You are a helpful AI assistant.",
-                                 "max_frames": None, "batch_size": 3, "yes_no": False}
+                                 "max_frames": None, "batch_size": 3, "yes_no": False, "frame_sampling": "uniform",
+                                 "sample_fps": 1.0, "replicate_image_frames": 8}
     records = {r["id"]: r for r in saved["questions"]["shards"]}
     for key, expected in EXPECTED.items():
         for mode in MODES:
@@ -145,14 +147,14 @@ def test_the_command_line_scores_the_originals_training_checkpoint(tmp_path, mon
     """The original's own checkpoint file (torch.save of {"model_state_dict": ...}, transformers-4 DINOv2
     names): benchmark.py builds the published backbones its widths name and scores as the original. Here the
     'published' backbones are the tiny ones, saved as folders."""
-    import pretrained
+    import checkpoint
     from conftest import SMOLLM2_GGUF
 
     model = fixed_model()
     model.llm.save_pretrained(str(tmp_path / "llm"))
     model.encoder.dino.save_pretrained(str(tmp_path / "dino"))
-    monkeypatch.setattr(pretrained, "KNOWN_LLMS", {model.llm.config.hidden_size: str(tmp_path / "llm")})
-    monkeypatch.setattr(pretrained, "KNOWN_DINOS", {model.encoder.dino.config.hidden_size: str(tmp_path / "dino")})
+    monkeypatch.setattr(checkpoint, "KNOWN_LLMS", {model.llm.config.hidden_size: str(tmp_path / "llm")})
+    monkeypatch.setattr(checkpoint, "KNOWN_DINOS", {model.encoder.dino.config.hidden_size: str(tmp_path / "dino")})
     state = {k.replace(".attention.q_proj.", ".attention.attention.query.")
               .replace(".attention.k_proj.", ".attention.attention.key.")
               .replace(".attention.v_proj.", ".attention.attention.value.")

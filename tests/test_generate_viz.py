@@ -11,9 +11,10 @@ import attention_viz
 import benchmark
 import config
 import generate
-from pretrained import TRAIN_CONFIG_NAME as TRAIN_CONFIG
+from checkpoint import TRAIN_CONFIG_NAME as TRAIN_CONFIG
 from conftest import TINY_DINO, tiny_model_kwargs, write_video
-from model import FoveatedVLM
+from frames import load_clip
+from model import FoveatedVLM, load_checkpoint
 
 SIZE = TINY_DINO["image_size"]
 
@@ -36,7 +37,7 @@ def clip(tmp_path_factory):
 
 
 def test_load_checkpoint_rebuilds_the_saved_model(checkpoint):
-    model, tokenizer, frame_size = generate.load_checkpoint(checkpoint)
+    model, tokenizer, frame_size = load_checkpoint(checkpoint)
     torch.manual_seed(0)
     reference = FoveatedVLM(**tiny_model_kwargs())
     assert frame_size == SIZE and tokenizer.eos_token == "<|im_end|>"  # frame size from train_config.yaml
@@ -45,8 +46,8 @@ def test_load_checkpoint_rebuilds_the_saved_model(checkpoint):
 
 
 def test_generate_answer_matches_model_generate(checkpoint, clip, capsys):
-    model, tokenizer, frame_size = generate.load_checkpoint(checkpoint)
-    frames = generate.load_frames(video=clip, max_frames=6, frame_size=frame_size)
+    model, tokenizer, frame_size = load_checkpoint(checkpoint)
+    frames = load_clip(clip, config.FrameConfig(frame_size=frame_size, max_frames=6)).frames
     assert frames.shape == (6, 3, SIZE, SIZE)
     text = generate.answer(model, tokenizer, frames, "What moves?", max_new_tokens=6)
     ids = torch.tensor([generate.prompt_ids(tokenizer, "What moves?")])
@@ -60,11 +61,11 @@ def test_generate_answer_matches_model_generate(checkpoint, clip, capsys):
 def test_generate_cli_on_an_image(checkpoint, tmp_path, capsys):
     image = tmp_path / "photo.jpg"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
-    frames = generate.load_frames(image=str(image), frame_size=SIZE)
+    frames = load_clip(str(image), config.FrameConfig(frame_size=SIZE)).frames
     assert frames.shape == (8, 3, SIZE, SIZE)  # replicated to 8 frames
     generate.main(["--checkpoint", checkpoint, "--image", str(image), "--prompt", "Colour?",
                    "--mode", "coarse_fine", "--max-new-tokens", "3", "--device", "cpu"])
-    model, tokenizer, _ = generate.load_checkpoint(checkpoint)
+    model, tokenizer, _ = load_checkpoint(checkpoint)
     assert capsys.readouterr().out.strip() == generate.answer(model, tokenizer, frames, "Colour?", "coarse_fine", 3)
 
 
@@ -86,8 +87,8 @@ def test_attention_viz_writes_png_and_returns_entropy(checkpoint, clip, tmp_path
     printed = capsys.readouterr().out
     assert printed.count("\n") >= 5 and "maps.png" in printed  # header + 4 frames + the file line
 
-    model, _, frame_size = generate.load_checkpoint(checkpoint)
-    frames = generate.load_frames(video=clip, max_frames=4, frame_size=frame_size)
+    model, _, frame_size = load_checkpoint(checkpoint)
+    frames = load_clip(clip, config.FrameConfig(frame_size=frame_size, max_frames=4)).frames
     entropy = attention_viz.visualize(model, frames, str(tmp_path / "again.png"), layers=[1], verbose=False)
     patches = (SIZE // TINY_DINO["patch_size"]) ** 2
     for kind in ("coarse", "fine"):

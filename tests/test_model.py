@@ -14,7 +14,7 @@ from conftest import rand_ids as ids
 from encoder import FoveatedEncoder
 import config
 from model import MODES, FoveatedVLM, ModelSettings
-from pretrained import CONFIG_NAME, WEIGHTS_NAME
+from checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 ATOL = 1e-5
 
@@ -196,7 +196,7 @@ def test_param_groups_and_freezing(tiny_model):
     assert sum(p.numel() for p in groups["dino"]) == counts["dino"]
     assert counts["total"] == sum(p.numel() for p in tiny_model.parameters())
     assert {id(p) for p in groups["connector"]} >= {id(tiny_model.q_init), id(tiny_model.dino_to_llm.weight)}
-    tiny_model.set_trainable(dino=False)
+    tiny_model.set_trainable(frozen=["dino"])
     assert tiny_model.param_groups()["dino"] == [] and tiny_model.param_groups()["llm"]
 
 
@@ -341,7 +341,7 @@ def test_loads_the_originals_training_checkpoint(tiny_model, tmp_path):
 
 
 def test_weights_alone_name_the_published_backbones():
-    from pretrained import weights_settings
+    from checkpoint import weights_settings
 
     state = {"llm.model.embed_tokens.weight": torch.empty(0, 2048),
              "encoder.dino.embeddings.cls_token": torch.empty(1, 1, 384), "q_init": torch.empty(1, 192)}

@@ -23,8 +23,7 @@ from PIL import Image
 
 import prepare
 import train
-from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, image_bytes, write_members
-from data import ShardDataset
+from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, image_bytes, shard_dataset, write_members
 from synthetic import encode_mp4, render, write_tar
 
 SIZE = 32
@@ -247,7 +246,7 @@ def shard_samples(out):
 
 def load(out, tokenizer, loss="text_ce_answer_only"):
     """The shards through the training loader: {json source/id: sample}."""
-    ds = ShardDataset(os.path.join(out, "*.tar"), tokenizer, loss=loss, train=False, frame_size=SIZE, max_frames=8,
+    ds = shard_dataset(os.path.join(out, "*.tar"), tokenizer, loss=loss, train=False, frame_size=SIZE, max_frames=8,
                       max_text_tokens=256)
     samples = list(ds)
     assert not ds.skipped, ds.skipped

@@ -5,7 +5,7 @@ any single frame replicated like an image."""
 import numpy as np
 import torch
 
-from data import ShardDataset
+from conftest import shard_dataset
 from synthetic import encode_jpg, encode_mp4, render, write_tar
 
 SIZE = 32
@@ -16,7 +16,7 @@ def clip():
 
 
 def read(path, tokenizer, **kwargs):
-    return list(ShardDataset(str(path), tokenizer, train=False, frame_size=SIZE, max_frames=8, **kwargs))
+    return list(shard_dataset(str(path), tokenizer, train=False, frame_size=SIZE, max_frames=8, **kwargs))
 
 
 def text(tokenizer, sample, ids="input_ids"):

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import schedule
-from config import TrainingConfig
+from config import PARAM_GROUPS, TrainingConfig
 
 
 def lrs(training, total_steps):
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
-    peaks = schedule.peak_lrs(training)
-    opt = torch.optim.AdamW([{"params": [p], "lr": peaks[g], "name": g} for p, g in zip(params, schedule.GROUPS)])
+    opt = torch.optim.AdamW([{"params": [p], "lr": training.peak_lr(g), "name": g}
+                             for p, g in zip(params, PARAM_GROUPS)])
     sched = schedule.build(opt, training, total_steps)
     history = []
     for _ in range(total_steps):
@@ -45,6 +45,6 @@ def test_converging_connector_falls_backbones_rise_to_target():
     assert h[9]["connector"] == pytest.approx(1e-3) and h[9]["dino"] == pytest.approx(1e-5)
     assert h[55]["connector"] == pytest.approx((1e-3 + 3e-5) / 2)
     assert h[55]["llm"] == pytest.approx((1e-5 + 3e-5) / 2)
-    for g in schedule.GROUPS:
+    for g in PARAM_GROUPS:
         assert h[-1][g] == pytest.approx(3e-5)
     assert all(a["connector"] >= b["connector"] and a["llm"] <= b["llm"] for a, b in zip(h[10:], h[11:]))

@@ -15,7 +15,8 @@ from collections import Counter
 import pytest
 
 import config
-from data import ShardDataset, make_loader
+from conftest import shard_dataset
+from data import check_shards, make_loader
 from shards import expand_shards, iter_tar
 from synthetic import write_tar
 
@@ -60,7 +61,7 @@ def batch_keys(batches, tokenizer):
 
 
 def keys_of(shards, tokenizer, **kwargs):
-    ds = ShardDataset(shards, tokenizer, **{"train": False, "frame_size": SIZE, **kwargs})
+    ds = shard_dataset(shards, tokenizer, **{"train": False, "frame_size": SIZE, **kwargs})
     return [s["key"] for s in ds], ds.skipped
 
 
@@ -72,11 +73,11 @@ def test_local_glob_http_pipe_and_brace_list_in_one_config(tmp_path, server, tok
               str(tmp_path / "{x,y}-0.tar")]
     got, skipped = keys_of(shards, tokenizer)
     assert got == keys and not skipped  # every sample once, in the list's order
-    config.check_paths(config.from_dict({"model": {"llm": "x"}, "data": {"train_shards": shards}}), "cfg.yaml")
+    check_shards(config.from_dict({"model": {"llm": "x"}, "data": {"train_shards": shards}}), "cfg.yaml")
     bad = config.from_dict({"model": {"llm": "x"}, "data": {"train_shards": [f"{server}/web.tar",
                                                                               str(tmp_path / "z-{0..1}.tar")]}})
     with pytest.raises(config.ConfigError, match=r"data.train_shards.*z-0\.tar"):
-        config.check_paths(bad, "cfg.yaml")  # a local name that matches nothing; URLs are not checked
+        check_shards(bad, "cfg.yaml")  # a local name that matches nothing; URLs are not checked
 
 
 def test_brace_ranges_and_lists_expand_like_webdataset(tmp_path):
@@ -121,7 +122,7 @@ def test_404_and_refused_shards_are_skipped_counted_and_named(tmp_path, server, 
     assert missing in caplog.text and "22 (HTTP error" in caplog.text
     assert refused in caplog.text and "connection refused" in caplog.text
     # The same through loader workers: worker 0 reads g0 + refused, worker 1 missing + g1; counts ride along.
-    loader = make_loader(ShardDataset(shards, tokenizer, train=False, frame_size=SIZE), batch_size=2,
+    loader = make_loader(shard_dataset(shards, tokenizer, train=False, frame_size=SIZE), batch_size=2,
                          pad_id=tokenizer.pad_token_id, num_workers=2)
     batches = list(loader)
     assert sorted(batch_keys(batches, tokenizer)) == sorted(good)
@@ -132,16 +133,16 @@ def test_every_shard_failing_is_a_clear_error(tmp_path, server, tokenizer):
     shards = [f"{server}/nothing-0.tar", f"http://127.0.0.1:{closed_port()}/x.tar", "pipe:exit 3"]
     for train in (False, True):
         with pytest.raises(RuntimeError, match=r"every shard is unreadable: .*nothing-0\.tar, .*x\.tar, pipe:exit 3"):
-            next(iter(ShardDataset(shards, tokenizer, train=train, frame_size=SIZE)))
+            next(iter(shard_dataset(shards, tokenizer, train=train, frame_size=SIZE)))
     with pytest.raises(RuntimeError, match="every shard is unreadable"):  # resampled: once every shard was drawn
-        next(iter(ShardDataset(shards, tokenizer, train=True, resampled=True, frame_size=SIZE)))
+        next(iter(shard_dataset(shards, tokenizer, train=True, resampled=True, frame_size=SIZE)))
 
 
 def test_a_rank_whose_whole_share_is_down_draws_from_all_shards(tmp_path, server, tokenizer, caplog):
     keys = caption_shard(tmp_path / "up.tar", "up", 4)
     shards = [f"{server}/up.tar", f"{server}/down.tar"]  # rank 1's share is the missing shard
     with caplog.at_level(logging.WARNING, logger="fvlm.shards"):
-        stream = iter(ShardDataset(shards, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=2, rank=1, world=2))
+        stream = iter(shard_dataset(shards, tokenizer, train=True, frame_size=SIZE, shuffle_buffer=2, rank=1, world=2))
         got = [next(stream) for _ in range(12)]
     assert {s["key"] for s in got} == set(keys)
     assert sum((s["skipped"] for s in got), start=Counter())["shard_unreadable"] >= 1
@@ -165,7 +166,7 @@ def test_ranks_times_workers_read_disjoint_complete_shares(tmp_path, tokenizer, 
     every = [k for s in range(n_shards) for k in caption_shard(tmp_path / f"c-{s}.tar", f"s{s}", 4)]
     shares = []
     for rank in range(2):  # 2 ranks x 2 workers = 4 splits: whole shards (8), or interleaved samples (3)
-        ds = ShardDataset(str(tmp_path / "c-*.tar"), tokenizer, train=False, frame_size=SIZE, rank=rank, world=2)
+        ds = shard_dataset(str(tmp_path / "c-*.tar"), tokenizer, train=False, frame_size=SIZE, rank=rank, world=2)
         shares.append(batch_keys(make_loader(ds, 3, tokenizer.pad_token_id, num_workers=2), tokenizer))
     assert sorted(shares[0] + shares[1]) == sorted(every) and not set(shares[0]) & set(shares[1])
 
@@ -174,7 +175,7 @@ def test_resampled_draws_shards_with_replacement_per_split(tmp_path, tokenizer):
     every = set(caption_shard(tmp_path / "r-0.tar", "a", 3) + caption_shard(tmp_path / "r-1.tar", "b", 5))
 
     def stream(rank, seed=0):
-        ds = ShardDataset(str(tmp_path / "r-*.tar"), tokenizer, train=True, resampled=True, frame_size=SIZE,
+        ds = shard_dataset(str(tmp_path / "r-*.tar"), tokenizer, train=True, resampled=True, frame_size=SIZE,
                           shuffle_buffer=4, seed=seed, rank=rank, world=4)  # 4 splits, 2 shards
         it = iter(ds)
         return [next(it)["key"] for _ in range(40)]

@@ -7,7 +7,7 @@ import os
 import av
 import numpy as np
 
-from data import ShardDataset
+from conftest import shard_dataset
 from shards import iter_tar
 from synthetic import BACKGROUND, COLOURS, DIRECTIONS, main
 
@@ -59,11 +59,11 @@ def test_every_stage_reads_without_skips(tmp_path, tokenizer):
     write(tmp_path, 0)
     for pattern, loss, n in [("stage1/*.tar", "text_ce_all", 8), ("stage2/*.tar", "text_ce_answer_only", 14),
                              ("stage3/*.tar", "dpo", 2), ("text/*.tar", "text_ce_answer_only", 2)]:
-        ds = ShardDataset(str(tmp_path / pattern), tokenizer, loss=loss, train=False, frame_size=28,
+        ds = shard_dataset(str(tmp_path / pattern), tokenizer, loss=loss, train=False, frame_size=28,
                           replicate_image_frames=8)
         samples = list(ds)
         assert len(samples) == n and not ds.skipped, (pattern, ds.skipped)
-    mcq = [s for s in ShardDataset(str(tmp_path / "stage2/video-*.tar"), tokenizer, loss="text_ce_answer_only",
+    mcq = [s for s in shard_dataset(str(tmp_path / "stage2/video-*.tar"), tokenizer, loss="text_ce_answer_only",
                                    train=False, frame_size=28)]
     answer = tokenizer.decode(mcq[0]["input_ids"][mcq[0]["loss_mask"].bool()])
     assert answer[0] in "ABCD" and answer[1:3] == ". " and answer.endswith("<|im_end|>\n")

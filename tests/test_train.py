@@ -16,7 +16,7 @@ import checkpoint
 import config
 import train
 from conftest import ROOT, TINY_DINO, TINY_LLM, read_log, write_colour_shard, write_config
-from data import dataset_from_config, make_loader
+from data import ShardDataset, make_loader
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def val_losses(checkpoint_dir, config_path, tokenizer, modes):
     `checkpoint_dir`, computed here with the model's own forward: the reference for what train.py logs."""
     cfg = config.load(config_path)
     model = train.FoveatedVLM.from_pretrained(checkpoint_dir).eval()
-    loader = make_loader(dataset_from_config(cfg, tokenizer, "val"), cfg.training.batch_size, tokenizer.pad_token_id)
+    dataset = ShardDataset(cfg.data.val_shards, tokenizer, cfg.data, loss=cfg.loss.type, train=False)
+    loader = make_loader(dataset, cfg.training.batch_size, tokenizer.pad_token_id)
     sums, n = dict.fromkeys(modes, 0.0), 0
     with torch.no_grad():
         for batch in loader:
