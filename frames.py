@@ -60,12 +60,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SkipSample(Exception):
-    """A sample (or an input row, or a question) that cannot be used; `reason` is the short label it is counted
-    under, `detail` what to show. Raised where the problem is found; the readers count it."""
+    """A sample (an input row of a converter, a question of a benchmark) that cannot be used; `reason` is the short
+    label it is counted under, `detail` what to show (the sample's name first). Raised where the problem is found
+    and counted by the reader; a converter also yields it as an event at its input position `pos`."""
 
-    def __init__(self, reason, detail=""):
-        super().__init__(reason, detail)  # both in args: it pickles back from a worker process
-        self.reason, self.detail = reason, detail
+    def __init__(self, reason, detail="", pos=None):
+        super().__init__(reason, detail, pos)  # every field in args: it pickles back from a worker process
+        self.reason, self.detail, self.pos = reason, detail, pos
 
     def __str__(self):
         return f"{self.reason}: {self.detail}" if self.detail else self.reason

@@ -1,5 +1,5 @@
-"""prepare.py on tiny folders in each published layout (as published.py and published_video.py read them):
-exact counts by reason, sample kinds and turns, frames through the loader, resume after a crash, --limit, and a
+"""prepare.py (converters/) on tiny folders in each published layout (as converters/published.py and
+published_video.py read them): exact counts by reason, sample kinds and turns, frames through the loader, resume after a crash, --limit, and a
 training start."""
 
 import csv
@@ -21,9 +21,9 @@ import pytest
 import yaml
 from PIL import Image
 
-import prepare
 import train
 from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, image_bytes, shard_dataset, write_members
+from converters import convert as prepare
 from synthetic import encode_mp4, render, write_tar
 
 SIZE = 32
@@ -468,8 +468,8 @@ def test_damaged_archives_and_files_are_counted_never_a_crash(src, tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_check_workers_end_with_a_killed_converter():
     """kill -9 of prepare.py leaves no check process behind (they would sleep on, orphaned, for good)."""
-    code = ("import os, signal\nfrom concurrent.futures import ProcessPoolExecutor\nimport prepare\n"
-            "with ProcessPoolExecutor(2, initializer=prepare.check_worker, initargs=(os.getpid(),)) as pool:\n"
+    code = ("import os, signal\nfrom concurrent.futures import ProcessPoolExecutor\nfrom converters import convert\n"
+            "with ProcessPoolExecutor(2, initializer=convert.check_worker, initargs=(os.getpid(),)) as pool:\n"
             "    print(*{f.result() for f in [pool.submit(os.getpid) for _ in range(8)]}, flush=True)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

@@ -4,7 +4,8 @@ in published_video.py.
 
 Each dataset has `<name>_inputs(args)`, its input files in reading order (a missing one is an InputError
 naming the path), and `read_<name>(args, inputs, after)`, a stream of `Item`s (media and the samples that
-share it) and `Skip`s (rows that become no sample, with their reason) for prepare.py to check and write.
+share it) and `SkipSample`s (rows that become no sample, with their reason and position) for the writer
+(converters/convert.py) to check and write.
 Positions are tuples of ints, strictly increasing in reading order; a reader does not read the bytes of
 anything at or before `after` (the resume position), but walks past it to rebuild what it tracks.
 """
@@ -17,21 +18,14 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from frames import VIDEO_FIELDS
-from streams import parquet_rows
+from converters.streams import parquet_rows
+from frames import VIDEO_FIELDS, SkipSample
 
 END = 1 << 62  # a position component after any real one
 
 
 class InputError(Exception):
     """The download folder is not laid out as published (a missing file or column)."""
-
-
-class Skip(NamedTuple):
-    """An input row that becomes no sample, counted under `reason`."""
-    pos: tuple
-    reason: str
-    ident: str
 
 
 class Sample(NamedTuple):
@@ -100,7 +94,7 @@ def chat_meta(messages, source, **extra):
 
 def parquet_events(paths, after, columns, event):
     """event(pos (file, row), path, row dict) for each parquet row past `after`; a file that cannot be read
-    further becomes a Skip."""
+    further becomes a SkipSample."""
     for f, path in enumerate(paths):
         if (f,) < after[:1]:
             continue
@@ -110,7 +104,7 @@ def parquet_events(paths, after, columns, event):
                 yield event((f, row), path, values)
                 row += 1
         except (pa.ArrowException, OSError) as e:
-            yield Skip((f, row), "unreadable_file", f"{path}: {str(e)[:200]}")
+            yield SkipSample("unreadable_file", f"{path}: {str(e)[:200]}", pos=(f, row))
 
 
 def parquet_inputs(pattern, what, required):
@@ -152,12 +146,12 @@ def cauldron_row(args, pos, path, row):
     ident = f"{subset}/{os.path.basename(path)}:{pos[1]}"
     images = [(im or {}).get("bytes") for im in row["images"] or []]
     if not images or not all(images):
-        return Skip(pos, "no_image", ident)
+        return SkipSample("no_image", ident, pos=pos)
     messages = [{"role": role, "content": (t or {}).get(role)} for t in row["texts"] or []
                 for role in ("user", "assistant")]
     problem = chat_problem(messages)
     if problem:
-        return Skip(pos, problem, ident)
+        return SkipSample(problem, ident, pos=pos)
     sample = Sample(pos, key(subset, f"{pos[0]:04d}", f"{pos[1]:06d}"), "image qa",
                     chat_meta(messages, f"cauldron/{subset}"))
     return Item({"images": images}, [sample], ident)
@@ -178,7 +172,7 @@ def smoltalk_row(pos, path, row):
     messages = [m for m in messages if m["role"] != "system" or (m["content"] or "").strip()]  # empty: no turn
     problem = chat_problem(messages)
     if problem:
-        return Skip(pos, problem, ident)
+        return SkipSample(problem, ident, pos=pos)
     meta = {"messages": messages, "source": f"smoltalk/{row['source']}" if row.get("source") else "smoltalk"}
     return Item({}, [Sample(pos, key("smoltalk", f"{pos[0]:04d}", f"{pos[1]:07d}"), "text chat", meta)], ident)
 
@@ -199,9 +193,9 @@ def rlaif_row(pos, path, row):
     ident = f"{os.path.basename(path)}:{pos[1]}" + (f" (idx {row['idx']})" if row.get("idx") else "")
     image = (row["image"] or {}).get("bytes")
     if not image:
-        return Skip(pos, "no_image", ident)
+        return SkipSample("no_image", ident, pos=pos)
     if not all(isinstance(row[k], str) and row[k].strip() for k in RLAIF_TEXTS):
-        return Skip(pos, "empty_turn", ident)
+        return SkipSample("empty_turn", ident, pos=pos)
     meta = {**{k: row[k] for k in RLAIF_TEXTS}, "source": "rlaif_v",
             **{k: row[k] for k in ("idx", "origin_dataset") if row.get(k)}}
     return Item({"images": [image]}, [Sample(pos, key("rlaif_v", f"{pos[0]:03d}", f"{pos[1]:06d}"), "dpo pair", meta)],

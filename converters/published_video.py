@@ -14,9 +14,9 @@ from array import array
 
 import webdataset as wds
 
-from frames import VIDEO_FIELDS
-from published import InputError, Item, Sample, Skip, chat_meta, chat_problem, files, key, natural, video_ext
-from streams import CsvIndex, csv_header, json_array, open_zip, read_span
+from converters.published import InputError, Item, Sample, chat_meta, chat_problem, files, key, natural, video_ext
+from converters.streams import CsvIndex, csv_header, json_array, open_zip, read_span
+from frames import VIDEO_FIELDS, SkipSample
 
 # ---------------------------------------------------------------- OpenVid-1M
 
@@ -54,23 +54,23 @@ def _number(text):
 
 
 def openvid_member(zf, member, pos, label, index, after):
-    """One zip member -> an Item or a Skip (None: at or before `after`, only marked as seen)."""
+    """One zip member -> an Item or a SkipSample (None: at or before `after`, only marked as seen)."""
     name = os.path.basename(member.filename)
     found = index.find(name)
     if found is None:
-        return Skip(pos, "not_in_csv", f"{label}:{member.filename}")
+        return SkipSample("not_in_csv", f"{label}:{member.filename}", pos=pos)
     r, row = found
     if index.seen[r]:
-        return Skip(pos, "duplicate_video", f"{label}:{member.filename}")
+        return SkipSample("duplicate_video", f"{label}:{member.filename}", pos=pos)
     index.seen[r] = True
     if pos <= after:
         return None
     if not row["caption"].strip():
-        return Skip(pos, "empty_caption", name)
+        return SkipSample("empty_caption", name, pos=pos)
     try:
         data = zf.read(member)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError) as e:
-        return Skip(pos, "bad_video", f"{label}:{member.filename}: {e}")
+        return SkipSample("bad_video", f"{label}:{member.filename}: {e}", pos=pos)
     extra = {k.replace(" ", "_"): _number(v) for k, v in row.items() if k not in ("video", "caption")}
     meta = {"caption": row["caption"], "source": "openvid", "video": name, **extra}
     return Item({"video": data, "ext": video_ext(name)}, [Sample(pos, key(label, f"{pos[1]:06d}"), "video caption",
@@ -90,13 +90,13 @@ def read_openvid(args, found, after):
                     if event is not None:
                         yield event
         except (zipfile.BadZipFile, OSError, EOFError) as e:
-            yield Skip((z, i + 1), "unreadable_file", f"{label} ({', '.join(map(os.path.basename, pieces))}): {e}")
+            yield SkipSample("unreadable_file", f"{label} ({', '.join(map(os.path.basename, pieces))}): {e}", pos=(z, i + 1))
     col = index.header.index("video")
     for r, _, fields in index.records():
         if len(fields) != len(index.header):
-            yield Skip((len(zips), r), "bad_record", f"{os.path.basename(table)} record {r + 1}")
+            yield SkipSample("bad_record", f"{os.path.basename(table)} record {r + 1}", pos=(len(zips), r))
         elif not index.seen[r]:
-            yield Skip((len(zips), r), "video_missing", fields[col])
+            yield SkipSample("video_missing", fields[col], pos=(len(zips), r))
     index.close()
 
 
@@ -110,21 +110,21 @@ def webvid_inputs(args):
 
 
 def webvid_sample(sample, pos, ident):
-    """One video2dataset sample -> an Item, or a Skip (failed download, no video, no caption)."""
+    """One video2dataset sample -> an Item, or a SkipSample (failed download, no video, no caption)."""
     try:
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except ValueError as e:
-        return Skip(pos, "bad_json", f"{ident}: {e}")
+        return SkipSample("bad_json", f"{ident}: {e}", pos=pos)
     if not isinstance(meta, dict):
-        return Skip(pos, "bad_json", f"{ident}: not an object")
+        return SkipSample("bad_json", f"{ident}: not an object", pos=pos)
     if meta.get("status", "success") != "success":
-        return Skip(pos, "failed_download", f"{ident} ({meta['status']})")
+        return SkipSample("failed_download", f"{ident} ({meta['status']})", pos=pos)
     field = next((f for f in VIDEO_FIELDS if f in sample), None)
     if field is None:
-        return Skip(pos, "no_video", ident)
+        return SkipSample("no_video", ident, pos=pos)
     caption = meta.get("caption") or sample.get("txt", b"").decode("utf-8", "replace")
     if not isinstance(caption, str) or not caption.strip():
-        return Skip(pos, "empty_caption", ident)
+        return SkipSample("empty_caption", ident, pos=pos)
     out = {"caption": caption, "source": "webvid", **{k: meta[k] for k in ("videoid", "duration") if k in meta}}
     return Item({"video": sample[field], "ext": field}, [Sample(pos, sample["__key__"], "video caption", out)], ident)
 
@@ -139,7 +139,7 @@ def read_webvid(args, tars, after):
             if (t, n - 1) > after:
                 yield webvid_sample(sample, (t, n - 1), f"{os.path.basename(path)}:{sample['__key__']}")
         if errors:
-            yield Skip((t, n), "unreadable_file", f"{path}: {str(errors[0])[:200]}")
+            yield SkipSample("unreadable_file", f"{path}: {str(errors[0])[:200]}", pos=(t, n))
 
 
 
@@ -191,7 +191,7 @@ class LlavaRecords:
         self.videos, self.spans, self.files = {}, (array("i"), array("q"), array("q")), {}
 
     def index(self, s):
-        """Read the jsons once; yields a Skip at (s, 0, record number) for each record that cannot be a sample."""
+        """Read the jsons once; yields a SkipSample at (s, 0, record number) for each record that cannot be a sample."""
         r = 0
         for j, (_, path) in enumerate(self.paths):
             n = -1
@@ -201,13 +201,13 @@ class LlavaRecords:
                     if isinstance(record, dict) and isinstance(record.get("video"), str):
                         problem = llava_messages(record.get("conversations"))[1]
                     if problem:
-                        yield Skip((s, 0, r), problem, f"{os.path.basename(path)} #{n}")
+                        yield SkipSample(problem, f"{os.path.basename(path)} #{n}", pos=(s, 0, r))
                     else:
                         self.videos.setdefault(record["video"].removeprefix("./"), []).append(r)
                     self._span(j, offset, length)
                     r += 1
             except (ValueError, OSError) as e:
-                yield Skip((s, 0, r), "unreadable_file", f"{path} ({n + 1} records read): {str(e)[:200]}")
+                yield SkipSample("unreadable_file", f"{path} ({n + 1} records read): {str(e)[:200]}", pos=(s, 0, r))
                 self._span(j, 0, 0)
                 r += 1
 
@@ -251,7 +251,7 @@ def llava_archive(s, a, path, name, records, seen, after):
                     continue
                 if video in seen or video not in records.videos:
                     reason = "duplicate_video" if video in seen else "unreferenced_video"
-                    yield Skip(pos, reason, f"{os.path.basename(path)}:{member.name}")
+                    yield SkipSample(reason, f"{os.path.basename(path)}:{member.name}", pos=pos)
                     continue
                 if (*pos, len(records.videos[video]) - 1) > after:
                     data = tar.extractfile(member).read()  # a cut archive fails here: the video stays missing
@@ -260,7 +260,7 @@ def llava_archive(s, a, path, name, records, seen, after):
                 else:
                     seen.add(video)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        yield Skip((s, 1 + a, m + 1), "unreadable_file", f"{path}: {str(e)[:200]}")
+        yield SkipSample("unreadable_file", f"{path}: {str(e)[:200]}", pos=(s, 1 + a, m + 1))
 
 
 def read_llava(args, subsets, after):
@@ -276,4 +276,4 @@ def read_llava(args, subsets, after):
         end = 1 + len(subset["archives"])
         missing = sorted((r, video) for video, rs in records.videos.items() if video not in seen for r in rs)
         for r, video in missing:
-            yield Skip((s, end, r), "video_missing", f"{name}/{video}")
+            yield SkipSample("video_missing", f"{name}/{video}", pos=(s, end, r))
