@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import checkpoint
 import config as config_lib
 import train
-from config import MODES, ModelSettings
+from config import FRAME_SIZE, MODES, ModelSettings
 from model import FoveatedVLM
 from pretrained import SHAPES, check_backbone_configs, load_tokenizer
 
@@ -358,7 +358,7 @@ def main(argv=None):
     common.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
     timed = argparse.ArgumentParser(add_help=False, parents=[common])  # the alternating comparisons' flags
     timed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    timed.add_argument("--frame-size", type=int, default=224)
+    timed.add_argument("--frame-size", type=int, default=FRAME_SIZE)
     timed.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("throughput", parents=[common], help="samples/s, step split and MFU of a config's step")

@@ -45,6 +45,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from config import MAX_FRAMES
 from converters import published, published_video
 from converters.published import END, InputError, Item
 from frames import IMAGE_ERRORS, VIDEO_FIELDS, SkipSample, frame_indices, read_video
@@ -355,7 +356,7 @@ def parse_args(argv=None):
                        "sample (default: %(default)s)")
         s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                        help="processes for the decode checks, the bottleneck (default: all CPUs, %(default)s here)")
-        s.add_argument("--max-frames", type=int, default=64, help="the decode check reads a video's frames as "
+        s.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="the decode check reads a video's frames as "
                        "training does: 1 fps, at most this many (data.max_frames; default: %(default)s)")
         s.add_argument("--overwrite", action="store_true", help="delete this converter's shards and state "
                        "under --out and start again")

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 import checkpoint
 import config
@@ -128,6 +129,29 @@ def test_init_from_applies_visual_scale_and_lambda_coarse(tmp_path, tiny_model):
     assert (model.settings.visual_scale, model.settings.lambda_coarse) == (0.5, 0.25)
     assert model.settings.query_dim == tiny_model.settings.query_dim
     assert model.training
+
+
+def test_stages_chain_through_save_dirs(tmp_path, shards, one_thread):
+    """model.init_from takes a stage's save_dir: the next stage starts from its newest checkpoint's weights and,
+    with no model.tokenizer set, its tokenizer; stage 3's DPO reference too."""
+    short = {"training": {"total_samples": 8, "batch_size": 4}, "checkpoint": {"save_every_steps": 100}}
+    train.main(["--config", write_config(tmp_path, "stage1", data={"train_shards": str(shards / "train.tar")},
+                                         **short)])
+    for name, previous, data in (("stage2", "stage1", "train.tar"), ("stage3", "stage2", "dpo.tar")):
+        path = write_config(tmp_path, name, model={"init_from": str(tmp_path / previous)},
+                            data={"train_shards": str(shards / data)}, **short,
+                            loss={"type": "dpo" if name == "stage3" else "text_ce_answer_only"})
+        raw = yaml.safe_load(open(path))
+        del raw["model"]["tokenizer"]  # the tokenizer is the checkpoint's
+        open(path, "w").write(yaml.safe_dump(raw))
+        cfg = train.load_config(["--config", path])
+        model, _ = train.build_model(cfg, torch.device("cpu"))
+        newest = train.FoveatedVLM.from_pretrained(checkpoint.newest(str(tmp_path / previous)))
+        for (key, a), b in zip(newest.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), key
+        assert newest.tokenizer is not None and newest.tokenizer.eos_token == "<|im_end|>"
+        train.main(["--config", path])
+        assert checkpoint.newest(str(tmp_path / name)).endswith("step_00000002")
 
 
 @pytest.mark.slow
