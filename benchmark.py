@@ -28,9 +28,8 @@ import yaml
 from tqdm import tqdm
 
 import eval_readers
-from checkpoint import training_config
 from collate import pad_frames
-from config import MODES, SCORING, SYSTEM_PROMPT, EvalProtocol
+from config import MODES, SCORING, EvalProtocol
 from frames import SkipSample
 from model import load_checkpoint
 from tokenization import option_targets, prompt_ids
@@ -183,9 +182,9 @@ def format_table(results):
 def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, **protocol):
     """Evaluate a checkpoint folder on the benchmarks in `roots` (name -> data root) -> (results, records,
     the EvalProtocol used). `tokenizer` names one (default: the checkpoint's). Protocol fields not given come from
-    the checkpoint's training config (frame size, system prompt), else the defaults; the protocol returned holds
-    the dtype the weights were cast to ("auto": bfloat16 on CUDA, the original benchmark's `model.to(bfloat16)`,
-    float32 elsewhere)."""
+    how the checkpoint's model was trained (model.inputs: frame size, system prompt), else the defaults; the
+    protocol returned holds the dtype the weights were cast to ("auto": bfloat16 on CUDA, the original
+    benchmark's `model.to(bfloat16)`, float32 elsewhere)."""
     if not roots:
         raise ValueError("no benchmark data given: pass --data-config FILE or a data root flag "
                          f"({', '.join('--' + f for f in ROOT_FLAGS.values())})")
@@ -196,10 +195,9 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, 
     unknown = [m for m in protocol.get("modes", ()) if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {MODES}")
-    model, tokenizer, saved_size = load_checkpoint(checkpoint, device, tokenizer)
-    saved = training_config(checkpoint)
-    protocol = replace(EvalProtocol(frame_size=saved_size, system_prompt=saved.data.system_prompt if saved
-                                    else SYSTEM_PROMPT), **protocol)
+    model, tokenizer, _ = load_checkpoint(checkpoint, device, tokenizer)
+    used = model.inputs  # as trained: config.json's, else the training config's, else the original's defaults
+    protocol = replace(EvalProtocol(frame_size=used.frame_size, system_prompt=used.system_prompt), **protocol)
     if protocol.dtype == "auto":
         protocol = replace(protocol, dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
     model.to(getattr(torch, protocol.dtype))

@@ -118,30 +118,50 @@ def training_config(path):
 
 
 # ---------------------------------------------------------------- the model's files
-def write_model(folder, settings, backbone_configs, state_dict, tokenizer=None):
-    """Write config.json ({"fvlm": settings, "llm_config": ..., "dino_config": ...}), model.safetensors and the
-    tokenizer (when given) into `folder`."""
+def write_model(folder, settings, inputs, backbone_configs, state_dict, tokenizer=None):
+    """Write config.json ({"fvlm": settings, "inputs": inputs (when not None), "llm_config": ..., "dino_config":
+    ...}), model.safetensors and the tokenizer (when given) into `folder`."""
     os.makedirs(folder, exist_ok=True)
+    saved = {"fvlm": settings, **({"inputs": inputs} if inputs is not None else {}), **backbone_configs}
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump({"fvlm": settings, **backbone_configs}, f, indent=2)
+        json.dump(saved, f, indent=2)
     save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, os.path.join(folder, WEIGHTS_NAME))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
 
+def _saved_config(folder):
+    """A checkpoint folder's config.json as written by write_model, or {} (weights only, or not a folder)."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not (os.path.isdir(folder) and os.path.isfile(path)):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    return saved if "fvlm" in saved else {}
+
+
 def read_settings(folder):
     """The model settings (a dict of config.ModelSettings fields, backbone configs included) saved in a
     checkpoint folder's config.json, or None when it holds none (weights only)."""
-    path = os.path.join(folder, CONFIG_NAME) if os.path.isdir(folder) else None
-    if path is None or not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        saved = json.load(f)
-    if "fvlm" not in saved:
+    saved = _saved_config(folder)
+    if not saved:
         return None
     settings = {SETTING_ALIASES.get(k, k): v for k, v in saved["fvlm"].items()}
     settings.update({k: saved[k] for k in BACKBONE_CONFIGS})
     return settings
+
+
+def read_inputs(folder):
+    """How the checkpoint's model is used as trained (a config.InputSettings): config.json's "inputs", else the
+    training config saved beside it (its data section), else the defaults (the original recipe's: published
+    weights)."""
+    saved = _saved_config(folder).get("inputs")
+    if saved is not None:
+        return config.InputSettings(**saved)
+    trained = os.path.join(folder, TRAIN_CONFIG_NAME) if os.path.isdir(folder) else ""
+    if os.path.isfile(trained):
+        return config.InputSettings.of(config.load_saved(trained).data)
+    return config.InputSettings()
 
 
 def has_tokenizer(folder):

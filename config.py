@@ -83,6 +83,22 @@ class FrameConfig:
     replicate_image_frames: int = 8  # a single frame becomes this many views of one tensor (encoded once)
 
 
+@dataclass
+class InputSettings:
+    """What a model needs to be used as trained, saved with its weights (config.json's "inputs"): its frame side,
+    the frames a single image becomes, and the system turn its prompts start with. The defaults are the original
+    recipe's (published checkpoints)."""
+
+    frame_size: int = FRAME_SIZE
+    replicate_image_frames: int = 8
+    system_prompt: Optional[str] = SYSTEM_PROMPT
+
+    @classmethod
+    def of(cls, data):
+        """The settings a model trained on `data` (a DataConfig) is used with."""
+        return cls(data.frame_size, data.replicate_image_frames, data.system_prompt)
+
+
 # ---------------------------------------------------------------- the stage YAML's sections
 @dataclass
 class ModelConfig(ModelSettings):

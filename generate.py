@@ -22,18 +22,16 @@ from config import MAX_FRAMES, MODES, FrameConfig
 from distributed import autocast
 from frames import SkipSample, load_clip
 from model import load_checkpoint
-from tokenization import prompt_ids
 
 
 @torch.no_grad()
 def answer(model, tokenizer, frames, prompt, mode="autoregressive", max_new_tokens=64, **sampling):
-    """The model's answer (text) to `prompt` about `frames` [T, 3, H, W]; greedy unless do_sample=True."""
+    """The model's answer (text) to `prompt` about `frames` [T, 3, H, W], asked behind the model's system prompt;
+    greedy unless do_sample=True."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
     with autocast(device):
-        out = model.generate(frames.unsqueeze(0).to(device), ids, torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, mode=mode,
-                             eos_token_id=tokenizer.eos_token_id, **sampling)
+        out = model.generate(frames.unsqueeze(0).to(device), prompt, max_new_tokens=max_new_tokens, mode=mode,
+                             tokenizer=tokenizer, **sampling)
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
@@ -56,7 +54,8 @@ def load_inputs(p, args):
     if not os.path.exists(source):
         p.error(f"{source} does not exist")
     model, tokenizer, frame_size = load_checkpoint(args.checkpoint, args.device)
-    cfg = FrameConfig(frame_size=args.frame_size or frame_size, max_frames=args.max_frames)
+    cfg = FrameConfig(frame_size=args.frame_size or frame_size, max_frames=args.max_frames,
+                      replicate_image_frames=model.inputs.replicate_image_frames)
     try:
         clip = load_clip(source, cfg)
     except SkipSample as e:

@@ -23,11 +23,13 @@ NO_TOKENIZER = ("text given as strings needs a tokenizer: pass tokenizer= (token
                 "model.save_pretrained(path, tokenizer=tokenizer)); or pass token ids")
 
 
-def prepare_frames(frames, frame_mask, patch_size):
+def prepare_frames(frames, frame_mask, patch_size, replicate=None):
     """The frames a user hands the model -> (frames [B, T, 3, H, W] float, frame_mask [B, T] bool).
 
     Handled: one clip [T, 3, H, W] (a batch of one), channels-last [..., H, W, 3], and uint8 pixels (scaled to
-    [0, 1] and ImageNet-normalised here). Refused with the expected shape and range (ValueError): other ranks or
+    [0, 1] and ImageNet-normalised here). With `replicate` (the inference API: the frames the model was trained to
+    see an image as), one image [3, H, W] or [H, W, 3] (what PIL and numpy give), and clips of a single frame,
+    become `replicate` views of it. Refused with the expected shape and range (ValueError): other ranks or
     dtypes, a frame_mask of another shape, and float frames beyond the ImageNet-normalised range (0-255
     pixels as float). Frames whose values all lie within [0, 1] get a warning: ToTensor without Normalize, most
     likely, but normalised frames of a picture with no pixel darker than the ImageNet mean lie there too, so
@@ -39,6 +41,8 @@ def prepare_frames(frames, frame_mask, patch_size):
         raise TypeError(f"frames is a {type(frames).__name__}; {expected}")
     if frame_mask is not None:
         frame_mask = torch.as_tensor(frame_mask, device=frames.device)
+    if frames.dim() == 3 and replicate and 3 in (frames.shape[0], frames.shape[-1]):  # one image
+        frames = frames[None]
     if frames.dim() == 4:
         frames = frames[None]
         frame_mask = None if frame_mask is None else frame_mask.reshape(1, -1)
@@ -46,6 +50,8 @@ def prepare_frames(frames, frame_mask, patch_size):
         frames = frames.movedim(-1, 2)  # channels-last -> [B, T, 3, H, W]
     if frames.dim() != 5 or frames.shape[2] != 3:
         raise ValueError(f"frames have shape {list(frames.shape)}; {expected}")
+    if replicate and frames.shape[1] == 1 and frame_mask is None:  # single frames: replicated, as images
+        frames = frames.expand(-1, replicate, -1, -1, -1)
     B, T = frames.shape[:2]
     if frame_mask is None:
         frame_mask = torch.ones(B, T, dtype=torch.bool, device=frames.device)
@@ -98,11 +104,11 @@ def question_ids(prompts, options):
             [[id_list(o, f"question {q}'s option {k}") for k, o in enumerate(opts)] for q, opts in enumerate(options)])
 
 
-def mcq_ids(prompt, options, tokenizer):
+def mcq_ids(prompt, options, tokenizer, system_prompt):
     """One question's (prompt ids, [option ids], [option target weights]) from ids (weights 1) or strings:
-    option strings are tokenized as they follow the prompt string in training, so they need it as a string,
-    and weighted as benchmark.py scores them by default (tokenization.option_targets). `tokenizer` may be None
-    when nothing is a string."""
+    option strings are tokenized as they follow the prompt string (behind `system_prompt`) in training, so they
+    need it as a string, and weighted as benchmark.py scores them by default (tokenization.option_targets).
+    `tokenizer` may be None when nothing is a string."""
     if isinstance(options, (str, torch.Tensor)) or not options:
         raise ValueError(f"options must be a non-empty list of options (strings or token-id lists), got {options!r}")
     if isinstance(prompt, str) or any(isinstance(o, str) for o in options):
@@ -111,20 +117,22 @@ def mcq_ids(prompt, options, tokenizer):
         if not isinstance(prompt, str):
             raise ValueError("options given as strings need the prompt as a string too: an option's tokens are "
                              "those that follow the chat-formatted prompt")
-        targets = [option_targets(tokenizer, prompt, o) if isinstance(o, str) else (o, [1.0] * len(o))
-                   for o in options]
-        return prompt_ids(tokenizer, prompt), [t[0] for t in targets], [torch.tensor(t[1]) for t in targets]
+        targets = [option_targets(tokenizer, prompt, o, system_prompt=system_prompt) if isinstance(o, str)
+                   else (o, [1.0] * len(o)) for o in options]
+        return (prompt_ids(tokenizer, prompt, system_prompt), [t[0] for t in targets],
+                [torch.tensor(t[1]) for t in targets])
     return prompt, options, [torch.ones(len(o)) for o in options]
 
 
-def prompt_batch(prompts, tokenizer, device):
-    """A user message (or a list of them) -> chat-formatted prompt ids [B, S] and attention mask (right-padded)."""
+def prompt_batch(prompts, tokenizer, device, system_prompt):
+    """A user message (or a list of them) -> chat-formatted prompt ids [B, S] behind `system_prompt` and the
+    attention mask (right-padded)."""
     if tokenizer is None:
         raise ValueError(NO_TOKENIZER)
     prompts = [prompts] if isinstance(prompts, str) else prompts
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"a prompt given as text must be a string or a list of strings, got {prompts!r}")
-    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    rows = [prompt_ids(tokenizer, p, system_prompt) for p in prompts]
     lengths = torch.tensor([len(r) for r in rows], device=device)
     ids = torch.tensor([r + [0] * (int(lengths.max()) - len(r)) for r in rows], device=device)
     return ids, (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()

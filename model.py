@@ -15,6 +15,7 @@ DINOv2 runs once per distinct frame: consecutive identical frames (a replicated 
 import contextlib
 import dataclasses
 import os
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from transformers import DynamicCache
 
 import checkpoint
-from config import MODES, PARAM_GROUPS, DataConfig, ModelSettings
+from config import MODES, PARAM_GROUPS, InputSettings, ModelSettings
 from encoder import FoveatedEncoder
 from inputs import mcq_ids, prepare_frames, prompt_batch, question_ids
 from layout import compact_text, gather_rows, option_tree, pack, pad_packed
@@ -59,6 +60,8 @@ class FoveatedVLM(nn.Module):
         self.q_static = nn.Parameter(torch.randn(1, query_dim))
         self.q_init = nn.Parameter(torch.randn(1, query_dim))
         self.tokenizer = None  # from_pretrained sets the folder's; lets generate / score_options take strings
+        self.inputs = None  # config.InputSettings the model was trained with (from_pretrained, train.py); None: unknown
+        self._size_warned = False  # frames of another size than the trained one are warned of once
 
     @classmethod
     def from_config(cls, settings):
@@ -222,19 +225,41 @@ class FoveatedVLM(nn.Module):
         return {"chosen_logps": logps[:B], "rejected_logps": logps[B:]}
 
     # ---------------------------------------------------------------- inference API
+    def _use(self):
+        """How the model is used: as trained (model.inputs), else the original recipe's defaults."""
+        return self.inputs if self.inputs is not None else InputSettings()
+
+    def _inference_frames(self, frames, frame_mask):
+        """What the inference API takes (inputs.prepare_frames, one image replicated as the model was trained to
+        see images) -> (frames [B, T, 3, H, W], frame_mask [B, T]); a warning, once per model, when the frames'
+        size is not the one the model was trained at."""
+        frames, frame_mask = prepare_frames(frames, frame_mask, self.encoder.patch_size,
+                                            self._use().replicate_image_frames)
+        size = self.inputs.frame_size if self.inputs is not None else None
+        if size is not None and tuple(frames.shape[-2:]) != (size, size) and not self._size_warned:
+            self._size_warned = True
+            warnings.warn(f"frames of {frames.shape[-2]}x{frames.shape[-1]} px, but this model was trained at "
+                          f"{size}x{size} (model.inputs.frame_size): answers and scores differ from the trained "
+                          f"model's; resize to {size} (frames.load_clip with FrameConfig(frame_size={size}))",
+                          stacklevel=3)
+        return frames, frame_mask
+
     @torch.no_grad()
     def generate(self, frames, input_ids, attention_mask=None, frame_mask=None, max_new_tokens=64,
                  mode="autoregressive", do_sample=False, temperature=1.0, top_p=1.0, eos_token_id=None,
                  tokenizer=None):
         """New token ids [B, <= max_new_tokens] after [frames, prompt], read with the LLM's KV cache. Rows that
         finish early are filled with eos_token_id. The prompt is input_ids [B, S], or a user message string (or
-        B of them), chat-formatted with `tokenizer` (default model.tokenizer), whose eos then ends a row."""
+        B of them), chat-formatted behind the model's system prompt (model.inputs) with `tokenizer` (default
+        model.tokenizer), whose eos then ends a row. Frames as `_inference_frames` takes them: a single image
+        ([3, H, W], uint8 [H, W, 3]) or one-frame clip is replicated as the model was trained to see images."""
         check_modes([mode])
         if isinstance(input_ids, (str, list)):
             tokenizer = tokenizer if tokenizer is not None else self.tokenizer
-            input_ids, attention_mask = prompt_batch(input_ids, tokenizer, self.q_init.device)
+            input_ids, attention_mask = prompt_batch(input_ids, tokenizer, self.q_init.device,
+                                                     self._use().system_prompt)
             eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        kv, frame_idx, counts = self.encode(frames, frame_mask)
+        kv, frame_idx, counts = self._encode(*self._inference_frames(frames, frame_mask))
         _check_rows(counts, input_ids.shape[0], "input_ids")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         text, _ = self._text(input_ids, attention_mask)
@@ -260,7 +285,7 @@ class FoveatedVLM(nn.Module):
         return torch.stack(out, 1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
 
     @torch.no_grad()
-    def option_nll(self, frames, prompts, options, modes=("coarse_fine",), frame_mask=None):
+    def option_nll(self, frames, prompts, options, modes=("coarse_fine",), frame_mask=None, encoded=None):
         """Per-token negative log-likelihoods of multiple-choice options, for a batch of Q questions.
 
         frames [Q, T, 3, H, W] (frame_mask [Q, T] for questions with fewer frames); prompts: Q token-id lists;
@@ -268,10 +293,10 @@ class FoveatedVLM(nn.Module):
         of [n_options] float32 tensors [len(option)]}: -log p(option[j] | frames, prompt, option[:j]) in `mode`.
         DINO runs once for the batch. Each mode is one LLM pass per question in which every option reads the
         shared [visual tokens, prompt] (layout.option_tree: no per-option copy of it); with both coarse modes,
-        coarse_only's pass is coarse_fine's coarse pass."""
+        coarse_only's pass is coarse_fine's coarse pass. `encoded` as in forward."""
         modes = check_modes(modes)
         prompts, options = question_ids(prompts, options)
-        kv, frame_idx, counts = self.encode(frames, frame_mask)
+        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
         _check_rows(counts, len(prompts), "prompts")
         ids, branch, n_txt, source, target = option_tree(prompts, options, counts.device)
         text = _Text(ids, self.llm.get_input_embeddings()(ids), n_txt, branch)
@@ -290,12 +315,14 @@ class FoveatedVLM(nn.Module):
     @torch.no_grad()
     def score_options(self, frames, prompt, options, modes=("coarse_fine",), frame_mask=None, tokenizer=None):
         """Each option's score after [frames, prompt] (lower is more likely), per mode: {mode: [n_options]}. One
-        question: frames [T, 3, H, W] or [1, T, 3, H, W]. Token ids give the mean negative log-likelihood of the
-        option's tokens. Strings are chat-formatted with `tokenizer` (default model.tokenizer) and scored as
-        benchmark.py does by default (tokenization.option_targets: the original benchmark's rule). option_nll
-        scores a batch of questions."""
-        prompt, options, weights = mcq_ids(prompt, options, tokenizer if tokenizer is not None else self.tokenizer)
-        nll = self.option_nll(frames, [prompt], [options], modes, frame_mask)
+        question: frames [T, 3, H, W] or [1, T, 3, H, W], or one image. Token ids give the mean negative
+        log-likelihood of the option's tokens. Strings are chat-formatted behind the model's system prompt with
+        `tokenizer` (default model.tokenizer) and scored as benchmark.py does by default
+        (tokenization.option_targets: the original benchmark's rule). option_nll scores a batch of questions."""
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        prompt, options, weights = mcq_ids(prompt, options, tokenizer, self._use().system_prompt)
+        encoded = self._encode(*self._inference_frames(frames, frame_mask))
+        nll = self.option_nll(None, [prompt], [options], modes, encoded=encoded)
         return {mode: torch.stack([(t * w.to(t)).sum() / len(w) for t, w in zip(per_question[0], weights)])
                 for mode, per_question in nll.items()}
 
@@ -303,7 +330,7 @@ class FoveatedVLM(nn.Module):
     def attention_maps(self, frames, frame_mask=None):
         """Per-layer attention of the coarse (static) and fine (LLM-chosen) queries over each frame's tokens:
         {"coarse"|"fine": [L, B, T, heads, 1+P]} (CLS first; zeros at padded frames)."""
-        frames, frame_mask = prepare_frames(frames, frame_mask, self.encoder.patch_size)
+        frames, frame_mask = self._inference_frames(frames, frame_mask)
         kv, frame_idx, counts = self._encode(frames, frame_mask)
         q_static = self.q_static.expand(frame_idx.shape[0], -1)
         coarse_h, _ = self._llm(self._tokens(q_static, kv, frame_idx), counts)
@@ -364,14 +391,17 @@ class FoveatedVLM(nn.Module):
         except RuntimeError as e:  # weights of other backbones or settings than those given: a user error
             raise ValueError(f"{folder}: {e}") from None
         model.tokenizer = load_tokenizer(folder) if checkpoint.has_tokenizer(folder) else None
+        model.inputs = checkpoint.read_inputs(folder)
         return model.eval()
 
     def save_pretrained(self, path, tokenizer=None):
-        """Write config.json, model.safetensors (and the tokenizer) into the folder `path`."""
+        """Write config.json (the settings, and how the model is used: `inputs`), model.safetensors (and the
+        tokenizer) into the folder `path`."""
         settings = {k: v for k, v in dataclasses.asdict(self.settings).items() if k not in checkpoint.BACKBONE_CONFIGS}
+        inputs = dataclasses.asdict(self.inputs) if self.inputs is not None else None
         configs = {"llm_config": plain_config(self.llm.config), "dino_config": plain_config(self.encoder.dino.config)}
         state = checkpoint.convert_state_dict(self.state_dict(), self._tied())
-        checkpoint.write_model(path, settings, configs, state, tokenizer)
+        checkpoint.write_model(path, settings, inputs, configs, state, tokenizer)
 
     def _tied(self):
         out, inp = self.llm.get_output_embeddings(), self.llm.get_input_embeddings()
@@ -400,13 +430,13 @@ def param_group(name):
 
 def load_checkpoint(path, device="cpu", tokenizer=None):
     """(model, tokenizer, frame_size) of checkpoint `path` (see checkpoint.resolve), the model in eval mode on
-    `device`. `frame_size` is the training config's data.frame_size (train_config.yaml), else the default. The
-    tokenizer (also `model.tokenizer`) is the one `tokenizer` names, else the one saved in the folder, else the one
-    the training config or the model's `llm` names."""
+    `device`; `frame_size` is the one the model was trained at (model.inputs). The tokenizer (also
+    `model.tokenizer`) is the one `tokenizer` names, else the one saved in the folder, else the one the training
+    config or the model's `llm` names."""
     folder = checkpoint.resolve(path)
     model = FoveatedVLM.from_pretrained(folder).to(device).eval()
     cfg = checkpoint.training_config(folder)
-    frame_size = (cfg.data if cfg else DataConfig()).frame_size
+    frame_size = model.inputs.frame_size
     if tokenizer is not None:
         model.tokenizer = load_tokenizer(tokenizer)
     if model.tokenizer is None:

@@ -109,13 +109,15 @@ def build_model(cfg, dev, model=None):
     weights at the real sizes) and, for DPO, a frozen reference copy, with the config's freeze_* switches and
     gradient checkpointing applied. From init_from, the architecture is the checkpoint's (config.check_init_from
     refuses those keys beside it) and the settings that may change after init (config.AFTER_INIT_KEYS:
-    visual_scale, lambda_coarse) are the config's."""
+    visual_scale, lambda_coarse) are the config's. The model is used as the data config trains it (model.inputs:
+    frame size, image replication, system prompt), which its checkpoints save."""
     m = cfg.model
     if model is None and m.init_from:
         model = FoveatedVLM.from_pretrained(m.init_from)
         model.settings = dataclasses.replace(model.settings, **{k: getattr(m, k) for k in config_lib.AFTER_INIT_KEYS})
     elif model is None:
         model = FoveatedVLM.from_config(m)
+    model.inputs = config_lib.InputSettings.of(cfg.data)
     reference = None
     if cfg.loss.type == "dpo":  # the init_from weights, before any resume overwrites the policy's
         reference = copy.deepcopy(model).to(dev).eval().requires_grad_(False)

@@ -13,7 +13,7 @@ from PIL import Image
 
 import benchmark
 import eval_readers as er
-from config import EvalProtocol
+from config import EvalProtocol, InputSettings
 from conftest import DinoCounter, image_bytes, script_error, tiny_model_kwargs, write_members, write_video
 from frames import denormalise, segment_indices
 from model import FoveatedVLM
@@ -315,3 +315,13 @@ def test_replicated_image_costs_one_frame(tmp_path, tokenizer):
     with DinoCounter(model) as dino:
         benchmark.evaluate(model, tokenizer, [q], EvalProtocol(frame_size=SIZE))
     assert dino.frames == 1
+
+
+def test_a_saved_model_is_scored_at_the_size_it_was_trained_at(tmp_path, tokenizer, mvbench_root):
+    """model.save_pretrained alone (no training config beside it) keeps the frame size and system prompt that
+    benchmark.py scores with."""
+    model = FoveatedVLM(**tiny_model_kwargs()).eval()
+    model.inputs = InputSettings(frame_size=SIZE, system_prompt="Be brief.")
+    model.save_pretrained(str(tmp_path / "mine"), tokenizer=tokenizer)
+    _, _, protocol = benchmark.run(str(tmp_path / "mine"), {"MVBench": mvbench_root}, limit=1, modes=("coarse_only",))
+    assert (protocol.frame_size, protocol.system_prompt) == (SIZE, "Be brief.")

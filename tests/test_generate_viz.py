@@ -15,6 +15,7 @@ from checkpoint import TRAIN_CONFIG_NAME as TRAIN_CONFIG
 from conftest import TINY_DINO, tiny_model_kwargs, write_video
 from frames import load_clip
 from model import FoveatedVLM, load_checkpoint
+from tokenization import prompt_ids
 
 SIZE = TINY_DINO["image_size"]
 
@@ -50,7 +51,7 @@ def test_generate_answer_matches_model_generate(checkpoint, clip, capsys):
     frames = load_clip(clip, config.FrameConfig(frame_size=frame_size, max_frames=6)).frames
     assert frames.shape == (6, 3, SIZE, SIZE)
     text = generate.answer(model, tokenizer, frames, "What moves?", max_new_tokens=6)
-    ids = torch.tensor([generate.prompt_ids(tokenizer, "What moves?")])
+    ids = torch.tensor([prompt_ids(tokenizer, "What moves?")])
     expected = model.generate(frames[None], ids, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id)
     assert text == tokenizer.decode(expected[0], skip_special_tokens=True).strip()
     generate.main(["--checkpoint", checkpoint, "--video", clip, "--prompt", "What moves?",

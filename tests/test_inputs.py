@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+from config import InputSettings
 from conftest import rand_frames as frames
 from conftest import rand_ids as ids
 from frames import normalise
-from model import MODES
+from model import MODES, FoveatedVLM, load_checkpoint
 from tokenization import prompt_ids
 
 ATOL = 1e-5
@@ -35,7 +37,7 @@ def test_uint8_channels_last_and_unbatched_frames_are_handled(tiny_model):
     (lambda x: x * 60, r"not ImageNet-normalised \(0-255 pixels"),
     (lambda x: torch.full_like(x, float("nan")), "not ImageNet-normalised"),
     (lambda x: x[..., :50], "not a multiple of DINO's patch size 14"),
-    (lambda x: x[0, 0], r"have shape \[3, 56, 56\]"),
+    (lambda x: x[0, 0, 0], r"have shape \[56, 56\]"),
     (lambda x: x.long(), "dtype torch.int64"),
 ])
 def test_bad_frames_are_refused_with_the_expected_shape_and_range(tiny_model, name, bad, match):
@@ -83,3 +85,53 @@ def test_generate_takes_prompt_strings(tiny_model, tokenizer):
         assert torch.equal(out[b, :alone.shape[1]], alone[0])
     tiny_model.tokenizer = tokenizer
     assert torch.equal(tiny_model.generate(x[:1], questions[0], max_new_tokens=4), out[:1, :4])
+
+
+def test_a_single_image_is_replicated_as_the_model_was_trained(tiny_model):
+    """What PIL and numpy give (uint8 [H, W, 3]), a [3, H, W] frame and a one-frame clip are one image, replicated
+    to the frames the model was trained to see images as (model.inputs); training's forward takes clips as given."""
+    tiny_model.inputs = InputSettings(frame_size=56, replicate_image_frames=4)
+    pixels = torch.randint(0, 256, (56, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = normalise(pixels.numpy())  # [3, H, W]
+    clip = image.expand(4, -1, -1, -1)[None]  # [1, 4, 3, H, W]: the image as trained
+    prompt = ids(1, 3)
+    expected = (tiny_model.generate(clip, prompt, max_new_tokens=3),
+                tiny_model.score_options(clip, [5, 6], [[7], [8, 9]], MODES),
+                tiny_model.attention_maps(clip)["fine"])
+    for given in (pixels, image, image[None], image[None, None]):
+        tokens = tiny_model.generate(given, prompt, max_new_tokens=3)
+        scores = tiny_model.score_options(given, [5, 6], [[7], [8, 9]], MODES)
+        maps = tiny_model.attention_maps(given)["fine"]
+        assert torch.equal(tokens, expected[0]) and maps.shape == expected[2].shape, given.shape
+        assert all((scores[m] - expected[1][m]).abs().max() < ATOL for m in MODES), given.shape
+        assert (maps - expected[2]).abs().max() < ATOL
+    with pytest.raises(ValueError, match=r"have shape \[3, 56, 56\]"):  # training's forward: no guessing
+        tiny_model(image, prompt)
+
+
+def test_frames_of_another_size_than_trained_are_warned_of_once(tiny_model, recwarn):
+    tiny_model.inputs = InputSettings(frame_size=56)
+    tiny_model.generate(frames(1, 2), ids(1, 3), max_new_tokens=1)
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match="trained at 56x56"):
+        tiny_model.generate(frames(1, 2, size=70), ids(1, 3), max_new_tokens=1)
+    tiny_model.score_options(frames(1, 2, size=70), [5, 6], [[7], [8, 9]])
+    assert not [w for w in recwarn.list if "trained at" in str(w.message)]  # once per model
+
+
+def test_how_a_model_is_used_travels_with_its_weights(tiny_model, tokenizer, tmp_path):
+    """save_pretrained writes the frame size, image replication and system prompt into config.json; from_pretrained
+    and load_checkpoint read them, with no training config beside them."""
+    tiny_model.inputs = InputSettings(frame_size=56, replicate_image_frames=4, system_prompt="Be brief.")
+    tiny_model.save_pretrained(str(tmp_path / "mine"), tokenizer=tokenizer)
+    assert not (tmp_path / "mine" / checkpoint.TRAIN_CONFIG_NAME).exists()
+    loaded = FoveatedVLM.from_pretrained(str(tmp_path / "mine"))
+    assert loaded.inputs == tiny_model.inputs
+    model, _, frame_size = load_checkpoint(str(tmp_path / "mine"))
+    assert frame_size == 56 and model.inputs.system_prompt == "Be brief."
+    out = model.generate(frames(1, 4), "What moves?", max_new_tokens=3)  # behind the saved system prompt
+    asked = torch.tensor([prompt_ids(tokenizer, "What moves?", "Be brief.")])
+    assert torch.equal(out, model.generate(frames(1, 4), asked, max_new_tokens=3, eos_token_id=tokenizer.eos_token_id))
+    FoveatedVLM(**{"llm_config": dict(tiny_model.settings.llm_config), "dino_config": dict(
+        tiny_model.settings.dino_config), "query_dim": 24}).save_pretrained(str(tmp_path / "published"))
+    assert FoveatedVLM.from_pretrained(str(tmp_path / "published")).inputs == InputSettings()  # the original's
