@@ -2,26 +2,41 @@
 over each frame's DINOv2 patches, drawn as heatmaps over the frames in one PNG grid, with the attention
 entropy per frame (low entropy = a focused glance, log(1+P) = uniform over the CLS and P patches).
 
-    python attention_viz.py --checkpoint checkpoints/stage2_135M --video clip.mp4 --out maps.png [--layers 0 11]
+    python attention_viz.py --checkpoint checkpoints/stage2_135M --video clip.mp4 --out maps.png [--layers 0 -1]
 
---checkpoint takes a checkpoint folder or a training save_dir (then its `latest` checkpoint).
+--checkpoint takes a checkpoint folder or a training save_dir (then its newest checkpoint). --layers counts from
+0, negative numbers from the last layer (-1).
 
 From Python: `entropy = visualize(model, frames, "maps.png")` with frames [T, 3, H, W] from
 frames.load_clip. The maps come from `model.attention_maps` (CLS first, then the patches row by row).
 """
 
-import argparse
-import math
+import cli
 
-import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
-import matplotlib
+
+def arguments(argv=None):
+    p = cli.parser(__doc__)
+    cli.add_clip_args(p, max_frames=8)
+    p.add_argument("--out", default="attention.png", help="PNG to write")
+    p.add_argument("--layers", type=int, nargs="+", help="encoder layers to draw (default: all; -1 is the last)")
+    cli.add_threads(p)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # parse before torch loads: --help and a flag error answer at once
+    ARGS = arguments()
+
+import math  # noqa: E402
+
+import distributed  # noqa: E402  before torch: it sets OpenMP's wait policy, which torch reads once when it loads
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from generate import add_input_args, load_inputs  # noqa: E402
 from frames import denormalise  # noqa: E402
+from generate import load_inputs  # noqa: E402
 
 KINDS = ("coarse", "fine")
 
@@ -56,9 +71,10 @@ def plot_attention(frames, maps, entropy, out, patch_size, layers=None):
     T, _, H, W = frames.shape
     L = maps["coarse"].shape[0]
     layers = list(range(L)) if layers is None else layers
-    bad = [layer for layer in layers if not 0 <= layer < L]
+    bad = [layer for layer in layers if not -L <= layer < L]
     if bad:
-        raise ValueError(f"layers {bad} do not exist: the encoder has layers 0..{L - 1}")
+        raise ValueError(f"layers {bad} do not exist: the encoder has layers 0..{L - 1} (or -{L}..-1 from the last)")
+    layers = [layer % L for layer in layers]
     rgb = denormalise(frames).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     rows = [(None, None)] + [(kind, layer) for kind in KINDS for layer in layers]
     fig, axes = plt.subplots(len(rows), T, figsize=(1.6 * T + 0.8, 1.7 * len(rows)), squeeze=False)
@@ -108,15 +124,12 @@ def visualize(model, frames, out, layers=None, verbose=True):
     return entropy
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_input_args(p, max_frames=8)
-    p.add_argument("--out", default="attention.png", help="PNG to write")
-    p.add_argument("--layers", type=int, nargs="+", help="encoder layers to draw (default: all)")
-    args = distributed.parse_cli(p, argv)
-    model, _, frames = load_inputs(p, args)
+def main(argv=None, args=None):
+    args = args or arguments(argv)
+    distributed.set_threads(args.threads)
+    model, _, frames = load_inputs(args)
     visualize(model, frames, args.out, args.layers)
 
 
 if __name__ == "__main__":
-    distributed.run_cli(main)
+    cli.run(main, args=ARGS)

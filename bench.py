@@ -21,6 +21,8 @@
 - scoring: 4 options x 3 modes per question for an image replicated to 8 frames and a 16-frame video:
   `option_nll` (DINO once per question, one LLM pass per mode) at batch 1 and at --batch-size questions per
   call, against the naive way (one full forward per option and mode, every frame encoded each time).
+Every command is quick by default (about a minute on a laptop CPU: smaller frames, fewer rounds, batch 1; it says
+what it shrank) and prints its progress as it goes; `--full` runs the full measurement (the README's figures).
 `--shapes 135M|1.7B` builds the real architecture with random weights (pretrained.SHAPES, no download; in
 throughput it replaces init_from's or the config's model, and the rest of the config applies); 1.7B in float32
 takes 6.8 GB of weights, ~27 GB with gradients and AdamW's states (throughput). Every comparison is timed
@@ -29,26 +31,69 @@ the per-round ratios, so a change in the machine's load hits all variants alike.
 """
 
 import argparse
-import dataclasses
-import glob
-import os
-import statistics
-import time
-from typing import Optional
 
-import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
-import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
-
-import checkpoint
-import config as config_lib
-import train
-from config import FRAME_SIZE, MODES, ModelSettings
-from model import FoveatedVLM
-from pretrained import SHAPES, check_backbone_configs, load_tokenizer
+import cli
 
 MODEL_SHAPES = {"135M": ("smollm2-135m", "dinov2-small"), "1.7B": ("smollm2-1.7b", "dinov2-small")}
+QUICK = {"frame_size": 112, "repeats": 2, "scoring_batch": 4, "steps": 2, "batch_size": 1, "frames": 8}
+FULL = {"frame_size": 224, "repeats": 5, "scoring_batch": 8, "steps": 3}  # throughput: the config's batch and frames
+
+
+def arguments(argv=None):
+    p = cli.parser(__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    cli.add_threads(common)
+    common.add_argument("--shapes", choices=list(MODEL_SHAPES), help="real architecture, random weights (step and "
+                        "scoring: default 135M)")
+    common.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
+    common.add_argument("--full", action="store_true", help="the full measurement (default: a quick one, about a "
+                        "minute on a laptop CPU)")
+    timed = argparse.ArgumentParser(add_help=False, parents=[common])  # the alternating comparisons' flags
+    cli.add_device(timed)
+    timed.add_argument("--frame-size", type=int, help=f"quick {QUICK['frame_size']}, full {FULL['frame_size']}")
+    timed.add_argument("--repeats", type=int, help=f"timed rounds after one warm-up round (quick {QUICK['repeats']}, "
+                       f"full {FULL['repeats']})")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("throughput", parents=[common], help="samples/s, step split and MFU of a config's step")
+    t.add_argument("--config", required=True)
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    t.add_argument("--steps", type=int, help=f"timed steps after one warm-up step (quick {QUICK['steps']}, full "
+                   f"{FULL['steps']})")
+    t.add_argument("--batch-size", type=int, help=f"override training.batch_size (quick {QUICK['batch_size']})")
+    t.add_argument("--frames", type=int, help=f"frames per random sample (quick at most {QUICK['frames']}, full "
+                   "data.max_frames)")
+    t.add_argument("--random-data", action="store_true", help="random batches even when the shards exist")
+    sub.add_parser("step", parents=[timed], help="training step vs the irreducible work, frame dedup on/off")
+    c = sub.add_parser("scoring", parents=[timed], help="MCQ scoring: batch 1 vs N vs the naive per-option forward")
+    c.add_argument("--batch-size", type=int, help=f"questions per option_nll call (quick {QUICK['scoring_batch']}, "
+                   f"full {FULL['scoring_batch']})")
+    c.add_argument("--prompt-tokens", type=int, default=60)
+    c.add_argument("--option-tokens", type=int, default=8)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # parse before torch loads: --help and a flag error answer at once
+    ARGS = arguments()
+
+import dataclasses  # noqa: E402
+import glob  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import distributed  # noqa: E402  before torch: it sets OpenMP's wait policy, which torch reads once when it loads
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import checkpoint  # noqa: E402
+import config as config_lib  # noqa: E402
+import train  # noqa: E402
+from config import MODES, ModelSettings  # noqa: E402
+from model import FoveatedVLM  # noqa: E402
+from pretrained import SHAPES, check_backbone_configs, load_tokenizer  # noqa: E402
+
 VOCAB = SHAPES["smollm2-135m"]["vocab_size"]
 
 
@@ -57,17 +102,22 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def alternate(fns, repeats, dev):
-    """{name: [seconds of each round]}: every round runs each fn once, after one warm-up round."""
+def alternate(fns, repeats, dev, label=""):
+    """{name: [seconds of each round]}: every round runs each fn once, after one warm-up round; each round's times
+    are printed as it ends."""
     times = {name: [] for name in fns}
     for round_ in range(repeats + 1):
+        took = {}
         for name, fn in fns.items():
             sync(dev)
             start = time.perf_counter()
             fn()
             sync(dev)
+            took[name] = time.perf_counter() - start
             if round_:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(took[name])
+        which = f"round {round_}/{repeats}" if round_ else "warm-up"
+        print(f"  {label} {which}: " + ", ".join(f"{k} {v:.2f} s" for k, v in took.items()), flush=True)
     return times
 
 
@@ -132,7 +182,7 @@ def step_report(model, args, dev):
         ids = torch.randint(3, VOCAB, (frames.shape[0], S), generator=g).to(dev)
         fns = {"step": lambda: step(model, frames, ids), "irreducible": lambda: irreducible(model, frames, S),
                "no dedup": lambda: step(model, distinct(frames), ids)}
-        t = alternate(fns, args.repeats, dev)
+        t = alternate(fns, args.repeats, dev, name)
         med = {k: statistics.median(v) for k, v in t.items()}
         lines.append(f"{name:<26} step {med['step']:.3f} s, irreducible {med['irreducible']:.3f} s: "
                      f"{ratio(t, 'step', 'irreducible')} | dedup off {med['no dedup']:.3f} s: "
@@ -172,7 +222,7 @@ def scoring_report(model, args, dev):
             fns = {"batch 1": lambda: model.option_nll(one, [prompt], [options], MODES),
                    f"batch {N}": lambda: model.option_nll(frames, [prompt] * N, [options] * N, MODES),
                    "naive": lambda: naive_scores(model, one, prompt, options)}
-            t = alternate(fns, args.repeats, dev)
+            t = alternate(fns, args.repeats, dev, name)
             t[f"batch {N}"] = [s / N for s in t[f"batch {N}"]]  # per question
             shared = model.score_options(one, prompt, options, MODES)
             naive = naive_scores(model, one, prompt, options, reencode=False)
@@ -334,56 +384,68 @@ def setup(cfg, shapes):
                  train.build_optimizer(model, cfg.training), distributed.grad_scaler(dist.device, cfg.training.dtype))
 
 
+def quick_throughput(cfg, args):
+    """The --set overrides and flags of a quick throughput run (batch 1, at most 8 frames of random data, 2 steps),
+    each only where not given, and the line saying so; none with --full."""
+    if args.full:
+        return [], ""
+    sets, shrunk = [], []
+    if args.batch_size is None and cfg.training.batch_size > QUICK["batch_size"]:
+        sets.append(f"training.batch_size={QUICK['batch_size']}")
+        shrunk.append(f"batch {QUICK['batch_size']} (config {cfg.training.batch_size})")
+    if args.frames is None and (cfg.data.max_frames or QUICK["frames"] + 1) > QUICK["frames"]:
+        args.frames, args.random_data = QUICK["frames"], True
+        shrunk.append(f"random batches of {QUICK['frames']} frames (config up to {cfg.data.max_frames})")
+    args.steps = args.steps or QUICK["steps"]
+    note = f"quick run: {', '.join(shrunk + [f'{args.steps} timed steps'])}; --full for the config's own"
+    return sets, note
+
+
 def throughput(args):
     sets = args.set + ([f"training.batch_size={args.batch_size}"] if args.batch_size else [])
     cfg = config_lib.load(args.config, sets)
+    quick, note = quick_throughput(cfg, args)
+    if quick:
+        cfg = config_lib.load(args.config, sets + quick)
+    args.steps = args.steps or FULL["steps"]
+    if note:
+        print(note, flush=True)
     check_backbone_configs(cfg.model, config_lib.source_name(args.config, sets))
     distributed.set_threads(args.threads if args.threads is not None else cfg.training.threads)
+    start = time.perf_counter()
     s = setup(cfg, args.shapes)
     batches, source = batches_for(cfg, args, s.dev, s.model.llm.config.vocab_size)
+    print(f"  built the model, optimizer and data in {time.perf_counter() - start:.1f} s; measuring the matmul "
+          "peak", flush=True)
     peak = matmul_peak(s.dev)
-    _, batch = timed_step(s, batches)  # warm-up
-    times = [timed_step(s, batches)[0] for _ in range(args.steps)]
+    times, batch = [], None
+    for i in range(args.steps + 1):  # the first is a warm-up
+        took, batch = timed_step(s, batches)
+        print(f"  {'warm-up' if not i else f'step {i}/{args.steps}'}: "
+              f"{took['data'] + took['fwd_bwd'] + took['optimizer']:.2f} s", flush=True)
+        times += [took] if i else []
+    print("  counting the step's FLOPs", flush=True)
     return report(s, times, step_flops(s, batch), peak, source)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=int, help="CPU threads for torch (default: for throughput the config's "
-                        "training.threads; otherwise, and when that is unset, all of this process's cores when "
-                        "OMP_WAIT_POLICY=PASSIVE is in effect, else 1; README, CPU threads)")
-    common.add_argument("--shapes", choices=list(MODEL_SHAPES), help="real architecture, random weights (step and "
-                        "scoring: default 135M)")
-    common.add_argument("--text-tokens", type=int, default=64, help="text tokens per random sample")
-    timed = argparse.ArgumentParser(add_help=False, parents=[common])  # the alternating comparisons' flags
-    timed.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    timed.add_argument("--frame-size", type=int, default=FRAME_SIZE)
-    timed.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("throughput", parents=[common], help="samples/s, step split and MFU of a config's step")
-    t.add_argument("--config", required=True)
-    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    t.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
-    t.add_argument("--batch-size", type=int, help="override training.batch_size")
-    t.add_argument("--frames", type=int, help="frames per random sample (default data.max_frames)")
-    t.add_argument("--random-data", action="store_true", help="random batches even when the shards exist")
-    sub.add_parser("step", parents=[timed], help="training step vs the irreducible work, frame dedup on/off")
-    c = sub.add_parser("scoring", parents=[timed], help="MCQ scoring: batch 1 vs N vs the naive per-option forward")
-    c.add_argument("--batch-size", type=int, default=8, help="questions per option_nll call")
-    c.add_argument("--prompt-tokens", type=int, default=60)
-    c.add_argument("--option-tokens", type=int, default=8)
-    args = p.parse_args(argv)
+def main(argv=None, args=None):
+    args = args or arguments(argv)
     if args.command == "throughput":
         print(throughput(args))
         return
+    preset = FULL if args.full else QUICK
+    args.frame_size, args.repeats = args.frame_size or preset["frame_size"], args.repeats or preset["repeats"]
+    if args.command == "scoring":
+        args.batch_size = args.batch_size or preset["scoring_batch"]
     distributed.set_threads(args.threads)
-    dev, shapes = torch.device(args.device), args.shapes or "135M"
+    dev, shapes = distributed.pick_device(args.device), args.shapes or "135M"
     torch.manual_seed(0)
+    print(f"{shapes} shapes, random weights, float32, {dev} ({torch.get_num_threads()} threads), "
+          f"{args.frame_size} px frames, {args.repeats} rounds" + ("" if args.full else " (quick; --full: 224 px, "
+                                                                    f"{FULL['repeats']} rounds)"), flush=True)
     model = at_shapes(ModelSettings(), shapes, args.frame_size).to(dev)
-    print(f"{shapes} shapes, random weights, float32, {dev} ({torch.get_num_threads()} threads)")
     print(step_report(model.train(), args, dev) if args.command == "step" else scoring_report(model.eval(), args, dev))
 
 
 if __name__ == "__main__":
-    distributed.run_cli(main)
+    cli.run(main, args=ARGS)

@@ -14,25 +14,65 @@ modes, several questions per call with --batch-size.
         [--only MVBench ScienceQA] [--modes coarse_only coarse_fine autoregressive] [--limit N] [--out results.json]
 """
 
-import argparse
-import itertools
-import json
-import os
-import time
-from collections import Counter, defaultdict
-from dataclasses import asdict, replace
+import cli
+from config import MODES, SCORING
 
-from distributed import autocast, parse_cli, run_cli  # before torch: it sets OpenMP's wait policy (README)
-import torch
-import yaml
-from tqdm import tqdm
+ROOT_FLAGS = {"MVBench": "mvbench", "Video-MME": "videomme", "ScienceQA": "scienceqa", "POPE": "pope",
+              "shards": "shards"}  # the benchmarks, and the flag giving each one's data root
 
-import eval_readers
-from collate import pad_frames
-from config import MODES, SCORING, EvalProtocol
-from frames import SkipSample
-from model import load_checkpoint
-from tokenization import option_targets, prompt_ids
+
+def arguments(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder (model.save_pretrained / train.py output; "
+                   "a save_dir means its newest), hub repo, or the original's training checkpoint (.pt)")
+    p.add_argument("--tokenizer", help="the LLM's tokenizer: hub id, folder or .gguf (default: the checkpoint's)")
+    p.add_argument("--data-config", help="YAML mapping benchmark name -> data root")
+    for name, flag in ROOT_FLAGS.items():
+        p.add_argument(f"--{flag}", help=f"{name} data root (overrides --data-config)")
+    p.add_argument("--only", nargs="+", choices=list(ROOT_FLAGS), help="benchmarks to run (default: all given)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
+    p.add_argument("--limit", type=int, help="score only the first N questions of each benchmark")
+    p.add_argument("--max-frames", type=int, help="at most this many frames per question (default: every frame "
+                   "of an eval-shard sample, as the original; videos 64 by MVBench's segment rule)")
+    p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the size the model was trained at)")
+    p.add_argument("--batch-size", type=int, help="questions scored per forward (default 1; same scores)")
+    p.add_argument("--scoring", choices=SCORING, help="option score: 'original' (default: the original benchmark's "
+                   "mean over the tokens after the prompt, <|im_end|> counted as 0) or 'mean' (the mean over "
+                   "the answer and its <|im_end|>, every token counted)")
+    p.add_argument("--system-prompt", help="system turn of every question (default: the one the model was trained "
+                   "with, else the original's); 'template' for the chat template's own default")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="model weights' dtype (auto: bfloat16 on CUDA, as the original benchmark; float32 on CPU)")
+    p.add_argument("--yes-no", action="store_true", help="score eval-shard questions that have no option "
+                   "lines but a yes/no answer (POPE written without options) as Yes/No; the original skips them")
+    cli.add_device(p)
+    p.add_argument("--out", help="write the results and per-question records as JSON here")
+    cli.add_threads(p)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # parse before torch loads: --help and a flag error answer at once
+    ARGS = arguments()
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from collections import Counter, defaultdict  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
+
+import distributed  # noqa: E402  before torch: it sets OpenMP's wait policy (README, CPU threads)
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import eval_readers  # noqa: E402
+from collate import pad_frames  # noqa: E402
+from config import EvalProtocol  # noqa: E402
+from distributed import autocast  # noqa: E402
+from frames import SkipSample  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+from tokenization import option_targets, prompt_ids  # noqa: E402
 
 READERS = {
     "MVBench": eval_readers.read_mvbench,
@@ -41,8 +81,6 @@ READERS = {
     "POPE": eval_readers.read_pope,
     "shards": eval_readers.read_eval_shards,
 }
-ROOT_FLAGS = {"MVBench": "mvbench", "Video-MME": "videomme", "ScienceQA": "scienceqa", "POPE": "pope",
-              "shards": "shards"}
 WARN_SKIPS = 3  # name the first few skipped questions, then only count them
 
 
@@ -208,43 +246,17 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, 
     return results, records, protocol
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="checkpoint folder (model.save_pretrained / train.py output; a save_dir "
-                   "means its latest), hub repo, or the original's training checkpoint (.pt)")
-    p.add_argument("--tokenizer", help="the LLM's tokenizer: hub id, folder or .gguf (default: the checkpoint's)")
-    p.add_argument("--data-config", help="YAML mapping benchmark name -> data root")
-    for name, flag in ROOT_FLAGS.items():
-        p.add_argument(f"--{flag}", help=f"{name} data root (overrides --data-config)")
-    p.add_argument("--only", nargs="+", choices=list(READERS), help="benchmarks to run (default: all given)")
-    p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
-    p.add_argument("--limit", type=int, help="score only the first N questions of each benchmark")
-    p.add_argument("--max-frames", type=int, help="at most this many frames per question (default: every frame "
-                   "of an eval-shard sample, as the original; videos 64 by MVBench's segment rule)")
-    p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
-    p.add_argument("--batch-size", type=int, help="questions scored per forward (default 1; same scores)")
-    p.add_argument("--scoring", choices=SCORING, help="option score: 'original' (default: the original benchmark's "
-                   "mean over the tokens after the prompt, <|im_end|> counted as 0) or 'mean' (the mean over "
-                   "the answer and its <|im_end|>, every token counted)")
-    p.add_argument("--system-prompt", help="system turn of every question (default: the checkpoint's "
-                   "data.system_prompt, else the original's); 'template' for the chat template's own default")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="model weights' dtype (auto: bfloat16 on CUDA, as the original benchmark; float32 on CPU)")
-    p.add_argument("--yes-no", action="store_true", help="score eval-shard questions that have no option "
-                   "lines but a yes/no answer (POPE written without options) as Yes/No; the original skips them")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="write the results and per-question records as JSON here")
-    args = parse_cli(p, argv)
-    if not args.checkpoint:
-        p.error("--checkpoint is required")
+def main(argv=None, args=None):
+    args = args or arguments(argv)
+    distributed.set_threads(args.threads)
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
     flags = {"modes": args.modes and tuple(args.modes), "max_frames": args.max_frames, "scoring": args.scoring,
              "frame_size": args.frame_size, "batch_size": args.batch_size, "dtype": args.dtype,
              "system_prompt": None if args.system_prompt == "template" else args.system_prompt,
              "yes_no": args.yes_no or None}
     keep = {k: v for k, v in flags.items() if v is not None or (k == "system_prompt" and args.system_prompt)}
-    results, records, protocol = run(args.checkpoint, roots, args.only, args.limit, args.device, args.tokenizer,
-                                     **keep)
+    device = str(distributed.pick_device(args.device))
+    results, records, protocol = run(args.checkpoint, roots, args.only, args.limit, device, args.tokenizer, **keep)
     print(format_table(results))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -255,4 +267,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main, args=ARGS)

@@ -27,30 +27,57 @@ Inspector and decode throughput: `python data.py --config CONFIG [--workers N] [
 """
 
 import argparse
-import functools
-import json
-import logging
-import math
-import random
-import time
-from collections import Counter
 
-import distributed  # before torch: it sets OpenMP's wait policy (README, CPU threads)
-import numpy as np
-import torch
-import torch.distributed as dist
-import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
+import cli
 
-import checkpoint
-import config
-from collate import BudgetBatches, collate
-from config import LOSS_TYPES, ConfigError
-from pretrained import load_tokenizer
-from frames import IMAGE_FIELDS, NUMBERED_FRAME, VIDEO_FIELDS, Media, SkipSample, load_clip
-from shards import SHARD_REASONS, ShardStream, expand_shards, names
-from tokenization import PromptTooLong, caption_messages, caption_prompt, tokenize_chat, tokenize_dpo
+STAGE_LOSS = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}
+SPLITS = ("train", "text", "val")  # the shard sets of a config: data.<split>_shards
+
+
+def inspect_arguments(argv=None):
+    p = argparse.ArgumentParser(description="Inspect the shards of a training config and time decoding.")
+    p.add_argument("--config", required=True, help="stage YAML")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. data.frame_size=224 (repeatable)")
+    p.add_argument("--stage", type=int, choices=sorted(STAGE_LOSS), help="tokenize as this stage "
+                   "(1 all-text CE, 2 answer-only CE, 3 DPO); default: the config's loss.type")
+    p.add_argument("--limit", type=int, help="stop after this many samples (each pass)")
+    p.add_argument("--split", choices=SPLITS, action="append",
+                   help="shard sets to read (repeatable); default: every one the config sets")
+    p.add_argument("--workers", type=int, default=0, help="then time a pass with this many loader workers")
+    p.add_argument("--target", type=float, default=27.0, help="samples/s the GPU trains at (default: the "
+                   "original fVLM's A100 bf16 rate for 135M): prints the loader workers needed to feed it")
+    cli.add_threads(p, default=1)  # 1 thread, as in a DataLoader worker
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # parse before torch loads: --help and a flag error answer at once
+    ARGS = inspect_arguments()
+
+import functools  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+
+import distributed  # noqa: E402  before torch: it sets OpenMP's wait policy (README, CPU threads)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import webdataset as wds  # noqa: E402
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import checkpoint  # noqa: E402
+import config  # noqa: E402
+from collate import BudgetBatches, collate  # noqa: E402
+from config import LOSS_TYPES, ConfigError  # noqa: E402
+from frames import IMAGE_FIELDS, NUMBERED_FRAME, VIDEO_FIELDS, Media, SkipSample, load_clip  # noqa: E402
+from pretrained import load_tokenizer  # noqa: E402
+from shards import SHARD_REASONS, ShardStream, expand_shards, names  # noqa: E402
+from tokenization import PromptTooLong, caption_messages, caption_prompt, tokenize_chat, tokenize_dpo  # noqa: E402
 
 log = logging.getLogger("fvlm.data")
 
@@ -238,10 +265,6 @@ def make_loader(dataset, batch_size, pad_id, num_workers=None, pin_memory=False)
 
 # ---------------------------------------------------------------- from a config, and the inspector
 
-STAGE_LOSS = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}
-SPLITS = ("train", "text", "val")  # the shard sets of a config: data.<split>_shards
-
-
 def inspect_shards(datasets, limit=None):
     """One ordered pass over each dataset (up to `limit` samples in all).
 
@@ -328,23 +351,12 @@ def check_shards(cfg, source):
             raise ConfigError(f"{source}: 'data.{split}_shards': {e}") from None
 
 
-def inspect_main(argv=None):
+def inspect_main(argv=None, args=None):
     """`python data.py --config CONFIG [--workers N] [--limit K] [--split ...] [--set data.KEY=VALUE]`: read a
     config's shards once in this process (kinds, lengths, skips, decode rate per worker), then with N loader
     workers as training reads them."""
-    parser = argparse.ArgumentParser(description="Inspect the shards of a training config and time decoding.")
-    parser.add_argument("--config", required=True, help="stage YAML")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. data.frame_size=224 (repeatable)")
-    parser.add_argument("--stage", type=int, choices=sorted(STAGE_LOSS), help="tokenize as this stage "
-                        "(1 all-text CE, 2 answer-only CE, 3 DPO); default: the config's loss.type")
-    parser.add_argument("--limit", type=int, help="stop after this many samples (each pass)")
-    parser.add_argument("--split", choices=SPLITS, action="append",
-                        help="shard sets to read (repeatable); default: every one the config sets")
-    parser.add_argument("--workers", type=int, default=0, help="then time a pass with this many loader workers")
-    parser.add_argument("--target", type=float, default=27.0, help="samples/s the GPU trains at (default: the "
-                        "original fVLM's A100 bf16 rate for 135M): prints the loader workers needed to feed it")
-    args = distributed.parse_cli(parser, argv, threads=1)  # default 1 thread, as in a DataLoader worker
+    args = args or inspect_arguments(argv)
+    distributed.set_threads(args.threads)
     cfg = config.load(args.config, args.set)
     check_shards(cfg, config.source_name(args.config, args.set))
     splits = args.split or [s for s in SPLITS if getattr(cfg.data, f"{s}_shards")]
@@ -371,4 +383,4 @@ def inspect_main(argv=None):
 
 
 if __name__ == "__main__":
-    distributed.run_cli(inspect_main)
+    cli.run(inspect_main, args=ARGS)

@@ -1,5 +1,5 @@
-"""Process setup for single-process and torchrun (DDP) training: device, process group, seeds, CPU threads,
-mixed precision, and the command-line conventions every script shares (`--threads`, exit status 2).
+"""Process setup for single-process and torchrun (DDP) training: device, process group, seeds, CPU threads and
+mixed precision.
 
 `torchrun --nproc_per_node=N train.py ...` sets RANK / LOCAL_RANK / WORLD_SIZE; `init` then joins the process
 group (NCCL on GPUs with the local rank's device, gloo on CPUs). Without those variables it is one process.
@@ -48,6 +48,11 @@ def _device(choice, local_rank):
         torch.set_float32_matmul_precision("high")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def pick_device(name="auto"):
+    """A device for inference commands: `auto` is cuda when available, else cpu."""
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
 def seed_everything(seed):
@@ -109,32 +114,6 @@ def set_threads(n=None):
         raise ValueError(f"threads must be at least 1, got {n}")
     torch.set_num_threads(n or default_threads())
     return torch.get_num_threads()
-
-
-def parse_cli(parser, argv=None, threads=None):
-    """`parser.parse_args(argv)` with the shared `--threads N` flag added and applied (`threads`: this script's
-    default, None = default_threads())."""
-    default = (f"{threads}" if threads is not None else "all of this process's cores when OMP_WAIT_POLICY=PASSIVE "
-               "is in effect, else 1")
-    parser.add_argument("--threads", type=int, default=threads,
-                        help=f"CPU threads for torch (default: {default}; README, CPU threads)")
-    args = parser.parse_args(argv)
-    set_threads(args.threads)
-    return args
-
-
-def run_cli(main):
-    """Run a script's `main()`: a user error (a bad config or flag combination, a missing or refused file:
-    ValueError, config.ConfigError, FileNotFoundError) prints its message alone on stderr and exits with status
-    2, as argparse does for a bad flag; anything else keeps its traceback."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: what was saved stays (checkpoints, finished shards); no traceback
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 def all_reduce(tensor, op="sum"):

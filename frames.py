@@ -50,8 +50,6 @@ NUMBERED_FRAME = re.compile(rf"^(\d+)\.({'|'.join(IMAGE_FIELDS)})$")  # a sample
 RULES = ("fps", "segments")  # frame_indices | segment_indices
 FRAME_FOLDER_FPS = 3  # MVBench's pre-extracted frame folders (tvqa/frames_fps3_hq), named 00001.jpg, ...
 DECORD_TRANSPOSE = {90: ["1"], 180: ["1", "1"], 270: ["2"]}  # clockwise display rotation -> transpose filters
-DECORD_OPEN_ERROR = b"ERROR opening: "  # decord's log line naming a video it cannot open
-DECORD_LOG_LINE = re.compile(rb"\[\d\d:\d\d:\d\d\] ")  # the start of each of decord's log lines
 _STDERR_LOCK = threading.Lock()  # fd 2 is the process's: one redirect at a time
 
 # DINOv2's input normalisation (ImageNet statistics), applied to pixels in [0, 1].
@@ -280,18 +278,19 @@ def _chosen(choose, num_frames, fps, name):
 
 def _decord_frames(source, size, choose, name):
     """uint8 [T, size, size, 3]."""
-    with _decord_dump_cut() if isinstance(source, bytes) else contextlib.nullcontext():
+    with _decord_log():
         vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
                          num_threads=1)
     return vr.get_batch(_chosen(choose, len(vr), vr.get_avg_fps(), name)).asnumpy()
 
 
 @contextlib.contextmanager
-def _decord_dump_cut(keep=300):
-    """decord logs the bytes it cannot open as a video as their name ("ERROR opening: <bytes>"), a megabyte per
-    corrupt sample in a training log. From C++, so sys.stderr cannot catch it: fd 2 is redirected to a file
-    inside the block, then replayed with that message cut to `keep` bytes (its following lines, the rest of the
-    bytes, dropped). Without a usable fd 2 the block runs as is."""
+def _decord_log():
+    """What decord and its FFmpeg log while opening a video, shown only when the open succeeds. On a failure the
+    SkipSample raised says why, and the log would say it again, worse: decord names a video read from memory by
+    its bytes ("ERROR opening: <bytes>", a megabyte per corrupt sample in a training log, binary on a terminal).
+    From C++, so sys.stderr cannot catch it: fd 2 is redirected to a file inside the block. Without a usable fd 2
+    the block runs as is."""
     try:
         if sys.stderr is not None:
             sys.stderr.flush()
@@ -303,27 +302,17 @@ def _decord_dump_cut(keep=300):
         os.dup2(caught.fileno(), 2)
         try:
             yield
+        except BaseException:
+            caught.truncate(0)  # the open failed: the exception speaks for it
+            raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             caught.seek(0)
             try:
-                _replay(caught, keep)
+                os.write(2, caught.read())
             except OSError:  # stderr gone: nothing to show it on
                 pass
-
-
-def _replay(caught, keep):
-    dumping = False
-    for line in caught:
-        if DECORD_OPEN_ERROR in line:
-            dumping = True
-            line = line if len(line) <= keep else line[:keep] + b" ... (cut)\n"
-        elif dumping and DECORD_LOG_LINE.match(line) is None:
-            continue  # more of the dumped bytes
-        else:
-            dumping = False
-        os.write(2, line)
 
 
 def _pyav_frames(source, size, choose, name):

@@ -25,18 +25,49 @@ Usage: python synthetic.py --out data/synthetic --seed 0
 """
 
 import argparse
-import io
-import json
-import os
-import random
-import tarfile
-import time
 
-import av
-import numpy as np
-from PIL import Image
 
-from tokenization import format_mcq, mcq_answer
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Write the synthetic shape-video set (deterministic from --seed).")
+    p.add_argument("--out", default="data/synthetic", help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", type=int, default=800, help="stage-1 captioned videos")
+    p.add_argument("--mcq", type=int, default=1200, help="stage-2 MCQ videos (plus a quarter each as frames/images)")
+    p.add_argument("--dpo", type=int, default=200, help="stage-3 preference pairs")
+    p.add_argument("--text", type=int, default=400, help="text-only chats")
+    p.add_argument("--val", type=int, default=100, help="validation samples for stages 1 and 2")
+    p.add_argument("--eval", type=int, default=60, help="held-out MVBench-layout questions per task")
+    p.add_argument("--per-shard", type=int, default=200, help="samples per training shard")
+    p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
+    p.add_argument("--frames", type=int, default=6, help="frames per video")
+    p.add_argument("--fps", type=int, default=1, help="video frame rate (1 = every frame at 1 fps sampling)")
+    p.add_argument("--multi-turn", type=float, default=1.0,
+                   help="share of stage-2 samples that ask every question as one multi-turn chat (the rest ask "
+                        "one); all of them by default: three answers per video teach the tiny quickstart model more "
+                        "per step (README, Quickstart)")
+    p.add_argument("--shuffle-options", action="store_true",
+                   help="list the MCQ options in a random order (harder: the letter must be read from the prompt)")
+    args = p.parse_args(argv)
+    if args.size % 2:
+        p.error("--size must be even (yuv420p)")
+    return args
+
+
+if __name__ == "__main__":  # parse before the heavy imports: --help and a flag error answer at once
+    ARGS = parse_args()
+
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import tarfile  # noqa: E402
+import time  # noqa: E402
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tokenization import format_mcq, mcq_answer  # noqa: E402
 
 COLOURS = {"red": (230, 25, 25), "green": (20, 200, 40), "blue": (30, 70, 255), "yellow": (245, 225, 20)}
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -224,38 +255,12 @@ def write_all(args):
     write_mvbench(f"{args.out}/mvbench", rngs["eval"], args.eval, args)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Write the synthetic shape-video set (deterministic from --seed).")
-    p.add_argument("--out", default="data/synthetic", help="output folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--captions", type=int, default=800, help="stage-1 captioned videos")
-    p.add_argument("--mcq", type=int, default=1200, help="stage-2 MCQ videos (plus a quarter each as frames/images)")
-    p.add_argument("--dpo", type=int, default=200, help="stage-3 preference pairs")
-    p.add_argument("--text", type=int, default=400, help="text-only chats")
-    p.add_argument("--val", type=int, default=100, help="validation samples for stages 1 and 2")
-    p.add_argument("--eval", type=int, default=60, help="held-out MVBench-layout questions per task")
-    p.add_argument("--per-shard", type=int, default=200, help="samples per training shard")
-    p.add_argument("--size", type=int, default=64, help="frame side in pixels (even)")
-    p.add_argument("--frames", type=int, default=6, help="frames per video")
-    p.add_argument("--fps", type=int, default=1, help="video frame rate (1 = every frame at 1 fps sampling)")
-    p.add_argument("--multi-turn", type=float, default=1.0,
-                   help="share of stage-2 samples that ask every question as one multi-turn chat (the rest ask "
-                        "one); all of them by default: three answers per video teach the tiny quickstart model more "
-                        "per step (README, Quickstart)")
-    p.add_argument("--shuffle-options", action="store_true",
-                   help="list the MCQ options in a random order (harder: the letter must be read from the prompt)")
-    args = p.parse_args(argv)
-    if args.size % 2:
-        p.error("--size must be even (yuv420p)")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, args=None):
+    args = args or parse_args(argv)
     start = time.time()
     write_all(args)
     print(f"wrote the synthetic set to {args.out} in {time.time() - start:.1f}s")
 
 
 if __name__ == "__main__":
-    main()
+    main(args=ARGS)

@@ -9,32 +9,45 @@ Checkpoints, logs and the resolved config go to `checkpoint.save_dir`; `resume: 
 finished run is left as it is.
 """
 
-import argparse
-import contextlib
-import copy
-import dataclasses
-import math
-import os
-import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Optional
+import cli
 
-import distributed  # before torch: it sets OpenMP's wait policy, which torch reads once when it loads
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoint
-import config as config_lib
-import schedule
-from config import PARAM_GROUPS
-from data import ShardDataset, check_shards, make_loader
-from logger import Logger
-from model import FoveatedVLM
-from pretrained import check_backbone_configs, load_tokenizer
-from text_interleave import interleave
+def arguments(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--config", required=True, help="stage YAML, e.g. configs/stage1_135M.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set training.batch_size=4")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # parse before torch loads: --help and a flag error answer at once
+    ARGS = arguments()
+
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import distributed  # noqa: E402  before torch: it sets OpenMP's wait policy, which torch reads once when it loads
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+import checkpoint  # noqa: E402
+import config as config_lib  # noqa: E402
+import schedule  # noqa: E402
+from config import PARAM_GROUPS  # noqa: E402
+from data import ShardDataset, check_shards, make_loader  # noqa: E402
+from logger import Logger  # noqa: E402
+from model import FoveatedVLM  # noqa: E402
+from pretrained import check_backbone_configs, load_tokenizer  # noqa: E402
+from text_interleave import interleave  # noqa: E402
 
 DPO_KEYS = ("frames", "frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
             "rejected_mask", "rejected_loss_mask")
@@ -54,13 +67,8 @@ def check_config(cfg, source):
                                      f"holding one: {init}")
 
 
-def load_config(argv=None):
-    """The checked Config of `train.py --config FILE [--set section.key=value ...]`."""
-    parser = argparse.ArgumentParser(description="fVLM training")
-    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/stage1_135M.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value (repeatable), e.g. --set training.batch_size=4")
-    args = parser.parse_args(argv)
+def load_config(args):
+    """The checked Config of parsed `arguments`: `--config FILE [--set section.key=value ...]`."""
     cfg = config_lib.load(args.config, args.set)
     check_config(cfg, config_lib.source_name(args.config, args.set))
     return cfg
@@ -408,9 +416,9 @@ def fit(run, batches, val, progress, ranking):
     return progress
 
 
-def main(argv=None):
+def main(argv=None, args=None):
     """Train with the config named on the command line (or in argv); returns the trained, unwrapped model."""
-    cfg = load_config(argv)
+    cfg = load_config(args or arguments(argv))
     t, c = cfg.training, cfg.checkpoint
     threads = distributed.set_threads(t.threads)
     dist = distributed.init(t.seed, t.device)
@@ -455,4 +463,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    distributed.run_cli(main)
+    cli.run(main, args=ARGS)

@@ -1,4 +1,5 @@
-"""Convert the recipe's training sets, as published, into this project's WebDataset shards.
+"""Convert the recipe's training sets, as published, into this project's WebDataset shards: `convert(args)`, run by
+prepare.py (its flags are there).
 
 One command per dataset, on the files its publisher's download leaves on disk (the README's "Training data"
 section; each reader in published.py and published_video.py names the files it reads):
@@ -28,7 +29,6 @@ of the shard's last sample and the counts so far. A re-run after an interruption
 the unfinished shard and goes on after that position: no sample is lost or written twice.
 """
 
-import argparse
 import collections
 import ctypes
 import io
@@ -45,8 +45,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from config import MAX_FRAMES
-from converters import published, published_video
+from converters import DATASETS, published, published_video
 from converters.published import END, InputError, Item
 from frames import IMAGE_ERRORS, VIDEO_FIELDS, SkipSample, frame_indices, read_video
 
@@ -304,7 +303,7 @@ def write_events(events, shards, tally, limit, bar):
 
 def convert(args):
     """Run one converter (args from parse_args) to the end of its input or --limit; returns the report."""
-    name, inputs, read = DATASETS[args.dataset]
+    name, (inputs, read) = DATASETS[args.dataset][0], READERS[args.dataset]
     found = inputs(args)
     signature = {"dataset": args.dataset, "src": os.path.abspath(args.src),
                  "inputs": published.relative(found, args.src), "shard_size": args.shard_size,
@@ -329,53 +328,11 @@ def convert(args):
     return report(args.out, name, args, state, tally)
 
 
-DATASETS = {  # command -> (output name, input finder, reader)
-    "openvid": ("openvid", published_video.openvid_inputs, published_video.read_openvid),
-    "webvid": ("webvid", published_video.webvid_inputs, published_video.read_webvid),
-    "cauldron": ("cauldron", published.cauldron_inputs, published.read_cauldron),
-    "smoltalk": ("smoltalk", published.smoltalk_inputs, published.read_smoltalk),
-    "rlaif-v": ("rlaif_v", published.rlaif_inputs, published.read_rlaif),
-    "llava-video": ("llava_video", published_video.llava_inputs, published_video.read_llava),
+READERS = {  # command (converters.DATASETS) -> (input finder, reader)
+    "openvid": (published_video.openvid_inputs, published_video.read_openvid),
+    "webvid": (published_video.webvid_inputs, published_video.read_webvid),
+    "cauldron": (published.cauldron_inputs, published.read_cauldron),
+    "smoltalk": (published.smoltalk_inputs, published.read_smoltalk),
+    "rlaif-v": (published.rlaif_inputs, published.read_rlaif),
+    "llava-video": (published_video.llava_inputs, published_video.read_llava),
 }
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Convert a published training set into WebDataset shards "
-                                "(see the module docstring and README, Training data).")
-    sub = p.add_subparsers(dest="dataset", required=True)
-    for command, (name, _, read) in DATASETS.items():
-        s = sub.add_parser(command, help=read.__doc__.splitlines()[0])
-        s.add_argument("--src", required=True, help="the download folder, as published")
-        s.add_argument("--out", default=f"data/{name}", help="output folder (default: %(default)s)")
-        if command in ("cauldron", "llava-video"):
-            s.add_argument("--subsets", nargs="+", help="subset folders to convert (default: all)")
-        s.add_argument("--limit", type=int, help="stop after this many samples in all (a smoke run; re-run "
-                       "without it to go on)")
-        s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: %(default)s)")
-        s.add_argument("--shard-mb", type=float, default=2000, help="MB per shard at most, give or take one "
-                       "sample (default: %(default)s)")
-        s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                       help="processes for the decode checks, the bottleneck (default: all CPUs, %(default)s here)")
-        s.add_argument("--max-frames", type=int, default=MAX_FRAMES, help="the decode check reads a video's frames as "
-                       "training does: 1 fps, at most this many (data.max_frames; default: %(default)s)")
-        s.add_argument("--overwrite", action="store_true", help="delete this converter's shards and state "
-                       "under --out and start again")
-    args = p.parse_args(argv)
-    args.subsets = getattr(args, "subsets", None)
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return convert(args)
-    except InputError as e:  # a user error: the message alone and exit status 2, as the other scripts
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: run the same command again to resume from {args.out}/state.json")
-        raise
-
-
-if __name__ == "__main__":
-    main()

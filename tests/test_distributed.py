@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import cli
 import distributed
 import generate
 from config import ConfigError
@@ -42,9 +43,13 @@ def restore_threads():
 
 
 def test_threads_flag_sets_torch_threads(restore_threads):
-    args = distributed.parse_cli(argparse.ArgumentParser(), ["--threads", "1"])
-    assert args.threads == 1 and torch.get_num_threads() == 1
-    distributed.parse_cli(argparse.ArgumentParser(), [], threads=2)
+    parser = argparse.ArgumentParser()
+    cli.add_threads(parser)
+    args = parser.parse_args(["--threads", "1"])
+    assert args.threads == 1 and distributed.set_threads(args.threads) == 1 and torch.get_num_threads() == 1
+    parser = argparse.ArgumentParser()
+    cli.add_threads(parser, default=2)
+    distributed.set_threads(parser.parse_args([]).threads)
     assert torch.get_num_threads() == 2
     with pytest.raises(ValueError, match="at least 1"):
         distributed.set_threads(0)
@@ -60,19 +65,19 @@ def failing(error):
                                    FileNotFoundError("checkpoint 'x' does not exist"), ValueError("bad flags")])
 def test_user_errors_exit_2_with_the_message_alone(error, capsys):
     with pytest.raises(SystemExit) as exit_:
-        distributed.run_cli(failing(error))
+        cli.run(failing(error))
     assert exit_.value.code == 2 and capsys.readouterr().err == f"error: {error}\n"
 
 
 def test_ctrl_c_ends_without_a_traceback(capsys):
     with pytest.raises(SystemExit) as exit_:
-        distributed.run_cli(failing(KeyboardInterrupt()))
+        cli.run(failing(KeyboardInterrupt()))
     assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
 def test_other_errors_keep_their_traceback():
     with pytest.raises(RuntimeError, match="a bug"):
-        distributed.run_cli(failing(RuntimeError("a bug")))
+        cli.run(failing(RuntimeError("a bug")))
 
 
 def test_train_and_generate_scripts_exit_2_on_user_errors(tmp_path, capsys):
@@ -82,6 +87,6 @@ def test_train_and_generate_scripts_exit_2_on_user_errors(tmp_path, capsys):
     image = tmp_path / "photo.jpg"
     image.write_bytes(b"")
     with pytest.raises(SystemExit) as exit_:
-        distributed.run_cli(lambda: generate.main(["--checkpoint", str(tmp_path / "none"), "--image", str(image),
+        cli.run(lambda: generate.main(["--checkpoint", str(tmp_path / "none"), "--image", str(image),
                                                    "--prompt", "Colour?"]))
     assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err

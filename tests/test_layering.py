@@ -11,7 +11,7 @@ from conftest import ROOT
 
 LAYERS = [  # lowest first
     ["config"],  # settings, choice lists and defaults: imports nothing of the project, nor torch
-    ["distributed", "layout", "collate", "text_interleave", "logger", "shards", "schedule", "frames", "tokenization",
+    ["cli", "distributed", "layout", "collate", "text_interleave", "logger", "shards", "schedule", "frames", "tokenization",
      "pretrained", "checkpoint"],  # one concern each, over the libraries
     ["inputs", "encoder", "model"],  # the model
     ["data", "eval_readers"],  # what training and evaluation read

@@ -23,7 +23,8 @@ from PIL import Image
 
 import train
 from conftest import SMOLLM2_GGUF, TINY_DINO, TINY_LLM, image_bytes, shard_dataset, write_members
-from converters import convert as prepare
+import prepare
+from converters import convert
 from synthetic import encode_mp4, render, write_tar
 
 SIZE = 32
@@ -359,7 +360,7 @@ class Crash(Exception):
 
 
 def test_resume_after_a_crash_neither_loses_nor_duplicates(src, converted, tmp_path, monkeypatch):
-    check, calls = prepare.check_media, []
+    check, calls = convert.check_media, []
 
     def crash_on_second_video(media, max_frames):
         calls.append(1)
@@ -367,7 +368,7 @@ def test_resume_after_a_crash_neither_loses_nor_duplicates(src, converted, tmp_p
             raise Crash
         return check(media, max_frames)
 
-    monkeypatch.setattr(prepare, "check_media", crash_on_second_video)
+    monkeypatch.setattr(convert, "check_media", crash_on_second_video)
     with pytest.raises(Crash):
         run(src, "llava-video", tmp_path / "out", "--shard-size", "1")
     assert sorted(os.listdir(tmp_path / "out")) == ["llava_video-000000.tar", "llava_video-000001.tar.tmp",

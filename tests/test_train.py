@@ -144,7 +144,7 @@ def test_stages_chain_through_save_dirs(tmp_path, shards, one_thread):
         raw = yaml.safe_load(open(path))
         del raw["model"]["tokenizer"]  # the tokenizer is the checkpoint's
         open(path, "w").write(yaml.safe_dump(raw))
-        cfg = train.load_config(["--config", path])
+        cfg = train.load_config(train.arguments(["--config", path]))
         model, _ = train.build_model(cfg, torch.device("cpu"))
         newest = train.FoveatedVLM.from_pretrained(checkpoint.newest(str(tmp_path / previous)))
         for (key, a), b in zip(newest.state_dict().items(), model.state_dict().values()):
