@@ -59,6 +59,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
@@ -251,16 +252,24 @@ class ShardDataset(IterableDataset):
 def make_loader(dataset, batch_size, pad_id, num_workers=None, pin_memory=False):
     """Batches from a ShardDataset (see collate.collate), with its data config's num_workers (unless given),
     prefetch_factor and max_total_frames (a batch then holds at most that many padded frames, so long videos make
-    smaller batches). Workers persist across passes (validation re-reads its loader); pin_memory (for CUDA) puts
-    batches in page-locked memory, which is what lets `tensor.to(device, non_blocking=True)` copy asynchronously."""
+    smaller batches). Workers persist across passes (validation re-reads its loader) and ignore Ctrl-C (the
+    training process stops them once it has saved: train.Stop); pin_memory (for CUDA) puts batches in
+    page-locked memory, which is what lets `tensor.to(device, non_blocking=True)` copy asynchronously."""
     data = dataset.data
     workers = data.num_workers if num_workers is None else num_workers
     kwargs = dict(num_workers=workers, prefetch_factor=data.prefetch_factor if workers else None,
-                  persistent_workers=workers > 0, pin_memory=pin_memory,
+                  persistent_workers=workers > 0, pin_memory=pin_memory, worker_init_fn=_ignore_ctrl_c,
                   collate_fn=functools.partial(collate, pad_id=pad_id))
     if data.max_total_frames:
         return DataLoader(BudgetBatches(dataset, batch_size, data.max_total_frames), batch_size=None, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, **kwargs)
+
+
+def _ignore_ctrl_c(worker_id):
+    """A loader worker outlives a Ctrl-C (the terminal, and torchrun, send it to the whole process group) until its
+    loader ends it: its parent finishes the step and saves first. SIGTERM still ends it (a process that ignored it
+    would hang multiprocessing's exit, which terminates and joins its children)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------- from a config, and the inspector

@@ -28,6 +28,8 @@ import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -198,11 +200,12 @@ def to_device(batch, dev):
     return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train_step(step_module, reference, batches, optimizer, cfg, dist, scaler):
+def train_step(step_module, reference, batches, optimizer, cfg, dist, scaler, stop=False):
     """Forward/backward over grad_accum micro-batches, clip, and step unless anything was non-finite (decided on
     all ranks together). `scaler` (distributed.grad_scaler) scales float16 losses and backs its scale off after
-    a non-finite step; for other dtypes it passes through. Returns (stepped, whether every rank's loss was
-    finite, the loss, metrics as tensors)."""
+    a non-finite step; for other dtypes it passes through. `stop`: this rank was asked to stop (Stop), shared in
+    the same all-reduce. Returns (stepped, whether every rank's loss was finite, the loss, metrics as tensors,
+    whether any rank asked to stop)."""
     accum, total, metrics = cfg.training.grad_accum, 0.0, {}
     for i in range(accum):
         batch = to_device(next(batches), dist.device)
@@ -217,13 +220,14 @@ def train_step(step_module, reference, batches, optimizer, cfg, dist, scaler):
     scaler.unscale_(optimizer)  # clip (and report) the true gradients
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.training.max_grad_norm)
-    finite = distributed.all_reduce(torch.stack([torch.isfinite(total), torch.isfinite(norm)]).float(), "min")
-    loss_finite, stepped = bool(finite[0]), bool(finite.min())
+    go_on = torch.tensor(0.0 if stop else 1.0, device=norm.device)
+    ok = distributed.all_reduce(torch.stack([torch.isfinite(total), torch.isfinite(norm), go_on]).float(), "min")
+    loss_finite, stepped = bool(ok[0]), bool(ok[:2].min())
     if stepped:
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return stepped, loss_finite, total, {"grad_norm": norm.detach().float(), **metrics}
+    return stepped, loss_finite, total, {"grad_norm": norm.detach().float(), **metrics}, not bool(ok[2])
 
 
 def eval_modes(cfg):
@@ -289,8 +293,12 @@ class Progress:
 def resume(cfg, model, optimizer, scheduler, scaler, dist):
     """Restore weights, optimizer, schedule, loss scale and RNG from the checkpoint that checkpoint.resume names.
     Returns its Progress (step 0 for a fresh run). The state file is memory-mapped and dropped once copied."""
-    path = checkpoint.find_resume(cfg.checkpoint.save_dir, cfg.checkpoint.resume)
+    save_dir = cfg.checkpoint.save_dir
+    path = checkpoint.find_resume(save_dir, cfg.checkpoint.resume)
     if path is None:
+        if dist.is_main and cfg.checkpoint.resume == "auto" and os.path.isfile(os.path.join(save_dir, "log.csv")):
+            print(f"{save_dir} holds no checkpoint to resume from (the run there stopped before its first save, at "
+                  f"checkpoint.save_every_steps {cfg.checkpoint.save_every_steps}): starting at step 0", flush=True)
         return Progress()
     state = checkpoint.load_state(path)
     model.load_state_dict(checkpoint.read_state_dict(path))
@@ -374,46 +382,106 @@ def log_window(run, progress, window, batches, tick):
     run.logger.log(progress.step, figures, group_lrs(run.optimizer), samples_per_s)
 
 
+class Stop:
+    """Ctrl-C and SIGTERM as requests, inside the block: the first lets the step in progress end, then the run saves
+    its last completed step and stops, every rank at the same step (train_step shares the request in its
+    all-reduce); a second Ctrl-C stops at once. Later SIGTERMs are ignored: torchrun passes a Ctrl-C on to every
+    rank's process group and kills them 30 s later; a cluster's scheduler sends its own SIGTERM. A SIGTERM to the
+    process group ends the loader's workers (only Ctrl-C is theirs to ignore: data.make_loader): from the first
+    request on, a worker's end is not an error here (torch's SIGCHLD check is off), so the step in progress
+    completes on the batch it holds."""
+
+    def __init__(self, verbose=True):
+        self.requested, self.verbose = False, verbose
+
+    def __enter__(self):
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.requested = True
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint of the last completed step, then stopping "
+                  "(Ctrl-C again stops at once, without it)", file=sys.stderr, flush=True)
+
+
+class Stopped(Exception):
+    """The run stopped on request (Stop) at progress.step, saved unless no step had completed."""
+
+    def __init__(self, progress, saved):
+        super().__init__(progress.step)
+        self.progress, self.saved = progress, saved
+
+
 def fit(run, batches, val, progress, ranking):
-    """The training loop from progress.step to run.total_steps; returns the Progress at the end."""
-    cfg, t, c = run.cfg, run.cfg.training, run.cfg.checkpoint
-    window, nonfinite, wall_before, start = [], 0, progress.wall_time_s, time.time()
-    tick = start
-    batches = SkipCount(batches)
-    while progress.step < run.total_steps:
-        stepped, loss_finite, loss, metrics = train_step(run.step_module, run.reference, batches, run.optimizer, cfg,
-                                                         run.dist, run.scaler)
-        progress.batches_seen += t.grad_accum
-        if not stepped:
-            nonfinite += 1
-            run.logger.log(progress.step, {"nonfinite_skipped": nonfinite})
-            # float16: gradients that overflow a finite loss are the scaler's to back off from (its scale halves
-            # each time), as it does several times in a row from its initial 65536; only a scale below 1 gives up.
-            backing_off = run.scaler.is_enabled() and run.scaler.get_scale() >= 1 and loss_finite  # on every rank
-            if nonfinite >= t.max_nonfinite_steps and not backing_off:
-                raise RuntimeError(f"{nonfinite} steps in a row had a non-finite loss or gradient (last at step "
-                                   f"{progress.step}); stopping. The last good checkpoint in {c.save_dir} is "
-                                   "intact: lower the learning rate or check the data, then resume.")
-            continue
-        nonfinite = 0
-        run.scheduler.step()
-        progress.step += 1
-        progress.samples_seen += run.global_batch
-        step, last = progress.step, progress.step == run.total_steps
-        window.append({"loss": loss, **metrics})
-        if step % t.log_every == 0 or last:
-            log_window(run, progress, window, batches, tick)
-            window, tick = [], time.time()
-        if val is not None and (step % cfg.eval.every_steps == 0 or last):
-            progress.val = evaluate(run.step_module, run.reference, val, cfg, run.dist)
-            run.logger.log(step, progress.val)
-            tick = time.time()
-        progress.wall_time_s = round(wall_before + time.time() - start, 1)
-        if step % c.save_every_steps == 0 or last:
-            count_skips(batches, progress)  # a save between log steps holds the skips up to it
-            save(run, progress, ranking)
-            tick = time.time()
+    """The training loop from progress.step to run.total_steps; returns the Progress at the end. Raises Stopped
+    when asked to stop (Ctrl-C, SIGTERM), after saving the last completed step."""
+    t = run.cfg.training
+    wall_before, start, nonfinite, saved = progress.wall_time_s, time.time(), 0, False
+    batches, clock = SkipCount(batches), {"window": [], "tick": start}
+    with Stop(run.dist.is_main) as stop:
+        while progress.step < run.total_steps:
+            stepped, loss_finite, loss, metrics, stopping = train_step(
+                run.step_module, run.reference, batches, run.optimizer, run.cfg, run.dist, run.scaler, stop.requested)
+            progress.batches_seen += t.grad_accum
+            if stepped:
+                nonfinite = 0
+                saved = after_step(run, batches, val, progress, ranking, clock, {"loss": loss, **metrics})
+                progress.wall_time_s = round(wall_before + time.time() - start, 1)
+            else:
+                nonfinite += 1
+                check_nonfinite(run, progress, nonfinite, loss_finite)
+            if stopping:
+                if progress.step and not saved:
+                    count_skips(batches, progress)
+                    save(run, progress, ranking)
+                raise Stopped(progress, saved=progress.step > 0)
     return progress
+
+
+def after_step(run, batches, val, progress, ranking, clock, figures):
+    """A completed step's bookkeeping: count it, log, validate and save at their steps (clock: the figures since the
+    last log and when that was). Returns whether it saved."""
+    cfg, c = run.cfg, run.cfg.checkpoint
+    run.scheduler.step()
+    progress.step += 1
+    progress.samples_seen += run.global_batch
+    step, last = progress.step, progress.step == run.total_steps
+    clock["window"].append(figures)
+    if step % cfg.training.log_every == 0 or last:
+        log_window(run, progress, clock["window"], batches, clock["tick"])
+        clock["window"], clock["tick"] = [], time.time()
+    if val is not None and (step % cfg.eval.every_steps == 0 or last):
+        progress.val = evaluate(run.step_module, run.reference, val, cfg, run.dist)
+        run.logger.log(step, progress.val)
+        clock["tick"] = time.time()
+    if step % c.save_every_steps == 0 or last:
+        count_skips(batches, progress)  # a save between log steps holds the skips up to it
+        save(run, progress, ranking)
+        clock["tick"] = time.time()
+        return True
+    return False
+
+
+def check_nonfinite(run, progress, nonfinite, loss_finite):
+    """After `nonfinite` skipped steps in a row: log it, and stop at training.max_nonfinite_steps. float16: gradients
+    that overflow a finite loss are the scaler's to back off from (its scale halves each time), as it does several
+    times in a row from its initial 65536; only a scale below 1 gives up."""
+    run.logger.log(progress.step, {"nonfinite_skipped": nonfinite})
+    backing_off = run.scaler.is_enabled() and run.scaler.get_scale() >= 1 and loss_finite  # on every rank
+    if nonfinite >= run.cfg.training.max_nonfinite_steps and not backing_off:
+        raise RuntimeError(f"{nonfinite} steps in a row had a non-finite loss or gradient (last at step "
+                           f"{progress.step}); stopping. The last good checkpoint in {run.cfg.checkpoint.save_dir} "
+                           "is intact: lower the learning rate or check the data, then resume.")
 
 
 def main(argv=None, args=None):
@@ -452,13 +520,24 @@ def main(argv=None, args=None):
               f"samples | {dist.world_size} x {dist.device} | {distributed.resolve_dtype(dist.device, t.dtype)} | "
               f"{threads} CPU threads", flush=True)
 
-    progress = fit(run, batches, val, progress, metric_name(cfg, val is not None, dist))
-    logger.summary(final_loss=progress.train_loss, val_loss=progress.val.get("val_loss"), steps=progress.step,
-                   samples=progress.samples_seen, skipped=progress.skipped, skip_reasons=progress.skip_reasons,
-                   wall_time_s=progress.wall_time_s, save_dir=c.save_dir)
+    stopped = None
+    try:
+        progress = fit(run, batches, val, progress, metric_name(cfg, val is not None, dist))
+    except Stopped as e:
+        progress, stopped = e.progress, e
+    if stopped is None:
+        logger.summary(final_loss=progress.train_loss, val_loss=progress.val.get("val_loss"), steps=progress.step,
+                       samples=progress.samples_seen, skipped=progress.skipped, skip_reasons=progress.skip_reasons,
+                       wall_time_s=progress.wall_time_s, save_dir=c.save_dir)
+    elif dist.is_main:
+        where = (f"saved step {progress.step} in {c.save_dir}; the same command resumes there" if stopped.saved
+                 else "no step had completed: nothing to save")
+        print(f"stopped on request at step {progress.step} of {total_steps}: {where}", file=sys.stderr, flush=True)
     logger.close()
     del run  # the DDP wrapper first (distributed.cleanup says why)
     distributed.cleanup()
+    if stopped is not None:
+        raise KeyboardInterrupt  # cli.run: "interrupted", exit status 130
     return model
 
 

@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -288,3 +289,67 @@ def test_nonfinite_losses_skip_then_stop_with_checkpoint_intact(tmp_path, shards
     assert all(torch.isfinite(w).all() for w in weights.values())
     rows = read_log(save_dir)
     assert [r["nonfinite_skipped"] for r in rows if r.get("nonfinite_skipped")] == ["1", "2", "3"]
+
+
+def wait_for_log_rows(save_dir, rows, proc, timeout=180):
+    """Wait until the running training process has logged `rows` steps (log.csv)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(os.path.join(save_dir, "log.csv")) and len(read_log(save_dir)) >= rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {rows} logged steps in {timeout} s")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_last_completed_step_and_the_run_resumes_there(tmp_path, shards):
+    """A Ctrl-C reaches the whole process group (the loader's worker too): the step in progress ends, that step is
+    saved although no save step was reached, and the same command resumes from it."""
+    path = write_config(tmp_path, data={"train_shards": str(shards / "train.tar"), "num_workers": 1},
+                        training={"total_samples": 64, "batch_size": 2, "log_every": 1},
+                        checkpoint={"save_every_steps": 1000})
+    save_dir = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", path], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_log_rows(save_dir, 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = int(re.search(r"stopped on request at step (\d+) of 32: saved step \1", err).group(1))
+    assert "SIGINT: saving a checkpoint" in err and "Traceback" not in err and 3 <= step < 32
+    assert checkpoint.newest(save_dir).endswith(f"step_{step:08d}")
+    assert checkpoint.load_state(checkpoint.newest(save_dir))["step"] == step
+    again = subprocess.run([sys.executable, "train.py", "--config", path], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0 and f"resumed from {save_dir}/step_{step:08d}: step {step}" in again.stdout
+
+
+def test_a_restart_with_nothing_to_resume_says_so(tmp_path, shards, one_thread, capsys):
+    path = write_config(tmp_path, data={"train_shards": str(shards / "train.tar")},
+                        training={"total_samples": 8, "batch_size": 4})
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "log.csv").write_text("step,loss\n1,9.0\n")  # a run stopped before its first save
+    train.main(["--config", path])
+    assert "holds no checkpoint to resume from" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_saves_once_and_every_rank_stops(tmp_path, shards):
+    """torchrun passes a Ctrl-C on to each rank's process group: every rank stops at the same step, rank 0
+    saves it."""
+    path = write_config(tmp_path, data={"train_shards": str(shards / "train.tar"), "num_workers": 1},
+                        training={"total_samples": 256, "batch_size": 2, "log_every": 1},
+                        checkpoint={"save_every_steps": 1000})
+    save_dir = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", "--config", path], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_log_rows(save_dir, 2, proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C reaches torchrun, which passes it on
+    out, err = proc.communicate(timeout=120)
+    stops = re.findall(r"stopped on request at step (\d+) of 64: saved step \1", err)
+    assert len(stops) == 1, err[-3000:]  # rank 0's report
+    step = int(stops[0])
+    assert checkpoint.newest(save_dir).endswith(f"step_{step:08d}") and len(checkpoint.checkpoints(save_dir)) == 1
+    assert checkpoint.load_state(checkpoint.newest(save_dir))["step"] == step
