@@ -99,3 +99,18 @@ def test_throughput_names_a_missing_init_from(tmp_path):
     path.write_text(yaml.safe_dump({"model": {"init_from": str(tmp_path / "missing")}}))
     with pytest.raises(ValueError, match="'model.init_from' does not exist"):
         bench.main(["throughput", "--config", str(path)])
+
+
+def test_alternate_reports_each_round_as_it_ends(capsys):
+    times = bench.alternate({"a": lambda: None, "b": lambda: None}, 2, torch.device("cpu"), "case")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["case warm-up", "case round 1/2", "case round 2/2"]
+    assert all("a " in line and "b " in line for line in lines) and len(times["a"]) == 2
+
+
+def test_throughput_is_quick_by_default_and_says_so(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "matmul_peak", lambda dev: 1e11)
+    bench.main(["throughput", "--config", "configs/quickstart.yaml", "--random-data", "--text-tokens", "8"])
+    out = capsys.readouterr().out
+    assert "quick run: batch 1 (config 16), 2 timed steps; --full for the config's own" in out
+    assert re.search(r"warm-up: \d+\.\d\d s\n.*step 1/2: .*\n.*step 2/2: ", out) and "batch 1 |" in out
