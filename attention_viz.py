@@ -137,7 +137,7 @@ def animation_frames(frames, maps, entropy, mode, patch_size, layer=None):
     marker = _entropy_plot(fig.add_subplot(grid[1, :]), entropy, kinds, layer, math.log(maps["coarse"].shape[-1]))
     title = fig.suptitle(f"frame {T} of {T}: where the queries look (DINO layer {layer}, mean of the heads)",
                          fontsize=9)
-    fig.tight_layout()  # with the longest title in place
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # with the longest title in place
     out = []
     for t in range(T):
         for picture, video in pictures:
@@ -160,6 +160,7 @@ def _entropy_plot(ax, entropy, kinds, layer, uniform):
         ax.plot(range(T), entropy[kind][layer].numpy(), marker="o", markersize=3, label=LABELS[kind])
     ax.axhline(uniform, color="grey", linestyle="--", linewidth=0.8, label="uniform")
     ax.set_xlim(-0.5, T - 0.5)
+    ax.set_ylim(0, uniform * 1.1)  # entropy lies between 0 (one patch) and uniform
     ax.set_xlabel("frame", fontsize=8)
     ax.set_ylabel("entropy (nats)", fontsize=8)
     ax.tick_params(labelsize=7)
