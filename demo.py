@@ -69,7 +69,7 @@ class Video:
 
     key: tuple  # (path, fps, cap): another of these reads the video again
     frames: torch.Tensor
-    encoded: tuple
+    encoded: tuple = None  # set by Session.encode, once the question is known to fit
     visual: dict = field(default_factory=dict)
     maps: dict = None  # {kind: [L, T, heads, 1+P]}
     entropy: dict = None  # {kind: [L, T]}
@@ -107,23 +107,27 @@ class Session:
 
     def read(self, path, fps, cap, progress):
         """The Video of `path` read at `fps` frames a second up to `cap` frames (kept from the last question
-        when they are the same); progress(fraction, desc) is told how far the reading is."""
+        when they are the same), not yet encoded; progress(fraction, desc) is told what is being read."""
         key = (path, float(fps), int(cap))
         if self.video is not None and self.video.key == key:
             return self.video
         self.forget()
         name = os.path.basename(path)
-        progress(0.0, f"decoding {name}")
+        progress(None, f"decoding {name}")
         try:
             frames = read_frames(path, fps, int(cap), self.frame_size).to(self.device)
         except SkipSample as e:
             raise DemoError(f"Cannot read {name}: {e}. Upload a video (mp4, webm, mkv, avi, mov) or an image "
                             f"({', '.join(IMAGE_FIELDS)}).") from None
-        report = lambda done, T: progress(done / T, f"encoding frame {done} of {T} with DINOv2")
-        with autocast(self.device):
-            encoded = encode_in_chunks(self.model, frames, report)
-        self.video = Video(key, frames, encoded)
+        self.video = Video(key, frames)
         return self.video
+
+    def encode(self, video, progress):
+        """Run DINOv2 on the video's frames, once; progress(fraction, desc) after every ENCODE_CHUNK frames."""
+        if video.encoded is None:
+            report = lambda done, T: progress(done / T, f"encoding frame {done} of {T} with DINOv2")
+            with autocast(self.device):
+                video.encoded = encode_in_chunks(self.model, video.frames, report)
 
     def forget(self):
         """Drop the last video and delete its animations."""
@@ -146,7 +150,7 @@ class Session:
     def answer(self, video, ids, mode, progress):
         """The answer to the prompt `ids` about `video` in `mode`, growing: yields the text so far."""
         if mode not in video.visual:
-            progress(1.0, f"{mode} visual tokens")
+            progress(None, f"the {mode} visual tokens")
             with autocast(self.device):
                 video.visual[mode] = self.model.visual_tokens(*video.encoded, mode)[0]
         with autocast(self.device):
@@ -193,7 +197,8 @@ def respond(session, question, history, source, mode, fps, cap, progress):
             raise DemoError("Type a question first.")
         start = time.perf_counter()
         video = session.read(source, fps, cap, progress)
-        ids = session.prompt(history, question, video.frames.shape[0])
+        ids = session.prompt(history, question, video.frames.shape[0])  # fits the context, or a DemoError
+        session.encode(video, progress)
         text = ""
         for text in session.answer(video, ids, mode, progress):
             yield conversation(history + [(question, text)]), gr.skip(), gr.skip(), "Answering...", ""

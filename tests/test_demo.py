@@ -124,17 +124,20 @@ def test_animate_writes_mp4_and_gif_with_a_frame_per_frame(checkpoint, tmp_path,
 
 
 # ---------------------------------------------------------------- the page's logic, without a browser
-def ask(session, question, history=(), source=None, mode="autoregressive", fps=1.0, cap=64):
+def ask(session, question, history=(), source=None, mode="autoregressive", fps=1.0, cap=64, progress=no_progress):
     """Everything demo.respond yields: [(chat, history, animation, status, question box), ...]."""
-    return list(demo.respond(session, question, list(history), source, mode, fps, cap, no_progress))
+    return list(demo.respond(session, question, list(history), source, mode, fps, cap, progress))
 
 
 def test_follow_up_questions_reuse_the_video_and_continue_the_conversation(session, tmp_path):
     clip = synthetic_video(tmp_path / "clip.mp4")
+    told = []
     with DinoCounter(session.model) as dino:
-        first = ask(session, "What moves?", source=clip)
+        first = ask(session, "What moves?", source=clip, progress=lambda *args: told.append(args))
     chat, history, animation, status, box = first[-1]
     assert dino.frames > 0 and "Answered" in status and box == ""
+    assert told == [(None, "decoding clip.mp4"), (1.0, "encoding frame 6 of 6 with DINOv2"),
+                    (None, "the autoregressive visual tokens")]
     assert history == [("What moves?", chat[-1]["content"])] and os.path.dirname(animation) == str(tmp_path)
     assert len(first) > 2 and all(len(s[0]) == 2 for s in first[:-1])  # the answer grew in the page
     frames = generate.load_frames(video=clip, frame_size=SIZE)
@@ -172,8 +175,10 @@ def test_a_video_longer_than_the_context_is_refused_before_it_is_encoded(tokeniz
     kwargs["llm_config"]["max_position_embeddings"] = 40
     session = demo.Session(FoveatedVLM(**kwargs).eval(), tokenizer, SIZE, str(tmp_path), max_new_tokens=6)
     clip = synthetic_video(tmp_path / "long.mp4", frames=20, fps=1)
-    status = ask(session, "What moves?", source=clip, fps=1.0)[-1][3]
+    with DinoCounter(session.model) as dino:
+        status = ask(session, "What moves?", source=clip, fps=1.0)[-1][3]
     assert "Too long for the model" in status and "20 frames" in status and "reads 40" in status
+    assert dino.frames == 0
     assert "Answered" in ask(session, "Hi?", source=clip, cap=4)[-1][3]
 
 
