@@ -13,7 +13,7 @@ animation are kept for the next question until another video (or frame rate or c
 
 Built on Gradio Blocks (https://www.gradio.app/docs/gradio/blocks). It listens on 127.0.0.1 unless --host says
 otherwise and is never shared publicly; neither the page nor the server makes a request to another host (no
-analytics, no version check, fonts served locally); uploads and the animations go to a temporary folder,
+analytics, no version check, system fonts only); uploads and the animations go to a temporary folder,
 removed when the server stops.
 """
 

@@ -167,6 +167,8 @@ def test_bad_input_gets_a_message_in_the_page(session, tmp_path):
     with session.busy:  # a question is being answered
         assert ask(session, "What moves?", source=clip)[-1][3] == demo.BUSY
     assert "Answered" in ask(session, "What moves?", source=clip)[-1][3]  # and the page still answers
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "photo.png")
+    assert "from 8 frames" in ask(session, "What colour?", source=str(tmp_path / "photo.png"))[-1][3]  # replicated
 
 
 def test_a_video_longer_than_the_context_is_refused_before_it_is_encoded(tokenizer, tmp_path):
