@@ -20,6 +20,7 @@ removed when the server stops.
 import argparse
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -281,6 +282,7 @@ def main(argv=None):
     model, tokenizer, frame_size = load_checkpoint(args.checkpoint, args.device)
     workdir = tempfile.mkdtemp(prefix="fvlm-demo-")
     os.environ["GRADIO_TEMP_DIR"] = workdir  # uploads and gradio's cache: read when the page is built
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` closes the server as Ctrl-C does
     try:
         session = Session(model.eval(), tokenizer, frame_size, workdir, args.max_new_tokens)
         launch(build(session, samples), workdir, args.host, args.port, args.max_upload_mb)
