@@ -5,8 +5,14 @@ chromium-driver; skipped when they are absent, except in CI)."""
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from urllib.parse import urlparse
 
 import av
@@ -182,6 +188,30 @@ def test_a_video_longer_than_the_context_is_refused_before_it_is_encoded(tokeniz
     assert "Too long for the model" in status and "20 frames" in status and "reads 40" in status
     assert dino.frames == 0
     assert "Answered" in ask(session, "Hi?", source=clip, cap=4)[-1][3]
+
+
+@pytest.mark.slow
+def test_the_command_serves_on_127_0_0_1_and_a_kill_removes_its_temporary_folder(checkpoint, tmp_path):
+    port = free_port()
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # where tempfile (and so the demo and gradio) write
+    server = subprocess.Popen([sys.executable, "demo.py", "--checkpoint", checkpoint, "--port", str(port),
+                               "--threads", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://{LOCAL}:{port}/", timeout=2) as page:
+                    assert page.status == 200 and b"fVLM: where the model looks" in page.read()
+                break
+            except urllib.error.URLError:
+                time.sleep(0.5)
+        assert [p.name for p in tmp_path.glob("fvlm-demo-*")], "no temporary folder while serving"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out = server.communicate(timeout=60)[0]
+    assert server.returncode == 0 and f"http://{LOCAL}:{port}" in out and "gradio.live" not in out, out
+    assert not list(tmp_path.glob("fvlm-demo-*"))  # uploads and animations went with it
 
 
 # ---------------------------------------------------------------- the page in a real browser
