@@ -103,7 +103,7 @@ class FoveatedVLM(nn.Module):
         the text costs only the text's tokens (lambda_coarse's loss; scoring both modes)."""
         M = frame_idx.shape[0]
         if mode == "autoregressive":
-            return self._autoregressive_tokens(kv, frame_idx, counts), None
+            return self._autoregressive_tokens(kv, frame_idx, counts)[0], None
         coarse = self._tokens(self.q_static.expand(M, -1), kv, frame_idx)
         if mode == "coarse_only" or (M == 0 and text is None):
             return coarse, None
@@ -120,22 +120,25 @@ class FoveatedVLM(nn.Module):
 
     def _autoregressive_tokens(self, kv, frame_idx, counts):
         """Frame t read with the query the LLM proposes after frames < t (KV cache), frame 0 with q_init ->
-        packed tokens [M, llm_dim]. The text is read afterwards by one pass over them, like the other modes."""
+        packed tokens [M, llm_dim] and the queries that read them [M, query_dim]. The text is read afterwards by
+        one pass over the tokens, like the other modes."""
         B, T = counts.shape[0], int(counts.max()) if counts.numel() else 0
         dev, dtype = counts.device, self.llm.get_input_embeddings().weight.dtype
         cache, mask = DynamicCache(config=self.llm.config), torch.zeros(B, 0, dtype=torch.bool, device=dev)
         start = torch.cumsum(counts, 0) - counts
-        q, toks = self.q_init.expand(B, -1), []
+        q, toks, queries = self.q_init.expand(B, -1), [], []
         for t in range(T):
             live = t < counts  # [B]: the samples with a frame t; the others read a placeholder, masked out
+            queries.append(q)
             toks.append(self._tokens(q, kv, frame_idx[(start + t).clamp(max=frame_idx.shape[0] - 1)]))
             if t + 1 < T:  # the state after the last frame proposes no query
                 mask = torch.cat([mask, live[:, None]], 1)
                 tok = (toks[-1] * live[:, None]).to(dtype)[:, None]  # [B, 1, D]
                 q = self.llm_to_query(self._llm_hidden(tok, mask, torch.full((B, 1), t, device=dev), cache)[:, 0])
         if not toks:  # no frames at all
-            return q.new_zeros(0, self.dino_to_llm.out_features)
-        return torch.stack(toks, 1)[torch.arange(T, device=dev) < counts[:, None]]
+            return q.new_zeros(0, self.dino_to_llm.out_features), q.new_zeros(0, q.shape[-1])
+        real = torch.arange(T, device=dev) < counts[:, None]  # [B, T]
+        return torch.stack(toks, 1)[real], torch.stack(queries, 1)[real]
 
     # ---------------------------------------------------------------- language
     def _llm_hidden(self, embeds, mask, position_ids=None, cache=None):
@@ -252,23 +255,40 @@ class FoveatedVLM(nn.Module):
         finish early are filled with eos_token_id. The prompt is input_ids [B, S], or a user message string (or
         B of them), chat-formatted behind the model's system prompt (model.inputs) with `tokenizer` (default
         model.tokenizer), whose eos then ends a row. Frames as `_inference_frames` takes them: a single image
-        ([3, H, W], uint8 [H, W, 3]) or one-frame clip is replicated as the model was trained to see images."""
+        ([3, H, W], uint8 [H, W, 3]) or one-frame clip is replicated as the model was trained to see images.
+        `generate_stream` gives the same ids one step at a time."""
+        for new in self.generate_stream(frames, input_ids, attention_mask, frame_mask, max_new_tokens, mode,
+                                        do_sample, temperature, top_p, eos_token_id, tokenizer):
+            pass
+        return new
+
+    @torch.no_grad()
+    def generate_stream(self, frames, input_ids, attention_mask=None, frame_mask=None, max_new_tokens=64,
+                        mode="autoregressive", do_sample=False, temperature=1.0, top_p=1.0, eos_token_id=None,
+                        tokenizer=None, encoded=None, visual=None):
+        """generate, step by step: yields the new ids so far [B, n] after each step (n = 1, 2, ...; a single
+        [B, 0] when max_new_tokens is 0), so that an answer can be shown as it is written. Questions about frames
+        already read pass `encoded` (`_encode(*_inference_frames(frames, frame_mask))`: DINO is not run, `frames`
+        not read) and `visual` (`visual_tokens(*encoded, mode)[0]`: the mode's queries are not run again)."""
         check_modes([mode])
         if isinstance(input_ids, (str, list)):
             tokenizer = tokenizer if tokenizer is not None else self.tokenizer
             input_ids, attention_mask = prompt_batch(input_ids, tokenizer, self.q_init.device,
                                                      self._use().system_prompt)
             eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        kv, frame_idx, counts = self._encode(*self._inference_frames(frames, frame_mask))
+        kv, frame_idx, counts = encoded if encoded is not None else self._encode(*self._inference_frames(frames,
+                                                                                                         frame_mask))
         _check_rows(counts, input_ids.shape[0], "input_ids")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         text, _ = self._text(input_ids, attention_mask)
-        vis, _ = self.visual_tokens(kv, frame_idx, counts, mode)
+        vis = visual if visual is not None else self.visual_tokens(kv, frame_idx, counts, mode)[0]
         embeds, mask, _, _ = pack(pad_packed(vis, counts)[0], counts, text.embeds, text.n)
         cache = DynamicCache(config=self.llm.config)
         h = self._llm_hidden(embeds, mask, None, cache)
         last, next_pos = gather_rows(h, (counts + text.n - 1).clamp(min=0)[:, None])[:, 0], counts + text.n
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if max_new_tokens <= 0:
+            yield input_ids.new_zeros(input_ids.shape[0], 0)
         out = []
         for _ in range(max_new_tokens):
             tok = _pick(self._logits(last).float(), do_sample, temperature, top_p)
@@ -276,13 +296,13 @@ class FoveatedVLM(nn.Module):
                 tok = torch.where(done, eos_token_id, tok)
                 done |= tok == eos_token_id
             out.append(tok)
+            yield torch.stack(out, 1)
             if bool(done.all()) or len(out) == max_new_tokens:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             embed = self.llm.get_input_embeddings()(tok[:, None])
             last = self._llm_hidden(embed, mask, next_pos[:, None], cache)[:, 0]
             next_pos = next_pos + 1
-        return torch.stack(out, 1) if out else input_ids.new_zeros(input_ids.shape[0], 0)
 
     @torch.no_grad()
     def option_nll(self, frames, prompts, options, modes=("coarse_fine",), frame_mask=None, encoded=None):
@@ -327,16 +347,20 @@ class FoveatedVLM(nn.Module):
                 for mode, per_question in nll.items()}
 
     @torch.no_grad()
-    def attention_maps(self, frames, frame_mask=None):
-        """Per-layer attention of the coarse (static) and fine (LLM-chosen) queries over each frame's tokens:
-        {"coarse"|"fine": [L, B, T, heads, 1+P]} (CLS first; zeros at padded frames)."""
+    def attention_maps(self, frames, frame_mask=None, encoded=None):
+        """Per-layer attention over each frame's tokens of the queries each mode reads it with: the static query
+        (coarse_only, and coarse_fine's coarse pass), coarse_fine's fine queries and the autoregressive queries:
+        {"coarse"|"fine"|"autoregressive": [L, B, T, heads, 1+P]} (CLS first; zeros at padded frames).
+        `encoded` as in generate_stream (then `frames` give only the layout)."""
         frames, frame_mask = self._inference_frames(frames, frame_mask)
-        kv, frame_idx, counts = self._encode(frames, frame_mask)
+        kv, frame_idx, counts = encoded if encoded is not None else self._encode(frames, frame_mask)
         q_static = self.q_static.expand(frame_idx.shape[0], -1)
         coarse_h, _ = self._llm(self._tokens(q_static, kv, frame_idx), counts)
+        queries = {"coarse": q_static, "fine": self._fine_queries(coarse_h, counts),
+                   "autoregressive": self._autoregressive_tokens(kv, frame_idx, counts)[1]}
         B, T = frames.shape[:2]
         out = {}
-        for name, q in (("coarse", q_static), ("fine", self._fine_queries(coarse_h, counts))):
+        for name, q in queries.items():
             _, maps = self.encoder.query_attend(q, kv, frame_idx, return_attention=True)
             grid = maps[0].new_zeros(len(maps), B, T, *maps[0].shape[1:])
             grid[:, frame_mask] = torch.stack(maps)

@@ -425,9 +425,9 @@ class Stopped(Exception):
 def fit(run, batches, val, progress, ranking):
     """The training loop from progress.step to run.total_steps; returns the Progress at the end. Raises Stopped
     when asked to stop (Ctrl-C, SIGTERM), after saving the last completed step."""
-    t = run.cfg.training
-    wall_before, start, nonfinite, saved = progress.wall_time_s, time.time(), 0, False
-    batches, clock = SkipCount(batches), {"window": [], "tick": start}
+    t, nonfinite, saved = run.cfg.training, 0, False
+    start = time.time()
+    batches, clock = SkipCount(batches), {"window": [], "tick": start, "start": start, "before": progress.wall_time_s}
     with Stop(run.dist.is_main) as stop:
         while progress.step < run.total_steps:
             stepped, loss_finite, loss, metrics, stopping = train_step(
@@ -436,7 +436,6 @@ def fit(run, batches, val, progress, ranking):
             if stepped:
                 nonfinite = 0
                 saved = after_step(run, batches, val, progress, ranking, clock, {"loss": loss, **metrics})
-                progress.wall_time_s = round(wall_before + time.time() - start, 1)
             else:
                 nonfinite += 1
                 check_nonfinite(run, progress, nonfinite, loss_finite)
@@ -450,7 +449,8 @@ def fit(run, batches, val, progress, ranking):
 
 def after_step(run, batches, val, progress, ranking, clock, figures):
     """A completed step's bookkeeping: count it, log, validate and save at their steps (clock: the figures since the
-    last log and when that was). Returns whether it saved."""
+    last log and when that was, when this process started and the run's wall time before it). Returns whether it
+    saved."""
     cfg, c = run.cfg, run.cfg.checkpoint
     run.scheduler.step()
     progress.step += 1
@@ -464,6 +464,7 @@ def after_step(run, batches, val, progress, ranking, clock, figures):
         progress.val = evaluate(run.step_module, run.reference, val, cfg, run.dist)
         run.logger.log(step, progress.val)
         clock["tick"] = time.time()
+    progress.wall_time_s = round(clock["before"] + time.time() - clock["start"], 1)
     if step % c.save_every_steps == 0 or last:
         count_skips(batches, progress)  # a save between log steps holds the skips up to it
         save(run, progress, ranking)

@@ -11,7 +11,7 @@ from conftest import ROOT, script_error, tiny_model_kwargs
 
 COMMANDS = {  # a command line each that argparse accepts up to the flags under test
     "train.py": [], "generate.py": [], "benchmark.py": [], "attention_viz.py": [], "bench.py": ["step"],
-    "data.py": [], "prepare.py": ["openvid"], "synthetic.py": [],
+    "data.py": [], "prepare.py": ["openvid"], "synthetic.py": [], "demo.py": [],
 }
 PROBE = """
 import runpy, sys

@@ -101,9 +101,10 @@ def test_bf16_training_step_matches_float32(models, loss_type):
     policy = copy.deepcopy(models[0]).train()
     before = [p.detach().clone() for p in policy.parameters()]
     optimizer = train.build_optimizer(policy, cfg.training)
-    stepped, _, _, _ = train.train_step(train.StepModule(policy, loss_type == "dpo", "coarse_fine"),
-                                     models[1] if loss_type == "dpo" else None, iter([batch(loss_type)]), optimizer,
-                                     cfg, distributed.Dist(0, 0, 1, CPU), distributed.grad_scaler(CPU, "bfloat16"))
+    stepped, _, _, _, _ = train.train_step(train.StepModule(policy, loss_type == "dpo", "coarse_fine"),
+                                           models[1] if loss_type == "dpo" else None, iter([batch(loss_type)]),
+                                           optimizer, cfg, distributed.Dist(0, 0, 1, CPU),
+                                           distributed.grad_scaler(CPU, "bfloat16"))
     assert stepped and optimizer.defaults["fused"] is None  # fused AdamW only when every parameter is on CUDA
     params = list(policy.parameters())
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)
