@@ -8,10 +8,12 @@ and its score is the mean cross-entropy of the tokens after the prompt (the opti
 newline), with the <|im_end|> target counted as 0 (the original's `ignore_index=pad_id`, pad = eos); the
 lowest score wins. Every one-frame question is replicated to 8 frames. `Protocol` names each choice
 (`--scoring`, `--system-prompt`, ...); `model.option_nll` runs DINOv2 once per question for all options and
-modes, several questions per call with --batch-size.
+modes, several questions per call with --batch-size. `--protocol lmms-eval` asks, generates and parses as
+lmms-eval does instead (lmms_protocol.py), so that a score can stand beside those the field reports.
 
     python benchmark.py --checkpoint checkpoints/stage2_135M --data-config configs/eval_data.yaml \
         [--only MVBench ScienceQA] [--modes coarse_only coarse_fine autoregressive] [--limit N] [--out results.json]
+        [--protocol original|lmms-eval]
 """
 
 import argparse
@@ -21,6 +23,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Optional
 
 from distributed import autocast, parse_cli, run_cli  # before torch: it sets OpenMP's wait policy (README)
@@ -29,6 +32,7 @@ import yaml
 from tqdm import tqdm
 
 import eval_readers
+import lmms_protocol
 from collate import pad_frames
 from frames import SkipSample
 from model import MODES
@@ -45,6 +49,8 @@ READERS = {
 ROOT_FLAGS = {"MVBench": "mvbench", "Video-MME": "videomme", "ScienceQA": "scienceqa", "POPE": "pope",
               "shards": "shards"}
 WARN_SKIPS = 3  # name the first few skipped questions, then only count them
+PROTOCOLS = ("original", "lmms-eval")  # how questions are asked and scored (Protocol.name)
+LMMS_DEFAULTS = {"modes": ("autoregressive",), "max_frames": lmms_protocol.MAX_FRAMES}  # unless given
 
 
 def load_roots(config_path=None, flags=None):
@@ -72,6 +78,7 @@ def load_roots(config_path=None, flags=None):
 class Protocol:
     """How questions become scores (README, Evaluation). The defaults are the original fVLM benchmark's."""
 
+    name: str = "original"  # PROTOCOLS: the original's option scoring, or lmms-eval's generation (lmms_protocol.py)
     modes: tuple = MODES
     scoring: str = "original"  # tokenization.SCORING
     system_prompt: Optional[str] = SYSTEM_PROMPT  # None: the LLM chat template's own default system turn
@@ -85,9 +92,11 @@ class Protocol:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, questions, protocol=Protocol(), limit=None, desc="eval"):
+def evaluate(model, tokenizer, questions, protocol=Protocol(), limit=None, desc="eval", score=None):
     """Score MCQ questions in every mode -> (result dict (see `summarize`), per-question records). Questions
-    that cannot be scored are skipped, counted by reason, and never count as answers."""
+    that cannot be scored are skipped, counted by reason, and never count as answers. `score` scores a batch
+    (default `score_batch`, the original protocol)."""
+    score = score or score_batch
     if limit is not None:
         questions = list(itertools.islice(questions, limit))
     total = len(questions) if hasattr(questions, "__len__") else None
@@ -102,10 +111,10 @@ def evaluate(model, tokenizer, questions, protocol=Protocol(), limit=None, desc=
                 tqdm.write(f"{desc}: skipping {q.qid}: {e}")
             skipped[e.reason] += 1
         if len(pending) == protocol.batch_size:
-            records += score_batch(model, tokenizer, pending, protocol)
+            records += score(model, tokenizer, pending, protocol)
             pending = []
     if pending:
-        records += score_batch(model, tokenizer, pending, protocol)
+        records += score(model, tokenizer, pending, protocol)
     yes_no = bool(records) and all(r["options"] == eval_readers.YES_NO for r in records)
     return summarize(records, protocol.modes, skipped, time.perf_counter() - start, yes_no), records
 
@@ -159,22 +168,24 @@ def pope_metrics(preds, answers):
 
 def summarize(records, modes, skipped, seconds, yes_no=False):
     """Per-question records -> per mode: accuracy, counts and per-category accuracy, plus the yes/no metrics
-    when the questions are yes/no; skips by reason; speed."""
+    when the questions are yes/no; skips by reason; speed. A record a mode marks `counted: False` (lmms-eval's
+    MVBench leaves out empty answers) is left out of that mode's figures."""
     result = {"questions": len(records) + sum(skipped.values()), "answered": len(records),
               "skipped": sum(skipped.values()), "skip_reasons": dict(skipped), "seconds": seconds,
               "questions_per_s": len(records) / seconds if seconds > 0 else 0.0, "modes": {}}
     for mode in modes:
         by_cat = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-        for r in records:
+        counted = [r for r in records if r["modes"][mode].get("counted", True)]
+        for r in counted:
             for axis, value in r["categories"].items():
                 by_cat[axis][str(value)][0] += r["modes"][mode]["correct"]
                 by_cat[axis][str(value)][1] += 1
-        stats = _accuracy(sum(r["modes"][mode]["correct"] for r in records), len(records))
+        stats = _accuracy(sum(r["modes"][mode]["correct"] for r in counted), len(counted))
         stats["per_category"] = {axis: {v: _accuracy(*ct) for v, ct in sorted(values.items())}
                                  for axis, values in by_cat.items()}
         if yes_no:
-            stats.update(pope_metrics([r["modes"][mode]["prediction"] for r in records],
-                                      [r["answer"] for r in records]))
+            stats.update(pope_metrics([r["modes"][mode]["prediction"] for r in counted],
+                                      [r["answer"] for r in counted]))
         result["modes"][mode] = stats
     return result
 
@@ -212,6 +223,11 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, 
     unknown = [m for m in protocol.get("modes", ()) if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {MODES}")
+    if protocol.get("name", "original") not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol['name']!r}; choose from {PROTOCOLS}")
+    if protocol.get("name") == "lmms-eval":
+        tasks = {name: lmms_protocol.task(name) for name in names}  # before loading: shards have no lmms-eval task
+        protocol = {**LMMS_DEFAULTS, **protocol}
     model, tokenizer, saved_size = load_checkpoint(checkpoint, device, tokenizer)
     saved = training_config(checkpoint)
     protocol = replace(Protocol(frame_size=saved_size, system_prompt=saved.data.system_prompt if saved
@@ -222,7 +238,8 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, 
     results, records = {}, {}
     for name in names:
         questions = READERS[name](roots[name], **({"yes_no": protocol.yes_no} if name == "shards" else {}))
-        results[name], records[name] = evaluate(model, tokenizer, questions, protocol, limit, desc=name)
+        score = partial(lmms_protocol.score_batch, task=tasks[name]) if protocol.name == "lmms-eval" else None
+        results[name], records[name] = evaluate(model, tokenizer, questions, protocol, limit, name, score)
     return results, records, protocol
 
 
@@ -235,7 +252,10 @@ def main(argv=None):
     for name, flag in ROOT_FLAGS.items():
         p.add_argument(f"--{flag}", help=f"{name} data root (overrides --data-config)")
     p.add_argument("--only", nargs="+", choices=list(READERS), help="benchmarks to run (default: all given)")
-    p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
+    p.add_argument("--protocol", default="original", choices=PROTOCOLS, help="original (default): the original "
+                   "benchmark's option scores; lmms-eval: lmms-eval's prompts, greedy answers and parse rules "
+                   f"(lmms_protocol.py, lmms-eval {lmms_protocol.VERSION}; {lmms_protocol.MAX_FRAMES} frames a video)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three (lmms-eval: autoregressive)")
     p.add_argument("--limit", type=int, help="score only the first N questions of each benchmark")
     p.add_argument("--max-frames", type=int, help="at most this many frames per question (default: every frame "
                    "of an eval-shard sample, as the original; videos 64 by MVBench's segment rule)")
@@ -255,9 +275,11 @@ def main(argv=None):
     args = parse_cli(p, argv)
     if not args.checkpoint:
         p.error("--checkpoint is required")
+    if args.protocol == "lmms-eval" and (args.scoring or args.yes_no):
+        p.error("--scoring and --yes-no belong to the original protocol, not lmms-eval's")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
-    flags = {"modes": args.modes and tuple(args.modes), "max_frames": args.max_frames, "scoring": args.scoring,
-             "frame_size": args.frame_size, "batch_size": args.batch_size, "dtype": args.dtype,
+    flags = {"name": args.protocol, "modes": args.modes and tuple(args.modes), "max_frames": args.max_frames,
+             "scoring": args.scoring, "frame_size": args.frame_size, "batch_size": args.batch_size, "dtype": args.dtype,
              "system_prompt": None if args.system_prompt == "template" else args.system_prompt,
              "yes_no": args.yes_no or None}
     keep = {k: v for k, v in flags.items() if v is not None or (k == "system_prompt" and args.system_prompt)}
@@ -267,7 +289,8 @@ def main(argv=None):
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "protocol": asdict(protocol),
+            lmms = {"lmms_eval": lmms_protocol.describe(results)} if protocol.name == "lmms-eval" else {}
+            json.dump({"checkpoint": args.checkpoint, "protocol": asdict(protocol), **lmms,
                        "benchmarks": results, "questions": records}, f, indent=2)
         print(f"results and per-question records written to {args.out}")
 
