@@ -27,8 +27,7 @@ from lmms_eval.utils import load_yaml_config  # noqa: E402
 import benchmark  # noqa: E402
 import lmms_adapter  # noqa: E402
 import lmms_protocol as lp  # noqa: E402
-from conftest import SMOLLM2_GGUF, TINY_LLM, image_bytes, tiny_model_kwargs, write_video  # noqa: E402
-from model import FoveatedVLM  # noqa: E402
+from conftest import SMOLLM2_GGUF, image_bytes, letter_prone_model, write_video  # noqa: E402
 from tokenization import load_tokenizer  # noqa: E402
 
 TASKS = os.path.join(os.path.dirname(lmms_eval.__file__), "tasks")
@@ -116,17 +115,6 @@ def local_task(folder, name, include, data_files, **fields):
     for key, value in fields.items():
         lines.append(f"{key}: {value}" if str(value).startswith("!function") else f"{key}: {json.dumps(value)}")
     (folder / f"{name}.yaml").write_text("\n".join(lines) + "\n")
-
-
-def letter_prone_model(tokenizer):
-    """The tiny fVLM with its output rows for the tokens A-D made large: its greedy answers then hold letters
-    that change from question to question (the random model alone answers every question alike)."""
-    torch.manual_seed(0)
-    model = FoveatedVLM(**tiny_model_kwargs(llm_config=dict(TINY_LLM, tie_word_embeddings=False))).eval()
-    with torch.no_grad():
-        head = model.llm.get_output_embeddings().weight  # [V, D]
-        head[tokenizer.convert_tokens_to_ids(list("ABCD"))] = torch.randn(4, head.shape[1]) * 3 * head.std()
-    return model
 
 
 @pytest.fixture(scope="module")
