@@ -111,7 +111,7 @@ def local_task(folder, name, include, data_files, **fields):
     lines = [f"include: {os.path.join(TASKS, include)}"] if include else []
     lines += [f"task: {name}", "dataset_path: json" if data_files.endswith(".json") else "dataset_path: parquet",
               "dataset_name: null", "test_split: train",
-              f"dataset_kwargs: {json.dumps({'data_files': {'train': data_files}, 'cache_dir': str(folder / 'hf')})}"]
+              f"dataset_kwargs: {json.dumps({'data_files': {'train': data_files}})}"]
     for key, value in fields.items():
         lines.append(f"{key}: {value}" if str(value).startswith("!function") else f"{key}: {json.dumps(value)}")
     (folder / f"{name}.yaml").write_text("\n".join(lines) + "\n")
@@ -179,7 +179,9 @@ GENERATE_TASKS = {"MVBench": "local_mvbench", "Video-MME": "local_videomme", "PO
 def lmms_results(local):
     """lmms-eval's results of the `fvlm` model on the four local tasks, two questions a batch."""
     model = lmms_adapter.FVLM(local["ckpt"], MODE, batch_size=2, device="cpu", frame_size=SIZE)
-    return lmms_adapter.evaluate(model, [*GENERATE_TASKS.values(), "local_mcq"], local["tasks"])
+    with pytest.MonkeyPatch.context() as env:  # lmms-eval's datasets cache, else under ~/.cache/huggingface
+        env.setenv("LMMS_EVAL_DATASETS_CACHE", os.path.join(local["tasks"], "hf"))
+        return lmms_adapter.evaluate(model, [*GENERATE_TASKS.values(), "local_mcq"], local["tasks"])
 
 
 def samples(results, task):
