@@ -17,7 +17,8 @@ is lmms-eval 0.7.3's (lmms_eval/api/model.py):
   log-probability), with whether greedy decoding would produce the continuation.
 Visuals: a video path is decoded by eval_readers.load_media (--max-frames, by MVBench's segment rule); PIL images
 are frames, one image replicated to 8 frames (as fVLM trains on images), more than --max-frames sampled likewise.
-Requests are batched (--batch-size questions per call), on the CPU or CUDA.
+Requests are batched (--batch-size questions per call), on the CPU or CUDA, in one process (lmms-eval's
+multi-process launch is not supported).
 """
 
 import argparse
@@ -91,21 +92,14 @@ class FVLM(lmms):
         frames = torch.stack([load_image_frames(visuals[i], p.frame_size) for i in keep])  # [T, 3, H, W]
         return frames.expand(eval_readers.REPLICATE_IMAGE_FRAMES, -1, -1, -1) if len(frames) == 1 else frames
 
-    def _batches(self, requests, key):
-        """Requests in batches of protocol.batch_size that share key(request), each with its request indices."""
-        groups = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(key(r), []).append(i)
-        for idx in groups.values():
-            for s in range(0, len(idx), self.protocol.batch_size):
-                yield idx[s:s + self.protocol.batch_size]
-
     # ---------------------------------------------------------------- lmms-eval's API
     def generate_until(self, requests):
         """Greedy (or sampled) answers to the requests' contexts, cut at their `until` strings."""
-        out = [None] * len(requests)
+        out, batches = [None] * len(requests), []
+        for group in grouped(requests, lambda r: repr(sorted(r.args[1].items()))):  # alike generation_kwargs
+            batches += chunks(group, self.protocol.batch_size)
         with tqdm(total=len(requests), desc="fvlm generate_until") as bar:
-            for idx in self._batches(requests, lambda r: repr(sorted(r.args[1].items()))):
+            for idx in batches:
                 kwargs = requests[idx[0]].args[1]
                 frames, frame_mask = pad_frames([{"frames": self._frames(requests[i])} for i in idx])
                 texts = lmms_protocol.generate(self.model, self.tokenizer, frames, frame_mask,
@@ -120,13 +114,8 @@ class FVLM(lmms):
         """(the continuation's score: benchmark.py's default option score, lower is likelier; whether greedy
         decoding gives it) per request. The requests of one question (same doc and context) share one pass."""
         out = [None] * len(requests)
-        questions = {}
-        for i, r in enumerate(requests):
-            questions.setdefault(question_key(r), []).append(i)
-        keys = list(questions)
         with tqdm(total=len(requests), desc="fvlm loglikelihood") as bar:
-            for s in range(0, len(keys), self.protocol.batch_size):
-                batch = [questions[k] for k in keys[s:s + self.protocol.batch_size]]
+            for batch in chunks(grouped(requests, question_key), self.protocol.batch_size):
                 for idx, scores, greedy in zip(batch, *self._score([[requests[i] for i in q] for q in batch])):
                     for i, score, g in zip(idx, scores, greedy):
                         out[i] = GenerationResult((score, g)) if WRAP_PAIRS else (score, g)
@@ -168,6 +157,19 @@ def generation(kwargs):
                 "top_p": float(kwargs.get("top_p") or 1.0)} if do_sample else {}
     return {"max_new_tokens": int(kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
             "until": (until,) if isinstance(until, str) else tuple(until), **sampling}
+
+
+def grouped(requests, key):
+    """The requests' indices grouped by key(request), groups and indices in the requests' order."""
+    groups = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(key(r), []).append(i)
+    return list(groups.values())
+
+
+def chunks(items, n):
+    """`items` in lists of at most n."""
+    return [items[s:s + n] for s in range(0, len(items), n)]
 
 
 def question_key(request):

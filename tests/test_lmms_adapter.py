@@ -105,6 +105,17 @@ def test_prompts_and_generation_settings_are_lmms_evals():
 
 # ---------------------------------------------------------------- the adapter on local tasks
 
+def test_generation_kwargs():
+    greedy = {"max_new_tokens": 16, "temperature": 0, "top_p": 1.0, "num_beams": 1, "do_sample": False,
+              "until": ["\n\n"], "image_aspect_ratio": "pad"}  # a task's model-specific key is not used
+    assert lmms_adapter.generation(greedy) == {"max_new_tokens": 16, "until": ("\n\n",)}
+    assert lmms_adapter.generation({"temperature": 0.7, "top_p": 0.9, "until": "Q:"}) == {
+        "max_new_tokens": lmms_adapter.DEFAULT_MAX_NEW_TOKENS, "until": ("Q:",), "do_sample": True,
+        "temperature": 0.7, "top_p": 0.9}
+    with pytest.raises(ValueError, match="num_beams 4"):
+        lmms_adapter.generation({"num_beams": 4})
+
+
 def local_task(folder, name, include, data_files, **fields):
     """A task yaml `name` in `folder`: lmms-eval's task file `include` (a path under its tasks, or None) with its
     data swapped for local files (no hub) and `fields` (values starting '!function ' become tags)."""
