@@ -214,8 +214,13 @@ def main(argv=None):
 
 
 def evaluate(model, tasks, include_path=None, limit=None, log_samples=True):
-    """lmms-eval's simple_evaluate on an FVLM instance -> its results dict ("results", "samples", ...)."""
+    """lmms-eval's simple_evaluate on an FVLM instance -> its results dict ("results", "samples", ...). A task name
+    lmms-eval does not know (nor `include_path`'s yamls) is a ValueError."""
     manager = TaskManager(include_path=include_path, model_name="fvlm")
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lmms-eval task(s) {unknown}: `python -m lmms_eval tasks` lists them; "
+                         "task yamls of your own go in a folder given as --include-path")
     return simple_evaluate(model=model, tasks=tasks, limit=limit, task_manager=manager, log_samples=log_samples,
                            bootstrap_iters=0)
 
