@@ -8,14 +8,16 @@ and its score is the mean cross-entropy of the tokens after the prompt (the opti
 newline), with the <|im_end|> target counted as 0 (the original's `ignore_index=pad_id`, pad = eos); the
 lowest score wins. Every one-frame question is replicated to 8 frames. `config.EvalProtocol` names each choice
 (`--scoring`, `--system-prompt`, ...); `model.option_nll` runs DINOv2 once per question for all options and
-modes, several questions per call with --batch-size.
+modes, several questions per call with --batch-size. `--protocol lmms-eval` asks, generates and parses as
+lmms-eval does instead (lmms_protocol.py), so that a score can stand beside those the field reports.
 
     python benchmark.py --checkpoint checkpoints/stage2_135M --data-config configs/eval_data.yaml \
         [--only MVBench ScienceQA] [--modes coarse_only coarse_fine autoregressive] [--limit N] [--out results.json]
+        [--protocol original|lmms-eval]
 """
 
 import cli
-from config import MODES, SCORING
+from config import MODES, PROTOCOLS, SCORING
 
 ROOT_FLAGS = {"MVBench": "mvbench", "Video-MME": "videomme", "ScienceQA": "scienceqa", "POPE": "pope",
               "shards": "shards"}  # the benchmarks, and the flag giving each one's data root
@@ -30,7 +32,10 @@ def arguments(argv=None):
     for name, flag in ROOT_FLAGS.items():
         p.add_argument(f"--{flag}", help=f"{name} data root (overrides --data-config)")
     p.add_argument("--only", nargs="+", choices=list(ROOT_FLAGS), help="benchmarks to run (default: all given)")
-    p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
+    p.add_argument("--protocol", default="original", choices=PROTOCOLS, help="original (default): the original "
+                   "benchmark's option scores; lmms-eval: lmms-eval's prompts, greedy answers and parse rules "
+                   "(lmms_protocol.py: the lmms-eval version followed, the frames a video)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three (lmms-eval: autoregressive)")
     p.add_argument("--limit", type=int, help="score only the first N questions of each benchmark")
     p.add_argument("--max-frames", type=int, help="at most this many frames per question (default: every frame "
                    "of an eval-shard sample, as the original; videos 64 by MVBench's segment rule)")
@@ -60,6 +65,7 @@ import os  # noqa: E402
 import time  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
 from dataclasses import asdict, replace  # noqa: E402
+from functools import partial  # noqa: E402
 
 import distributed  # noqa: E402  before torch: it sets OpenMP's wait policy (README, CPU threads)
 import torch  # noqa: E402
@@ -67,6 +73,7 @@ import yaml  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import eval_readers  # noqa: E402
+import lmms_protocol  # noqa: E402
 from collate import pad_frames  # noqa: E402
 from config import EvalProtocol  # noqa: E402
 from distributed import autocast  # noqa: E402
@@ -82,6 +89,7 @@ READERS = {
     "shards": eval_readers.read_eval_shards,
 }
 WARN_SKIPS = 3  # name the first few skipped questions, then only count them
+LMMS_DEFAULTS = {"modes": ("autoregressive",), "max_frames": lmms_protocol.MAX_FRAMES}  # unless given
 
 
 def load_roots(config_path=None, flags=None):
@@ -106,9 +114,11 @@ def load_roots(config_path=None, flags=None):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, questions, protocol=EvalProtocol(), limit=None, desc="eval"):
+def evaluate(model, tokenizer, questions, protocol=EvalProtocol(), limit=None, desc="eval", score=None):
     """Score MCQ questions in every mode -> (result dict (see `summarize`), per-question records). Questions
-    that cannot be scored are skipped, counted by reason, and never count as answers."""
+    that cannot be scored are skipped, counted by reason, and never count as answers. `score` scores a batch
+    (default `score_batch`, the original protocol)."""
+    score = score or score_batch
     if limit is not None:
         questions = list(itertools.islice(questions, limit))
     total = len(questions) if hasattr(questions, "__len__") else None
@@ -123,10 +133,10 @@ def evaluate(model, tokenizer, questions, protocol=EvalProtocol(), limit=None, d
                 tqdm.write(f"{desc}: skipping {q.qid}: {e}")
             skipped[e.reason] += 1
         if len(pending) == protocol.batch_size:
-            records += score_batch(model, tokenizer, pending, protocol)
+            records += score(model, tokenizer, pending, protocol)
             pending = []
     if pending:
-        records += score_batch(model, tokenizer, pending, protocol)
+        records += score(model, tokenizer, pending, protocol)
     yes_no = bool(records) and all(r["options"] == eval_readers.YES_NO for r in records)
     return summarize(records, protocol.modes, skipped, time.perf_counter() - start, yes_no), records
 
@@ -180,22 +190,24 @@ def pope_metrics(preds, answers):
 
 def summarize(records, modes, skipped, seconds, yes_no=False):
     """Per-question records -> per mode: accuracy, counts and per-category accuracy, plus the yes/no metrics
-    when the questions are yes/no; skips by reason; speed."""
+    when the questions are yes/no; skips by reason; speed. A record a mode marks `counted: False` (lmms-eval's
+    MVBench leaves out empty answers) is left out of that mode's figures."""
     result = {"questions": len(records) + sum(skipped.values()), "answered": len(records),
               "skipped": sum(skipped.values()), "skip_reasons": dict(skipped), "seconds": seconds,
               "questions_per_s": len(records) / seconds if seconds > 0 else 0.0, "modes": {}}
     for mode in modes:
         by_cat = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-        for r in records:
+        counted = [r for r in records if r["modes"][mode].get("counted", True)]
+        for r in counted:
             for axis, value in r["categories"].items():
                 by_cat[axis][str(value)][0] += r["modes"][mode]["correct"]
                 by_cat[axis][str(value)][1] += 1
-        stats = _accuracy(sum(r["modes"][mode]["correct"] for r in records), len(records))
+        stats = _accuracy(sum(r["modes"][mode]["correct"] for r in counted), len(counted))
         stats["per_category"] = {axis: {v: _accuracy(*ct) for v, ct in sorted(values.items())}
                                  for axis, values in by_cat.items()}
         if yes_no:
-            stats.update(pope_metrics([r["modes"][mode]["prediction"] for r in records],
-                                      [r["answer"] for r in records]))
+            stats.update(pope_metrics([r["modes"][mode]["prediction"] for r in counted],
+                                      [r["answer"] for r in counted]))
         result["modes"][mode] = stats
     return result
 
@@ -233,6 +245,11 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, 
     unknown = [m for m in protocol.get("modes", ()) if m not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {unknown}; choose from {MODES}")
+    if protocol.get("name", "original") not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol['name']!r}; choose from {PROTOCOLS}")
+    if protocol.get("name") == "lmms-eval":
+        tasks = {name: lmms_protocol.task(name) for name in names}  # before loading: shards have no lmms-eval task
+        protocol = {**LMMS_DEFAULTS, **protocol}
     model, tokenizer, _ = load_checkpoint(checkpoint, device, tokenizer)
     used = model.inputs  # as trained: config.json's, else the training config's, else the original's defaults
     protocol = replace(EvalProtocol(frame_size=used.frame_size, system_prompt=used.system_prompt), **protocol)
@@ -242,16 +259,19 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, 
     results, records = {}, {}
     for name in names:
         questions = READERS[name](roots[name], protocol)
-        results[name], records[name] = evaluate(model, tokenizer, questions, protocol, limit, desc=name)
+        score = partial(lmms_protocol.score_batch, task=tasks[name]) if protocol.name == "lmms-eval" else None
+        results[name], records[name] = evaluate(model, tokenizer, questions, protocol, limit, name, score)
     return results, records, protocol
 
 
 def main(argv=None, args=None):
     args = args or arguments(argv)
     distributed.set_threads(args.threads)
+    if args.protocol == "lmms-eval" and (args.scoring or args.yes_no):
+        raise ValueError("--scoring and --yes-no belong to the original protocol, not lmms-eval's")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
-    flags = {"modes": args.modes and tuple(args.modes), "max_frames": args.max_frames, "scoring": args.scoring,
-             "frame_size": args.frame_size, "batch_size": args.batch_size, "dtype": args.dtype,
+    flags = {"name": args.protocol, "modes": args.modes and tuple(args.modes), "max_frames": args.max_frames,
+             "scoring": args.scoring, "frame_size": args.frame_size, "batch_size": args.batch_size, "dtype": args.dtype,
              "system_prompt": None if args.system_prompt == "template" else args.system_prompt,
              "yes_no": args.yes_no or None}
     keep = {k: v for k, v in flags.items() if v is not None or (k == "system_prompt" and args.system_prompt)}
@@ -261,7 +281,8 @@ def main(argv=None, args=None):
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "protocol": asdict(protocol),
+            lmms = {"lmms_eval": lmms_protocol.describe(results)} if protocol.name == "lmms-eval" else {}
+            json.dump({"checkpoint": args.checkpoint, "protocol": asdict(protocol), **lmms,
                        "benchmarks": results, "questions": records}, f, indent=2)
         print(f"results and per-question records written to {args.out}")
 

@@ -30,6 +30,7 @@ SCHEDULES = ("cosine", "constant", "converging")
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # autocast (distributed.resolve_dtype)
 DEVICES = ("auto", "cpu", "cuda")
 SCORING = ("original", "mean")  # an MCQ option's score (tokenization.option_targets)
+PROTOCOLS = ("original", "lmms-eval")  # how benchmark.py asks and scores (EvalProtocol.name)
 MAX_FRAMES = 64  # frames taken from a video by default, in training and inference alike
 FRAME_SIZE = 224  # DINOv2's input side as trained
 SYSTEM_PROMPT = "You are a helpful AI assistant."  # the original recipe's system turn (tokenization.chat)
@@ -219,6 +220,7 @@ class EvalProtocol(FrameConfig):
     """How benchmark.py turns questions into scores (README, Evaluation); the defaults are the original fVLM
     benchmark's. Its frame fields are the readers' (eval_readers.py, frames.load_clip)."""
 
+    name: str = "original"  # PROTOCOLS: the original's option scores, or lmms-eval's generation (lmms_protocol.py)
     modes: tuple = MODES
     scoring: str = "original"  # one of SCORING
     system_prompt: Optional[str] = SYSTEM_PROMPT  # None: the LLM chat template's own default system turn

@@ -58,6 +58,8 @@ class MCQ:
     media: Media
     categories: dict = field(default_factory=dict)
     skip: SkipSample = None  # set when the question cannot be scored (the benchmark counts it by reason)
+    doc: dict = None  # the benchmark's own fields as published (question, candidates, ...), from which another
+    #                   harness builds its prompt (lmms_protocol.py); None for the eval shards
 
 
 # ---------------------------------------------------------------- options and letters
@@ -102,10 +104,10 @@ def _text(value):
     return value if isinstance(value, str) else ""
 
 
-def mcq(qid, question, candidates, answer, media, categories):
+def mcq(qid, question, candidates, answer, media, categories, doc=None):
     """An MCQ in the training layout: `format_mcq` lines 'A. c0' as the user turn, 'A. c0' as the answer."""
     options = [mcq_answer(candidates, i) for i in range(len(candidates))]
-    return MCQ(qid, format_mcq(question, candidates), options, answer, media, categories)
+    return MCQ(qid, format_mcq(question, candidates), options, answer, media, categories, doc=doc)
 
 
 def read_mvbench(root, protocol=EvalProtocol()):
@@ -129,7 +131,8 @@ def read_mvbench(root, protocol=EvalProtocol()):
             bound = (float(r["start"]), float(r["end"])) if "start" in r and "end" in r else None
             media = Media(path=os.path.join(folder, r["video"]), rule="segments", bound=bound)
             questions.append(mcq(f"{task}/{i}", r["question"], r["candidates"],
-                                 r["candidates"].index(r["answer"]), media, {"task": task}))
+                                 r["candidates"].index(r["answer"]), media, {"task": task},
+                                 doc={"question": r["question"], "candidates": r["candidates"]}))
     return questions
 
 
@@ -151,13 +154,14 @@ def read_videomme(root, protocol=EvalProtocol()):
     questions = []
     for row in df.itertuples():
         where = f"Video-MME question {row.question_id}"
-        letters, texts = split_options([str(o).strip() for o in row.options], where)
+        raw = [str(o) for o in row.options]
+        letters, texts = split_options([o.strip() for o in raw], where)
         if row.answer not in letters:
             raise ValueError(f"{where}: answer {row.answer!r} is not one of {letters}")
         media = Media(path=os.path.join(root, "data", f"{row.videoID}.mp4"), rule="segments")
         categories = {"duration": row.duration, "domain": row.domain, "task_type": row.task_type}
         questions.append(mcq(str(row.question_id), row.question, texts, letters.index(row.answer), media,
-                             categories))
+                             categories, doc={"question": row.question, "options": raw}))
     return questions
 
 
@@ -173,7 +177,9 @@ def read_scienceqa(root, protocol=EvalProtocol()):
         hint = _text(row.hint).strip()
         question = f"Context: {hint}\n{row.question}" if hint else row.question
         media = Media(fields={"jpg": image["bytes"]})
-        questions.append(mcq(str(i), question, list(row.choices), int(row.answer), media, {"subject": row.subject}))
+        doc = {"question": row.question, "choices": list(row.choices), "hint": _text(row.hint)}
+        questions.append(mcq(str(i), question, list(row.choices), int(row.answer), media, {"subject": row.subject},
+                             doc=doc))
     return questions
 
 
@@ -187,7 +193,8 @@ def read_pope(root, protocol=EvalProtocol()):
             raise ValueError(f"POPE question {row.question_id}: answer {row.answer!r} is not yes/no")
         prompt = f"{row.question}\n{POPE_INSTRUCTION}"
         questions.append(MCQ(str(row.question_id), prompt, list(YES_NO), 0 if truth == "yes" else 1,
-                             Media(fields={"jpg": row.image["bytes"]}), {"category": row.category}))
+                             Media(fields={"jpg": row.image["bytes"]}), {"category": row.category},
+                             doc={"question": row.question}))
     return questions
 
 

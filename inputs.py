@@ -18,7 +18,7 @@ RANGE_MARGIN = 0.5  # resizing normalised frames (bicubic) can overshoot the ran
 EXPECTED = ("frames must be [B, T, 3, H, W] (or one clip [T, 3, H, W]), H and W multiples of {patch} (e.g. 224), "
             "either ImageNet-normalised float ((pixel / 255 - mean) / std with mean (0.485, 0.456, 0.406) and std "
             "(0.229, 0.224, 0.225), values in about [-2.1, 2.6]) or uint8 pixels (normalised here)")
-NO_TOKENIZER = ("text given as strings needs a tokenizer: pass tokenizer= (tokenization.load_tokenizer(name)) or set "
+NO_TOKENIZER = ("text given as strings needs a tokenizer: pass tokenizer= (pretrained.load_tokenizer(name)) or set "
                 "model.tokenizer (FoveatedVLM.from_pretrained sets it from a folder saved with one: "
                 "model.save_pretrained(path, tokenizer=tokenizer)); or pass token ids")
 

@@ -41,6 +41,20 @@ def tiny_model_kwargs(**overrides):
     return kwargs
 
 
+def letter_prone_model(tokenizer):
+    """The tiny fVLM, its output rows for the tokens A-D made large (and untied from the input embeddings): its
+    greedy answers then hold letters and differ from prompt to prompt, where the random model answers every
+    question with the same empty text."""
+    from model import FoveatedVLM
+
+    torch.manual_seed(0)
+    model = FoveatedVLM(**tiny_model_kwargs(llm_config=dict(TINY_LLM, tie_word_embeddings=False))).eval()
+    with torch.no_grad():
+        head = model.llm.get_output_embeddings().weight  # [V, D]
+        head[tokenizer.convert_tokens_to_ids(list("ABCD"))] = torch.randn(4, head.shape[1]) * 3 * head.std()
+    return model
+
+
 @pytest.fixture
 def tiny_model():
     from model import FoveatedVLM

@@ -131,10 +131,10 @@ def test_the_command_line_scores_a_checkpoint_as_the_original(tmp_path, tokenize
     benchmark.main(["--checkpoint", str(tmp_path / "ckpt"), "--shards", str(tmp_path / "eval_*.tar"),
                     "--batch-size", "3", "--threads", "1", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["protocol"] == {"modes": list(benchmark.MODES), "scoring": "original", "dtype": "float32",
-                                 "frame_size": 224, "system_prompt": "You are a helpful AI assistant.",
-                                 "max_frames": None, "batch_size": 3, "yes_no": False, "frame_sampling": "uniform",
-                                 "sample_fps": 1.0, "replicate_image_frames": 8}
+    assert saved["protocol"] == {"name": "original", "modes": list(benchmark.MODES), "scoring": "original",
+                                 "dtype": "float32", "frame_size": 224, "max_frames": None, "batch_size": 3,
+                                 "system_prompt": "You are a helpful AI assistant.", "yes_no": False,
+                                 "frame_sampling": "uniform", "sample_fps": 1.0, "replicate_image_frames": 8}
     records = {r["id"]: r for r in saved["questions"]["shards"]}
     for key, expected in EXPECTED.items():
         for mode in MODES:

@@ -14,8 +14,9 @@ LAYERS = [  # lowest first
     ["cli", "distributed", "layout", "collate", "text_interleave", "logger", "shards", "schedule", "frames", "tokenization",
      "pretrained", "checkpoint"],  # one concern each, over the libraries
     ["inputs", "encoder", "model"],  # the model
-    ["data", "eval_readers"],  # what training and evaluation read
-    ["train", "benchmark", "generate", "attention_viz", "bench", "synthetic", "prepare", "converters"],  # scripts
+    ["data", "eval_readers", "lmms_protocol"],  # what training and evaluation read, and how lmms-eval asks
+    ["train", "benchmark", "generate", "attention_viz", "demo", "bench", "synthetic", "prepare", "converters",
+     "lmms_adapter"],  # the commands
 ]
 
 
