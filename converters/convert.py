@@ -1,16 +1,6 @@
 """Convert the recipe's training sets, as published, into this project's WebDataset shards: `convert(args)`, run by
-prepare.py (its flags are there).
-
-One command per dataset, on the files its publisher's download leaves on disk (the README's "Training data"
-section; each reader in published.py and published_video.py names the files it reads):
-
-    python prepare.py openvid     --src DIR          [--out data/openvid]      (CSV + zip parts)
-    python prepare.py webvid      --src V2D_OUTPUT   [--out data/webvid]       (video2dataset tars)
-    python prepare.py cauldron    --src DIR [--subsets ai2d chartqa ...] [--out data/cauldron]
-    python prepare.py smoltalk    --src DIR          [--out data/smoltalk]     (data/all/train-* only)
-    python prepare.py rlaif-v     --src DIR          [--out data/rlaif_v]
-    python prepare.py llava-video --src DIR [--subsets 0_30_s_academic_v0_1 ...] [--out data/llava_video]
-    common: [--limit N] [--shard-size N] [--shard-mb M] [--workers N] [--max-frames N] [--overwrite]
+prepare.py (one command per dataset, its flags there), on the files the publisher's download leaves on disk (the
+README's "Training data" section; each reader in published.py and published_video.py names the files it reads).
 
 Output, through webdataset's ShardWriter: `<out>/<name>-000000.tar`, ... A sample is `<key>.mp4` (the video
 bytes as published, never re-encoded), `<key>.jpg|png|webp` (the image bytes as published) or numbered
