@@ -6,7 +6,8 @@ DPO batch: frames, frame_mask, chosen_ids, chosen_mask, chosen_loss_mask, reject
            rejected_loss_mask.
 T is the batch's longest video (0 for a text-only batch); text is padded with the tokenizer's pad id.
 Every batch also has `skipped`: a Counter of samples the loader skipped, by reason, since the previous batch
-(pop it before calling the model). `BudgetBatches` makes batches that hold at most `max_total_frames` frames.
+(pop it before calling the model). `BudgetBatches` makes batches that hold at most `max_total_frames` frames and
+`max_batch_tokens` LLM tokens.
 """
 
 import math
@@ -84,24 +85,41 @@ def collate(samples, pad_id):
     return collate_dpo(samples, pad_id) if "chosen_ids" in samples[0] else collate_ce(samples, pad_id)
 
 
-class BudgetBatches(IterableDataset):
-    """Group a sample stream into lists of at most `batch_size` samples whose padded frame count
-    (len(batch) * longest T) stays within `max_total_frames`. A video longer than the budget is a batch of
-    one. Text-only samples (T = 0) are limited by batch_size only."""
+def row_tokens(sample):
+    """(LLM rows, tokens per row) of a sample: one row of its visual tokens (a frame each) and its text, or for a
+    DPO pair two rows (chosen and rejected, each padded to the longer answer), as FoveatedVLM lays them out."""
+    T = sample["frames"].shape[0]
+    if "chosen_ids" in sample:
+        return 2, T + max(len(sample["chosen_ids"]), len(sample["rejected_ids"]))
+    return 1, T + len(sample["input_ids"])
 
-    def __init__(self, samples, batch_size, max_total_frames):
-        assert batch_size >= 1 and max_total_frames >= 1, (batch_size, max_total_frames)
-        self.samples, self.batch_size, self.max_total_frames = samples, batch_size, max_total_frames
+
+class BudgetBatches(IterableDataset):
+    """Group a sample stream into lists of at most `batch_size` samples whose padded frames (len(batch) x the
+    longest T) stay within `max_total_frames` and whose padded LLM tokens (len(batch) x rows per sample x the
+    longest row, see row_tokens) stay within `max_batch_tokens` (None: no such cap). A sample beyond a budget on
+    its own is a batch of one. Text-only samples (T = 0) are bounded by the token budget and batch_size."""
+
+    def __init__(self, samples, batch_size, max_total_frames=None, max_batch_tokens=None):
+        assert batch_size >= 1 and (max_total_frames or 1) >= 1 and (max_batch_tokens or 1) >= 1, \
+            (batch_size, max_total_frames, max_batch_tokens)
+        self.samples, self.batch_size = samples, batch_size
+        self.max_total_frames, self.max_batch_tokens = max_total_frames, max_batch_tokens
+
+    def fits(self, n, frames, rows, row):
+        """Whether n samples, the longest with `frames` frames and a row of `row` tokens, fit the budgets."""
+        return (n <= self.batch_size and (self.max_total_frames is None or n * frames <= self.max_total_frames)
+                and (self.max_batch_tokens is None or n * rows * row <= self.max_batch_tokens))
 
     def __iter__(self):
-        batch, longest = [], 0
+        batch, frames, row = [], 0, 0
         for s in self.samples:
+            rows, tokens = row_tokens(s)
             t = s["frames"].shape[0]
-            fits = max(longest, t) * (len(batch) + 1) <= self.max_total_frames
-            if batch and (len(batch) == self.batch_size or not fits):
+            if batch and not self.fits(len(batch) + 1, max(frames, t), rows, max(row, tokens)):
                 yield batch
-                batch, longest = [], 0
+                batch, frames, row = [], 0, 0
             batch.append(s)
-            longest = max(longest, t)
+            frames, row = max(frames, t), max(row, tokens)
         if batch:
             yield batch

@@ -223,16 +223,18 @@ class ShardDataset(IterableDataset):
 
 def make_loader(dataset, batch_size, pad_id, num_workers=None, pin_memory=False):
     """Batches from a ShardDataset (see collate.collate), with its data config's num_workers (unless given),
-    prefetch_factor and max_total_frames (a batch then holds at most that many padded frames, so long videos make
-    smaller batches). Workers persist across passes (validation re-reads its loader); pin_memory (for CUDA) puts
-    batches in page-locked memory, which is what lets `tensor.to(device, non_blocking=True)` copy asynchronously."""
+    prefetch_factor, max_total_frames and max_batch_tokens (a batch then holds at most that many padded frames and
+    LLM tokens, so long videos and long texts make smaller batches). Workers persist across passes (validation
+    re-reads its loader); pin_memory (for CUDA) puts batches in page-locked memory, which is what lets
+    `tensor.to(device, non_blocking=True)` copy asynchronously."""
     data = dataset.data
     workers = data.num_workers if num_workers is None else num_workers
     kwargs = dict(num_workers=workers, prefetch_factor=data.prefetch_factor if workers else None,
                   persistent_workers=workers > 0, pin_memory=pin_memory,
                   collate_fn=functools.partial(collate, pad_id=pad_id))
-    if data.max_total_frames:
-        return DataLoader(BudgetBatches(dataset, batch_size, data.max_total_frames), batch_size=None, **kwargs)
+    if data.max_total_frames or data.max_batch_tokens:
+        budget = BudgetBatches(dataset, batch_size, data.max_total_frames, data.max_batch_tokens)
+        return DataLoader(budget, batch_size=None, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, **kwargs)
 
 

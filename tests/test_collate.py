@@ -5,7 +5,7 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader
 
-from collate import BudgetBatches, collate
+from collate import BudgetBatches, collate, row_tokens
 from text_interleave import interleave, is_text_step
 
 PAD = 2
@@ -55,12 +55,28 @@ def test_dpo_collate():
 
 def test_budget_batches_respect_max_total_frames():
     Ts = [4, 4, 4, 10, 2, 2, 20, 0, 0, 0]
-    samples = [ce_sample(T, [1], [1]) if T else {"frames": torch.zeros(0, 3, 4, 4)} for T in Ts]
+    samples = [ce_sample(T, [1], [1]) for T in Ts]
     batches = list(BudgetBatches(samples, batch_size=3, max_total_frames=12))
     sizes = [[b["frames"].shape[0] for b in batch] for batch in batches]
     assert sizes == [[4, 4, 4], [10], [2, 2], [20], [0, 0, 0]]
     for batch in sizes[:3]:
         assert len(batch) * max(batch) <= 12
+
+
+def test_budget_batches_respect_max_batch_tokens():
+    """Padded LLM tokens (samples x longest row of frames + text) stay within the budget, text-only batches too;
+    a DPO pair is two rows, each padded to its longer answer; a sample beyond the budget is a batch of one."""
+    text = [ce_sample(0, [1] * n, [1] * n) for n in (100, 300, 200, 50, 60, 1000, 20)]
+    batches = list(BudgetBatches(text, batch_size=8, max_batch_tokens=600))
+    assert [[len(s["input_ids"]) for s in b] for b in batches] == [[100, 300], [200, 50, 60], [1000], [20]]
+    video = [ce_sample(T, [1] * n, [1] * n) for T, n in ((4, 40), (8, 20), (2, 90), (2, 120))]
+    batches = list(BudgetBatches(video, batch_size=8, max_total_frames=24, max_batch_tokens=200))
+    assert [[s["frames"].shape[0] for s in b] for b in batches] == [[4, 8], [2], [2]]  # 3 x 92 > 200 though 3 x 8 frames fit; 2 x 122 > 200
+    pair = {"frames": torch.zeros(2, 3, 4, 4), "chosen_ids": torch.ones(10), "rejected_ids": torch.ones(30)}
+    assert row_tokens(pair) == (2, 32)
+    assert [len(b) for b in BudgetBatches([pair] * 5, batch_size=8, max_batch_tokens=130)] == [2, 2, 1]
+    for budget in (None, 10_000):  # the frame budget alone, and both: batch_size still bounds the batch
+        assert [len(b) for b in BudgetBatches(text, batch_size=3, max_batch_tokens=budget)] == [3, 3, 1]
 
 
 def test_text_steps_exact_share_and_seeded():
