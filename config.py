@@ -148,6 +148,7 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     max_nonfinite_steps: int = 5  # this many skipped (non-finite) steps in a row stop the run
+    dist_timeout_min: int = 60  # how long DDP ranks wait for each other (rank 0 writing a ~20 GB checkpoint)
 
     def peak_lr(self, group):
         """The starting LR of parameter group `group` (one of PARAM_GROUPS): lr_<group>."""
@@ -236,6 +237,7 @@ MINIMUM = {  # values with a floor (a batch of 0 would divide by zero, a sample_
     "data.max_batch_tokens": 1,
     "data.shuffle_buffer": 1, "training.total_samples": 1, "training.batch_size": 1, "training.grad_accum": 1,
     "training.threads": 1, "training.log_every": 1, "training.max_nonfinite_steps": 1,
+    "training.dist_timeout_min": 1,
     "checkpoint.save_every_steps": 1, "checkpoint.keep_last": 1, "checkpoint.keep_best": 0, "eval.every_steps": 0,
     "eval.max_samples": 1, "data.sample_fps": 1e-3,
 }

@@ -13,8 +13,8 @@ webdataset library opens (`pipe:`, http(s), `hf://`): see shards.py. The formats
   `user`+`chosen_assistant`+`rejected_assistant` too) | `caption`, or `txt` | pre-tokenized `token_ids` +
   `loss_mask`. Prompts follow the original recipe (tokenization.py): an explicit system turn, and a
   caption's user prompt chosen by the sample's `source` unless it has its own `user` text.
-Frames come from frames.load_clip with the data config: square-resized to `frame_size` and ImageNet-normalised,
-[T, 3, H, W] float32.
+Frames come from frames.load_clip with the data config: square-resized to `frame_size`, [T, 3, H, W] uint8 pixels
+(a quarter of float32's bytes between the loader's processes and to the GPU; the model normalises them there).
 
 Training reads an endless stream (each pass over this worker's shards in a new random order, or shards drawn
 with replacement when `resampled`, then a shuffle buffer of undecoded samples); evaluation reads one ordered
@@ -135,7 +135,7 @@ def decode_sample(key, fields, shard, tokenizer, data, loss):
     if "status" in meta and not visual:  # a video2dataset sample must have its video
         raise SkipSample("no_video", "status success but no video or image field")
     text = tokenize_sample(tokenizer, meta, fields, data, loss)  # first: cheap, and it rejects before decoding
-    clip = load_clip(Media(fields=fields), data)
+    clip = load_clip(Media(fields=fields), data, pixels=True)  # uint8: the model normalises them on its device
     return {"kind": "dpo" if loss == "dpo" else clip.kind, "format": clip.format, "key": key, "shard": shard,
             "frames": clip.frames, **text}
 
@@ -310,7 +310,7 @@ def loader_throughput(datasets, workers, batch_size, pad_id, limit=None):
         first = time.perf_counter()
         startup += first - created
         for batch in batches:
-            samples, frames = samples + len(batch["frames"]), frames + int(batch["frame_mask"].sum())
+            samples, frames = samples + batch["frame_mask"].shape[0], frames + int(batch["frame_mask"].sum())
             if limit and samples >= limit:
                 break
         seconds += time.perf_counter() - first

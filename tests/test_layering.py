@@ -15,7 +15,8 @@ LAYERS = [  # lowest first
      "pretrained", "checkpoint"],  # one concern each, over the libraries
     ["inputs", "encoder", "model"],  # the model
     ["data", "eval_readers"],  # what training and evaluation read
-    ["train", "benchmark", "generate", "attention_viz", "bench", "synthetic", "prepare", "converters"],  # scripts
+    ["train", "memory", "benchmark", "generate", "attention_viz", "bench", "synthetic", "prepare",
+     "converters"],  # scripts (memory: bench.py memory's estimate, over train.py's step)
 ]
 
 
