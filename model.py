@@ -32,7 +32,7 @@ from layout import (causal_mask, compact_text, gather_rows, option_tree, pack, p
                     text_weights, visual_rows)
 from pretrained import build_dino, build_llm, load_tokenizer, plain_config
 
-LOGIT_CHUNK = 2048  # target positions projected onto the vocabulary at once in training (_target_logps)
+LOGIT_PIECES, LOGIT_CHUNK = 8, 2048  # training's vocabulary projection: in 8 pieces beyond 2048 targets (_target_logps)
 
 
 class _Text(NamedTuple):
@@ -173,7 +173,9 @@ class FoveatedVLM(nn.Module):
         L = max(T, 1) if text.ids is None else (plan.L if plan is not None else None)
         embeds, mask, position_ids, text_index = pack(rows, counts, text.embeds, text.n, text.branch, L)
         if plan is not None and text.branch is None:  # the mask as the LLM would make it, or none for full rows
-            mask = causal_mask(mask) if (plan.text_padded if text.ids is not None else plan.visual_padded) else None
+            padded = plan.text_padded if text.ids is not None else plan.visual_padded
+            # compiled, padded and full rows take one graph: the flag would be a guard, each value a graph
+            mask = causal_mask(mask) if torch.compiler.is_compiling() or padded else None
         h = self._llm_hidden(embeds, mask, position_ids)
         text_h = gather_rows(h, text_index) if text.ids is not None else None
         return h[row, col], text_h
@@ -189,14 +191,15 @@ class FoveatedVLM(nn.Module):
     def _target_logps(self, h, ids, weights, plan=None):
         """Log-probabilities of the target tokens: compact text token i >= 1 with weight > 0, predicted from
         h[:, i-1] (layout.targets; the plan's when given). The vocabulary projection runs on those positions only,
-        and under autograd LOGIT_CHUNK of them at a time, recomputed in the backward: the float32 logits of a long
-        batch and their gradient (~200 KiB a target each for SmolLM2's 49,152 words) never exist whole.
+        and under autograd, beyond LOGIT_CHUNK of them, in LOGIT_PIECES pieces recomputed in the backward: the
+        float32 logits of a long batch and their gradient (~200 KiB a target each for SmolLM2's 49,152 words) never
+        exist whole. (A fixed number of pieces, not of rows, keeps one compiled graph for any number of targets.)
         Returns (logp [K], row [K], w [K])."""
         row, col = (plan.target_row, plan.target_col) if plan is not None else targets(weights)
         h, target = h[row, col], ids[row, col + 1]  # [K, D], [K]
         if torch.is_grad_enabled() and h.shape[0] > LOGIT_CHUNK:
-            logp = torch.cat([recompute(self._logp, a, b, use_reentrant=False)
-                              for a, b in zip(h.split(LOGIT_CHUNK), target.split(LOGIT_CHUNK))])
+            logp = torch.cat([recompute(self._logp, a, b, use_reentrant=False) for a, b in
+                              zip(h.tensor_split(LOGIT_PIECES), target.tensor_split(LOGIT_PIECES))])
         else:
             logp = self._logp(h, target)
         return logp, row, weights[row, col + 1]

@@ -24,6 +24,7 @@ import distributed  # before torch: it sets OpenMP's wait policy, which torch re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental import _config as fx_config
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
@@ -254,6 +255,7 @@ def evaluate(step_module, reference, loader, cfg, dist):
     """Mean validation loss over up to eval.max_samples samples (split across ranks), in each of eval_modes:
     {"val_loss": loss in model.mode, "val_loss_<mode>": loss in each other mode}."""
     inner = getattr(step_module, "module", step_module)  # no DDP here: ranks may hold unequal batch counts
+    inner = StepModule(inner.model, inner.dpo, inner.mode)  # eager: no_grad and each mode would compile anew
     inner.eval()
     modes, samples, limit = eval_modes(cfg), 0, math.ceil(cfg.eval.max_samples / dist.world_size)
     total = torch.zeros(len(modes) + 1, device=dist.device)  # summed loss x samples per mode, then samples
@@ -366,10 +368,19 @@ class Run:
     global_batch: int
 
 
+COMPILE = {"dynamic": True}  # torch.compile's arguments for training.compile
+
+
 def wrap(model, cfg, dist):
+    """The step module every training forward goes through: compiled with training.compile, DDP-wrapped on more
+    than one process. Compiled, the step has no graph break (the batch's plan carries its data-dependent sizes)
+    and its sizes are dynamic from the first batch and never assumed equal because they happen to be (duck
+    shaping), so batches of any frame count and text length share a graph; a text-only batch, and a batch of one
+    sample (sizes 0 and 1 are specialised), take one more each (tests/test_step.py counts them)."""
     step_module = StepModule(model, cfg.loss.type == "dpo", cfg.model.mode)
     if cfg.training.compile:
-        step_module.compile()  # in place: the saved `model` keeps its plain parameter names
+        fx_config.use_duck_shape = False
+        step_module.compile(**COMPILE)  # in place: the saved `model` keeps its plain parameter names
     if dist.world_size > 1:  # text-only batches leave DINO and the connector unused: find_unused_parameters
         step_module = DDP(step_module, device_ids=[dist.device] if dist.device.type == "cuda" else None,
                           find_unused_parameters=True, broadcast_buffers=False,

@@ -155,3 +155,62 @@ def test_a_micro_batch_makes_no_host_sync(loss_type):
         stepped, *_ = train.train_step(step_module, reference, iter([copy.copy(batch)]), optimizer, cfg, dist,
                                        train.distributed.grad_scaler(dist.device, "float32"))
     assert stepped and syncs.seen == ["tolist"], syncs.seen
+
+
+def test_the_vocabulary_projection_in_pieces_gives_the_same_loss_and_gradients(monkeypatch):
+    """Beyond LOGIT_CHUNK targets the logits are made in LOGIT_PIECES pieces, each recomputed in the backward."""
+    import model as model_module
+
+    batch = collate(samples(), pad_id=2)
+    cfg = config.from_dict({"loss": {"type": "text_ce_all"}})
+    out = []
+    for chunk in (10_000, 4):  # 15 targets: whole, then in 8 pieces
+        monkeypatch.setattr(model_module, "LOGIT_CHUNK", chunk)
+        policy = model()
+        loss, _ = train.compute_loss(train.StepModule(policy, False, "coarse_fine"), None, batch, cfg)
+        loss.backward()
+        out.append((loss.detach(), torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])))
+    assert batch["plan"].target_row.numel() == 15
+    (loss, grad), (pieces, pieces_grad) = out  # the weight gradient is a sum of 8 products, not one: rounding
+    assert (loss - pieces).abs() <= 1e-6 and (grad - pieces_grad).abs().max() <= 1e-5 * grad.abs().max()
+
+
+def stream(sizes, seed):
+    """Collated batches of samples with (frames, text tokens) each; 0 frames: text only."""
+    batches = []
+    for i, batch in enumerate(sizes):
+        raw = []
+        for j, (T, S) in enumerate(batch):
+            ids, mask = text(S, seed + 10 * i + j)
+            clip = pixels(T, seed + i + j) if T else torch.zeros(0, 3, SIZE, SIZE, dtype=torch.uint8)
+            raw.append({"frames": clip, "input_ids": ids, "loss_mask": mask})
+        batches.append(collate(raw, pad_id=2))
+    return batches
+
+
+@pytest.mark.slow
+def test_compiled_step_has_no_graph_break_and_a_graph_per_batch_kind(monkeypatch):
+    """training.compile's step (traced by dynamo with the eager backend: graph capture without code generation)
+    over batches of different frame counts, text lengths and sizes: no graph break; one graph for every video
+    batch, one for text-only batches, one for batches of one sample; a second pass over new sizes compiles
+    nothing, and validation (eager, in every mode) neither."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(train, "COMPILE", {**train.COMPILE, "backend": "eager"})
+    cfg = config.from_dict({"loss": {"type": "text_ce_answer_only"}, "training": {"compile": True}})
+    dist = train.distributed.Dist(0, 0, 1, torch.device("cpu"))
+    step_module = train.wrap(model(), cfg, dist)
+    first = stream([[(3, 6), (2, 7)], [(4, 9), (4, 5), (1, 8)], [(0, 9), (0, 12)], [(6, 5)]], seed=0)
+    second = stream([[(2, 11), (5, 4)], [(0, 7), (0, 3), (0, 5)], [(7, 9)], [(1, 3), (3, 3)]], seed=1)
+    graphs = []
+    for batches in (first, second):
+        for batch in batches:
+            loss, _ = train.compute_loss(step_module, None, batch, cfg)
+            loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    cfg.eval.modes = list(MODES)
+    train.evaluate(step_module, None, first, cfg, dist)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert graphs == [3, 3] and counters["stats"]["unique_graphs"] == 3
