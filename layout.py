@@ -104,6 +104,7 @@ def plan(frame_mask, frame_idx, num_frames, attention_mask, loss_mask):
     counts = frame_mask.sum(1)
     _, row, col = visual_rows(counts, T)
     _, slot, R = group_slots(frame_idx, num_frames)
+    R = max(R, 2)  # a spare slot for videos (each frame read once): compiled, videos and images share a graph
     _, dest, n_txt = compact_text(attention_mask, attention_mask)  # the positions only: the ids are not needed
     target_row, target_col = targets(text_weights(dest, loss_mask * attention_mask))
     lengths = counts.repeat(attention_mask.shape[0] // max(B, 1)) + n_txt

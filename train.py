@@ -375,11 +375,13 @@ def wrap(model, cfg, dist):
     """The step module every training forward goes through: compiled with training.compile, DDP-wrapped on more
     than one process. Compiled, the step has no graph break (the batch's plan carries its data-dependent sizes)
     and its sizes are dynamic from the first batch and never assumed equal because they happen to be (duck
-    shaping), so batches of any frame count and text length share a graph; a text-only batch, and a batch of one
-    sample (sizes 0 and 1 are specialised), take one more each (tests/test_step.py counts them)."""
+    shaping), so batches of any frame count and text length share a graph; text-only batches, and batches of one
+    sample or one image (sizes 0 and 1 are specialised), take one more each: 5 or so in all, within the raised
+    recompile limit (tests/test_step.py counts them)."""
     step_module = StepModule(model, cfg.loss.type == "dpo", cfg.model.mode)
     if cfg.training.compile:
         fx_config.use_duck_shape = False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         step_module.compile(**COMPILE)  # in place: the saved `model` keeps its plain parameter names
     if dist.world_size > 1:  # text-only batches leave DINO and the connector unused: find_unused_parameters
         step_module = DDP(step_module, device_ids=[dist.device] if dist.device.type == "cuda" else None,

@@ -176,13 +176,15 @@ def test_the_vocabulary_projection_in_pieces_gives_the_same_loss_and_gradients(m
 
 
 def stream(sizes, seed):
-    """Collated batches of samples with (frames, text tokens) each; 0 frames: text only."""
+    """Collated batches of samples with (frames, text tokens) each: frames a video's count, 0 for text only, or
+    "image" (one frame as 4 views)."""
     batches = []
     for i, batch in enumerate(sizes):
         raw = []
         for j, (T, S) in enumerate(batch):
             ids, mask = text(S, seed + 10 * i + j)
-            clip = pixels(T, seed + i + j) if T else torch.zeros(0, 3, SIZE, SIZE, dtype=torch.uint8)
+            clip = (pixels(1, seed + i + j).expand(4, -1, -1, -1) if T == "image" else pixels(T, seed + i + j) if T
+                    else torch.zeros(0, 3, SIZE, SIZE, dtype=torch.uint8))
             raw.append({"frames": clip, "input_ids": ids, "loss_mask": mask})
         batches.append(collate(raw, pad_id=2))
     return batches
@@ -191,9 +193,10 @@ def stream(sizes, seed):
 @pytest.mark.slow
 def test_compiled_step_has_no_graph_break_and_a_graph_per_batch_kind(monkeypatch):
     """training.compile's step (traced by dynamo with the eager backend: graph capture without code generation)
-    over batches of different frame counts, text lengths and sizes: no graph break; one graph for every video
-    batch, one for text-only batches, one for batches of one sample; a second pass over new sizes compiles
-    nothing, and validation (eager, in every mode) neither."""
+    over batches of different frame counts, text lengths and sizes, videos and images: no graph break; one graph
+    for every batch of several samples with frames, one for text-only batches, one for a single video, one for a
+    single image (sizes 1 are specialised); a second pass over new sizes compiles nothing, and validation (eager,
+    in every mode) neither."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -202,8 +205,10 @@ def test_compiled_step_has_no_graph_break_and_a_graph_per_batch_kind(monkeypatch
     cfg = config.from_dict({"loss": {"type": "text_ce_answer_only"}, "training": {"compile": True}})
     dist = train.distributed.Dist(0, 0, 1, torch.device("cpu"))
     step_module = train.wrap(model(), cfg, dist)
-    first = stream([[(3, 6), (2, 7)], [(4, 9), (4, 5), (1, 8)], [(0, 9), (0, 12)], [(6, 5)]], seed=0)
-    second = stream([[(2, 11), (5, 4)], [(0, 7), (0, 3), (0, 5)], [(7, 9)], [(1, 3), (3, 3)]], seed=1)
+    first = stream([[(3, 6), (2, 7)], [("image", 9), (4, 5), ("image", 8)], [(0, 9), (0, 12)], [(6, 5)],
+                    [("image", 7)]], seed=0)
+    second = stream([[(2, 11), (5, 4)], [("image", 6), ("image", 5)], [(0, 7), (0, 3), (0, 5)], [(7, 9)],
+                     [(1, 3), (3, 3)], [("image", 9)]], seed=1)
     graphs = []
     for batches in (first, second):
         for batch in batches:
@@ -213,4 +218,4 @@ def test_compiled_step_has_no_graph_break_and_a_graph_per_batch_kind(monkeypatch
     cfg.eval.modes = list(MODES)
     train.evaluate(step_module, None, first, cfg, dist)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert graphs == [3, 3] and counters["stats"]["unique_graphs"] == 3
+    assert graphs == [4, 4] and counters["stats"]["unique_graphs"] == 4
