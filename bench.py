@@ -3,6 +3,7 @@
     python bench.py throughput --config configs/stage1_135M.yaml --shapes 135M [--steps 5] [--batch-size 2]
     python bench.py step [--shapes 1.7B] [--repeats 5] [--threads 2]     # training step vs the irreducible work
     python bench.py scoring [--repeats 3] [--batch-size 8]                # MCQ scoring, questions/s
+    python bench.py memory --config configs/stage1_1.7B.yaml [--gpu-gb 80]  # GPU memory of a step (memory.py)
 
 - throughput: samples/s of a config's training step, seconds per step split into data, DINO, LLM and optimizer
   time, and model FLOP utilisation (MFU: FLOPs of one forward+backward counted by torch.utils.flop_counter /

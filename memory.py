@@ -24,7 +24,6 @@ against the peak resident memory of the same step run for real on the CPU (tests
 import dataclasses
 import math
 import weakref
-from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -128,7 +127,8 @@ def _named_shape(name, part):
 def largest_batches(cfg, vocab):
     """{kind: samples}: the largest batch of each kind the config's loader can make (collate.BudgetBatches):
     every frame distinct, every text token a target, as many samples as batch_size and the budgets allow, with
-    texts as long as max_text_tokens and the token budget allow. Kinds: video (the train shards), text (text retention, when on), dpo (instead of video for DPO)."""
+    texts as long as max_text_tokens and the token budget allow. Kinds: video (the train shards), text (text
+    retention, when on), dpo (instead of video for DPO)."""
     d, B = cfg.data, cfg.training.batch_size
     T = min(d.max_frames or 64, d.max_total_frames or math.inf)
     B_video = min(B, d.max_total_frames // T) if d.max_total_frames else B
@@ -228,11 +228,10 @@ def report(cfg, settings, gpu_gib, world_size=8, device_type="cuda"):
         lines.append(f"{kind:<6} {g(e.peak):>6} = {g(e.weights):>7} + {g(e.gradients):>5} + {g(e.optimizer):>5} + "
                      f"{g(e.reference):>4} + {g(e.activations):>11}  {'yes' if e.fits(gpu_gib) else 'NO':>15}  "
                      f"{e.batch}")
-    shm = shared_memory(cfg)
+    d, shm = cfg.data, shared_memory(cfg)
     lines.append(f"fits: peak + {FRAGMENTATION:.0%} (allocator) + {CONTEXT_GIB:g} GiB (CUDA context, workspaces) "
                  f"within {gpu_gib:g} GiB")
-    lines.append(f"loader shared memory (/dev/shm): {cfg.data.num_workers} workers x prefetch "
-                 f"{cfg.data.prefetch_factor} x up to {shm // max(1, cfg.data.num_workers * cfg.data.prefetch_factor):,}"
-                 f" B of uint8 frames = {shm / GIB:.2f} GiB per rank, {world_size * shm / GIB:.1f} GiB for "
-                 f"{world_size} ranks")
+    lines.append(f"loader shared memory (/dev/shm): {d.num_workers} workers x prefetch {d.prefetch_factor} x up to "
+                 f"{shm // max(1, d.num_workers * d.prefetch_factor):,} B of uint8 frames = {shm / GIB:.2f} GiB per "
+                 f"rank, {world_size * shm / GIB:.1f} GiB for {world_size} ranks")
     return "\n".join(lines)

@@ -38,9 +38,10 @@ from model import FoveatedVLM
 from pretrained import check_backbone_configs, load_tokenizer
 from text_interleave import interleave
 
-DPO_KEYS = ("frames", "frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
-            "rejected_mask", "rejected_loss_mask")
-CE_KEYS = ("frames", "input_ids", "attention_mask", "loss_mask", "frame_mask")
+# What model.forward / forward_dpo take of a batch besides its frames (those come encoded: `encode`).
+CE_KEYS = ("input_ids", "attention_mask", "loss_mask", "frame_mask")
+DPO_KEYS = ("frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids", "rejected_mask",
+            "rejected_loss_mask")
 
 
 def check_config(cfg, source):
@@ -82,10 +83,8 @@ def model_outputs(model, dpo, batch, mode, encoded=None):
     encoded = encoded if encoded is not None else encode(model, batch)
     plan = batch.get("plan")
     if dpo:
-        keys = DPO_KEYS[1:]  # the frames are in `encoded`
-        return model.forward_dpo(None, **{k: batch[k] for k in keys}, mode=mode, encoded=encoded, plan=plan)
-    keys = CE_KEYS[1:]
-    return model(None, **{k: batch[k] for k in keys}, mode=mode, return_logits=False, encoded=encoded, plan=plan)
+        return model.forward_dpo(None, **{k: batch[k] for k in DPO_KEYS}, mode=mode, encoded=encoded, plan=plan)
+    return model(None, **{k: batch[k] for k in CE_KEYS}, mode=mode, return_logits=False, encoded=encoded, plan=plan)
 
 
 class StepModule(nn.Module):
@@ -133,9 +132,9 @@ def reference_dtype(dev, dtype):
 def build_model(cfg, dev, model=None):
     """The policy (from init_from, or built from the config; `model` instead when given: bench.py's random
     weights at the real sizes) and, for DPO, a frozen reference copy (in reference_dtype), with the config's
-    freeze_* switches and gradient checkpointing applied. From init_from, the architecture is the checkpoint's (config.check_init_from
-    refuses those keys beside it) and the settings that may change after init (config.AFTER_INIT_KEYS:
-    visual_scale, lambda_coarse) are the config's."""
+    freeze_* switches and gradient checkpointing applied. From init_from, the architecture is the checkpoint's
+    (config.check_init_from refuses those keys beside it) and the settings that may change after init
+    (config.AFTER_INIT_KEYS: visual_scale, lambda_coarse) are the config's."""
     m = cfg.model
     if model is None and m.init_from:
         model = FoveatedVLM.from_pretrained(m.init_from)

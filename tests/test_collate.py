@@ -87,7 +87,8 @@ def test_budget_batches_respect_max_batch_tokens():
     assert [[len(s["input_ids"]) for s in b] for b in batches] == [[100, 300], [200, 50, 60], [1000], [20]]
     video = [ce_sample(T, [1] * n, [1] * n) for T, n in ((4, 40), (8, 20), (2, 90), (2, 120))]
     batches = list(BudgetBatches(video, batch_size=8, max_total_frames=24, max_batch_tokens=200))
-    assert [[s["frames"].shape[0] for s in b] for b in batches] == [[4, 8], [2], [2]]  # 3 x 92 > 200 though 3 x 8 frames fit; 2 x 122 > 200
+    # 3 x 92 tokens > 200 though 3 x 8 frames fit; 2 x 122 > 200
+    assert [[s["frames"].shape[0] for s in b] for b in batches] == [[4, 8], [2], [2]]
     pair = {"frames": torch.zeros(2, 3, 4, 4), "chosen_ids": torch.ones(10), "rejected_ids": torch.ones(30)}
     assert row_tokens(pair) == (2, 32)
     assert [len(b) for b in BudgetBatches([pair] * 5, batch_size=8, max_batch_tokens=130)] == [2, 2, 1]

@@ -170,3 +170,18 @@ def tree_tensors(x):
     if isinstance(x, dict):
         x = list(x.values())
     return [t for v in x for t in tree_tensors(v)] if isinstance(x, (list, tuple)) else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_shipped_1_7B_configs_fit_an_80_gb_card(stage):
+    """Every batch kind of the shipped 1.7B configs at its largest fits 80 GiB with the allocator's and the CUDA
+    context's allowances (memory.Estimate.fits), the DPO reference included."""
+    cfg = config.load(os.path.join(ROOT, "configs", f"stage{stage}_1.7B.yaml"))
+    settings = memory.model_settings(cfg, ("smollm2-1.7b", "dinov2-small"))
+    kinds = memory.largest_batches(cfg, 49152)
+    assert set(kinds) == ({"dpo"} if stage == 3 else {"video", "text"})
+    for kind, samples in kinds.items():
+        estimate = memory.estimate(cfg, settings, kind, samples)
+        assert estimate.fits(80) and estimate.peak > 40 * memory.GIB, (kind, estimate)
+        assert (estimate.reference > 0) == (stage == 3)

@@ -105,8 +105,8 @@ class HostSyncs(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if self.paused:
             return func(*args, **(kwargs or {}))
-        bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) if i is not None)
+        indices = args[1] if name in ("index", "index_put", "index_put_") else ()
+        bool_index = any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
         if name in self.SYNCING or bool_index:
             self.seen.append(name + (" (boolean mask)" if bool_index else ""))
         return func(*args, **(kwargs or {}))
