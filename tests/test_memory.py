@@ -117,6 +117,20 @@ def test_largest_batches_fill_the_budgets():
     assert [len(s["frames"]) for s in memory.largest_batches(cfg, 100)["video"]] == [8]
 
 
+def test_bench_memory_reports_each_batch_kind(capsys):
+    """`bench.py memory` on the quickstart config: a line per batch kind with its peak split into parts that add
+    up, whether it fits, and the loader's shared memory; a card too small says NO."""
+    import bench
+
+    for gib, verdict in ((80, "yes"), (1, "NO")):
+        bench.main(["memory", "--config", os.path.join(ROOT, "configs", "quickstart.yaml"), "--gpu-gb", str(gib)])
+        rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["video"],
+                                                                                                   ["text"])]
+        assert [r[0] for r in rows] == ["video", "text"] and all(r[12] == verdict for r in rows), rows
+        for r in rows:  # kind peak = weights + grads + AdamW + ref + activations
+            assert abs(float(r[1]) - sum(float(x) for x in r[3:12:2])) <= 0.25, r
+
+
 def test_resume_holds_the_training_state_once(tmp_path, monkeypatch):
     """After train.resume, no tensor of the loaded training state or weights is alive but those the optimizer
     adopted as its own state (memory-mapped, held once), and the loop keeps plain numbers (Progress). The state
