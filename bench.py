@@ -3,6 +3,7 @@
     python bench.py throughput --config configs/stage1_135M.yaml --shapes 135M [--steps 5] [--batch-size 2]
     python bench.py step [--shapes 1.7B] [--repeats 5] [--threads 2]     # training step vs the irreducible work
     python bench.py scoring [--repeats 3] [--batch-size 8]                # MCQ scoring, questions/s
+    python bench.py memory --config configs/stage1_1.7B.yaml [--gpu-gb 80]  # GPU memory of a step (memory.py)
 
 - throughput: samples/s of a config's training step, seconds per step split into data, DINO, LLM and optimizer
   time, and model FLOP utilisation (MFU: FLOPs of one forward+backward counted by torch.utils.flop_counter /
@@ -69,6 +70,14 @@ def arguments(argv=None):
                    f"full {FULL['scoring_batch']})")
     c.add_argument("--prompt-tokens", type=int, default=60)
     c.add_argument("--option-tokens", type=int, default=8)
+    m = sub.add_parser("memory", help="peak GPU memory of a config's training step per batch kind, and whether it "
+                       "fits (measured on meta tensors: no GPU needed)")
+    m.add_argument("--config", required=True)
+    m.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    m.add_argument("--gpu-gb", type=float, default=80.0, help="the card's memory in GiB (default 80)")
+    m.add_argument("--shapes", choices=list(MODEL_SHAPES), help="the architecture, when init_from does not exist "
+                   "yet (default: init_from's, else the config's llm and dino)")
+    m.add_argument("--world-size", type=int, default=8, help="GPUs on a node, for the node's shared memory")
     return p.parse_args(argv)
 
 
@@ -89,7 +98,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import checkpoint  # noqa: E402
 import config as config_lib  # noqa: E402
+import memory  # noqa: E402
 import train  # noqa: E402
+from collate import collate  # noqa: E402
 from config import MODES, ModelSettings  # noqa: E402
 from model import FoveatedVLM  # noqa: E402
 from pretrained import SHAPES, check_backbone_configs, load_tokenizer  # noqa: E402
@@ -250,22 +261,30 @@ def matmul_peak(dev, n=4096, repeats=5):
     return 2 * n ** 3 / best
 
 
+def random_samples(batch_size, frames, text_tokens, frame_size, vocab, dpo=False, generator=None):
+    """One batch's samples of random video (uint8 pixels, as the loader gives) and text. CE: the loss on every
+    token. DPO: a chosen and a rejected text of `text_tokens` each, one prompt (the first half) and two answers
+    (the second half, where the loss mask is)."""
+    samples = []
+    for _ in range(batch_size):
+        pixels = torch.randint(0, 256, (frames, 3, frame_size, frame_size), dtype=torch.uint8, generator=generator)
+        ids = torch.randint(3, vocab, (text_tokens,), generator=generator)  # [S]
+        if not dpo:
+            samples.append({"frames": pixels, "input_ids": ids, "loss_mask": torch.ones_like(ids)})
+            continue
+        answer = (torch.arange(text_tokens) >= text_tokens // 2).long()  # [S]
+        rejected = torch.where(answer.bool(), torch.randint(3, vocab, ids.shape, generator=generator), ids)
+        samples.append({"frames": pixels, "chosen_ids": ids, "chosen_loss_mask": answer, "rejected_ids": rejected,
+                        "rejected_loss_mask": answer})
+    return samples
+
+
 def random_batches(batch_size, frames, text_tokens, frame_size, vocab, dpo=False):
-    """Endless identical-shape batches of random video and text: measures the model, not the loader. CE: the loss
-    on every token. DPO: a chosen and a rejected text of `text_tokens` each, one prompt (the first half) and two
-    answers (the second half, where the loss mask is)."""
+    """Endless identical-shape batches of random_samples, collated as the loader collates: measures the model, not
+    the loader."""
     g = torch.Generator().manual_seed(0)
     while True:
-        video = {"frames": random_frames(batch_size, frames, 3, frame_size, frame_size, generator=g),
-                 "frame_mask": torch.ones(batch_size, frames, dtype=torch.bool)}
-        ids = torch.randint(3, vocab, (batch_size, text_tokens), generator=g)  # [B, S]
-        if not dpo:
-            yield {**video, "input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
-            continue
-        answer = (torch.arange(text_tokens) >= text_tokens // 2).long().expand(batch_size, -1)  # [B, S]
-        rejected = torch.where(answer.bool(), torch.randint(3, vocab, ids.shape, generator=g), ids)
-        yield {**video, "chosen_ids": ids, "chosen_mask": torch.ones_like(ids), "chosen_loss_mask": answer,
-               "rejected_ids": rejected, "rejected_mask": torch.ones_like(ids), "rejected_loss_mask": answer}
+        yield collate(random_samples(batch_size, frames, text_tokens, frame_size, vocab, dpo, g), pad_id=0)
 
 
 @dataclasses.dataclass
@@ -285,14 +304,14 @@ def dino_seconds(s, batch):
     backward where anything it outputs is trained; for DPO also the reference's forward."""
     sync(s.dev)
     start = time.perf_counter()
-    kv, _, _ = s.model.encode(batch["frames"], batch["frame_mask"])
+    kv, _, _ = train.encode(s.model, batch)
     if kv is not None:
         outs = [t for t in (kv.features, *kv.keys, *kv.values) if t is not None and t.requires_grad]
         if outs:
             torch.autograd.backward([o.float().sum() for o in outs])
     if s.reference is not None:
         with torch.no_grad():
-            s.reference.encode(batch["frames"], batch["frame_mask"])
+            train.encode(s.reference, batch)
     sync(s.dev)
     s.model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -428,8 +447,18 @@ def throughput(args):
     return report(s, times, step_flops(s, batch), peak, source)
 
 
+# ---------------------------------------------------------------- GPU memory of a config's step (memory.py)
+def memory_command(args):
+    cfg = config_lib.load(args.config, args.set)
+    settings = memory.model_settings(cfg, MODEL_SHAPES.get(args.shapes))
+    return memory.report(cfg, settings, args.gpu_gb, args.world_size)
+
+
 def main(argv=None, args=None):
     args = args or arguments(argv)
+    if args.command == "memory":
+        print(memory_command(args))
+        return
     if args.command == "throughput":
         print(throughput(args))
         return

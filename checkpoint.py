@@ -236,23 +236,34 @@ def load_tensors(file, advice="", mmap=False):
 
 
 # ---------------------------------------------------------------- training checkpoints
-def rng_state():
-    """Python, NumPy, torch (and CUDA) RNG states in types `torch.load(weights_only=True)` accepts."""
+def cuda_rng_state():
+    """The RNG state of this process's CUDA device (torch.cuda.current_device()), or None without CUDA."""
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def rng_state(cuda_by_rank=None):
+    """Python, NumPy and torch RNG states in types `torch.load(weights_only=True)` accepts, and `cuda_by_rank`, each
+    rank's own CUDA device state (cuda_rng_state, gathered), on CUDA."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
                                                      has_gauss, cached], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda_by_rank is not None and any(s is not None for s in cuda_by_rank):
+        state["cuda_by_rank"] = list(cuda_by_rank)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, rank=0, local_rank=0):
+    """Restore `rng_state`'s states. CUDA: this rank's own device only, with the state this rank saved, or in an
+    older save (`cuda`: one state per device the saving process saw) the one of this local rank's device. A rank
+    the save holds no state for (a run resumed on more GPUs) keeps the state its seed gave it; one resumed on
+    fewer GPUs, or on one to debug, restores its own."""
     random.setstate(_tuples(state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved, index = (state["cuda_by_rank"], rank) if "cuda_by_rank" in state else (state.get("cuda") or [], local_rank)
+    if torch.cuda.is_available() and index < len(saved) and saved[index] is not None:
+        torch.cuda.set_rng_state(saved[index])  # the current device's: distributed.init set it to the local rank's
 
 
 def _tuples(x):

@@ -1,12 +1,19 @@
-"""Batching variable-length samples into the batches FoveatedVLM.forward and forward_dpo take:
+"""Batching variable-length samples into the batches FoveatedVLM.forward and forward_dpo take (train.py's
+model_outputs):
 
-CE batch:  frames [B, T, 3, H, W] float32, frame_mask [B, T] bool (real frames first), input_ids [B, S] long,
-           attention_mask [B, S] long (right padding), loss_mask [B, S] long.
-DPO batch: frames, frame_mask, chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids, rejected_mask,
-           rejected_loss_mask.
-T is the batch's longest video (0 for a text-only batch); text is padded with the tokenizer's pad id.
+CE batch:  pixels [U, 3, H, W] (the batch's distinct frames: uint8 from the loader), frame_idx [M] long (the
+           distinct frame of each of the M real frames, sample-major), frame_mask [B, T] bool (real frames first),
+           input_ids [B, S] long, attention_mask [B, S] long (right padding), loss_mask [B, S] long, and `plan`
+           (layout.Plan: the sizes and indices the model would otherwise find with host syncs).
+DPO batch: pixels, frame_idx, frame_mask, chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids, rejected_mask,
+           rejected_loss_mask, plan.
+T is the batch's longest clip (0 for a text-only batch); text is padded with the tokenizer's pad id. A
+replicated image (8 stride-0 views of one frame) is one row of `pixels` read by 8 entries of frame_idx: its
+copies are never made, in the worker, in shared memory or on the GPU. `pad_frames` pads frames [B, T, 3, H, W]
+as they are (benchmark.py's question batches).
 Every batch also has `skipped`: a Counter of samples the loader skipped, by reason, since the previous batch
-(pop it before calling the model). `BudgetBatches` makes batches that hold at most `max_total_frames` frames.
+(pop it before calling the model). `BudgetBatches` makes batches that hold at most `max_total_frames` frames and
+`max_batch_tokens` LLM tokens.
 """
 
 import math
@@ -14,6 +21,8 @@ from collections import Counter
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+from layout import pair_rows, plan
 
 
 def batch_tensor(shape, dtype):
@@ -41,6 +50,34 @@ def pad_frames(samples):
     return frames, frame_mask
 
 
+def pack_frames(samples):
+    """Each sample's frames [T_i, 3, H, W] -> (pixels [U, 3, H, W]: the distinct frames, each run of consecutive
+    identical frames kept once, as the model encodes them; frame_idx [M]; frame_mask [B, T]). Replicated views
+    (stride 0) are known equal without a look at their bytes."""
+    clips = [s["frames"] for s in samples]
+    shapes = {tuple(c.shape[1:]) for c in clips}
+    assert len(shapes) == 1, f"frames of different sizes in one batch: {shapes}"
+    frame_mask = torch.zeros(len(clips), max(len(c) for c in clips), dtype=torch.bool)  # [B, T]
+    fresh, last = [], None  # per clip: [T_i] whether each frame differs from the one before it
+    for b, c in enumerate(clips):
+        frame_mask[b, :len(c)] = True
+        if len(c):
+            new = torch.zeros(len(c), dtype=torch.bool)
+            if c.stride(0) != 0:
+                new[1:] = (c[1:] != c[:-1]).flatten(1).any(1)
+            new[0] = last is None or not torch.equal(c[0], last)
+            fresh.append(new)
+            last = c[-1]
+    new = torch.cat(fresh) if fresh else torch.zeros(0, dtype=torch.bool)  # [M]
+    pixels = batch_tensor((int(new.sum()), *shapes.pop()), clips[0].dtype)
+    u = 0
+    for c, keep in zip([c for c in clips if len(c)], fresh):
+        n = int(keep.sum())
+        pixels[u:u + n] = c[keep]
+        u += n
+    return pixels, torch.cumsum(new, 0) - 1, frame_mask
+
+
 def pad_text(id_list, mask_list, pad_id):
     """Right-pad 1-D id and loss-mask tensors -> ids, attention_mask, loss_mask, each [B, S]."""
     S = max(len(x) for x in id_list)
@@ -61,19 +98,22 @@ def _skipped(samples):
 
 
 def collate_ce(samples, pad_id):
-    frames, frame_mask = pad_frames(samples)
+    pixels, frame_idx, frame_mask = pack_frames(samples)
     ids, attention, loss = pad_text([s["input_ids"] for s in samples], [s["loss_mask"] for s in samples], pad_id)
-    return {"frames": frames, "frame_mask": frame_mask, "input_ids": ids, "attention_mask": attention,
-            "loss_mask": loss, "skipped": _skipped(samples)}
+    return {"pixels": pixels, "frame_idx": frame_idx, "frame_mask": frame_mask, "input_ids": ids,
+            "attention_mask": attention, "loss_mask": loss,
+            "plan": plan(frame_mask, frame_idx, len(pixels), attention, loss), "skipped": _skipped(samples)}
 
 
 def collate_dpo(samples, pad_id):
-    frames, frame_mask = pad_frames(samples)
-    batch = {"frames": frames, "frame_mask": frame_mask}
+    pixels, frame_idx, frame_mask = pack_frames(samples)
+    batch = {"pixels": pixels, "frame_idx": frame_idx, "frame_mask": frame_mask}
     for side in ("chosen", "rejected"):
         ids, attention, loss = pad_text([s[f"{side}_ids"] for s in samples],
                                         [s[f"{side}_loss_mask"] for s in samples], pad_id)
         batch.update({f"{side}_ids": ids, f"{side}_mask": attention, f"{side}_loss_mask": loss})
+    rows = [pair_rows(batch[f"chosen_{k}"], batch[f"rejected_{k}"]) for k in ("mask", "loss_mask")]
+    batch["plan"] = plan(frame_mask, frame_idx, len(pixels), *rows)
     batch["skipped"] = _skipped(samples)
     return batch
 
@@ -84,24 +124,41 @@ def collate(samples, pad_id):
     return collate_dpo(samples, pad_id) if "chosen_ids" in samples[0] else collate_ce(samples, pad_id)
 
 
-class BudgetBatches(IterableDataset):
-    """Group a sample stream into lists of at most `batch_size` samples whose padded frame count
-    (len(batch) * longest T) stays within `max_total_frames`. A video longer than the budget is a batch of
-    one. Text-only samples (T = 0) are limited by batch_size only."""
+def row_tokens(sample):
+    """(LLM rows, tokens per row) of a sample: one row of its visual tokens (a frame each) and its text, or for a
+    DPO pair two rows (chosen and rejected, each padded to the longer answer), as FoveatedVLM lays them out."""
+    T = sample["frames"].shape[0]
+    if "chosen_ids" in sample:
+        return 2, T + max(len(sample["chosen_ids"]), len(sample["rejected_ids"]))
+    return 1, T + len(sample["input_ids"])
 
-    def __init__(self, samples, batch_size, max_total_frames):
-        assert batch_size >= 1 and max_total_frames >= 1, (batch_size, max_total_frames)
-        self.samples, self.batch_size, self.max_total_frames = samples, batch_size, max_total_frames
+
+class BudgetBatches(IterableDataset):
+    """Group a sample stream into lists of at most `batch_size` samples whose padded frames (len(batch) x the
+    longest T) stay within `max_total_frames` and whose padded LLM tokens (len(batch) x rows per sample x the
+    longest row, see row_tokens) stay within `max_batch_tokens` (None: no such cap). A sample beyond a budget on
+    its own is a batch of one. Text-only samples (T = 0) are bounded by the token budget and batch_size."""
+
+    def __init__(self, samples, batch_size, max_total_frames=None, max_batch_tokens=None):
+        assert batch_size >= 1 and (max_total_frames or 1) >= 1 and (max_batch_tokens or 1) >= 1, \
+            (batch_size, max_total_frames, max_batch_tokens)
+        self.samples, self.batch_size = samples, batch_size
+        self.max_total_frames, self.max_batch_tokens = max_total_frames, max_batch_tokens
+
+    def fits(self, n, frames, rows, row):
+        """Whether n samples, the longest with `frames` frames and a row of `row` tokens, fit the budgets."""
+        return (n <= self.batch_size and (self.max_total_frames is None or n * frames <= self.max_total_frames)
+                and (self.max_batch_tokens is None or n * rows * row <= self.max_batch_tokens))
 
     def __iter__(self):
-        batch, longest = [], 0
+        batch, frames, row = [], 0, 0
         for s in self.samples:
+            rows, tokens = row_tokens(s)
             t = s["frames"].shape[0]
-            fits = max(longest, t) * (len(batch) + 1) <= self.max_total_frames
-            if batch and (len(batch) == self.batch_size or not fits):
+            if batch and not self.fits(len(batch) + 1, max(frames, t), rows, max(row, tokens)):
                 yield batch
-                batch, longest = [], 0
+                batch, frames, row = [], 0, 0
             batch.append(s)
-            longest = max(longest, t)
+            frames, row = max(frames, t), max(row, tokens)
         if batch:
             yield batch

@@ -131,6 +131,8 @@ class DataConfig(FrameConfig):
     replicate_image_frames: int = 1  # the recipe sets 8 in stages 2-3
     max_text_tokens: int = 1024
     max_total_frames: Optional[int] = None  # cap on the padded frames of a batch (long videos -> smaller batches)
+    max_batch_tokens: Optional[int] = None  # cap on the padded LLM tokens of a batch: its size x its longest row
+    #                                         (frames + text; a DPO pair is two rows); text-only batches too
     shuffle_buffer: int = 100  # training: samples shuffled in a buffer before decoding
     resampled: bool = False  # training: each rank/worker draws shards with replacement (fewer or uneven shards)
     # Prompts (tokenization.py): the system turn every conversation starts with (null: the LLM template's own
@@ -163,6 +165,7 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     max_nonfinite_steps: int = 5  # this many skipped (non-finite) steps in a row stop the run
+    dist_timeout_min: int = 60  # how long DDP ranks wait for each other (rank 0 writing a ~20 GB checkpoint)
 
     def peak_lr(self, group):
         """The starting LR of parameter group `group` (one of PARAM_GROUPS): lr_<group>."""
@@ -249,8 +252,10 @@ CHOICES = {
 MINIMUM = {  # values with a floor (a batch of 0 would divide by zero, a sample_fps of 0 too, before any work)
     "data.max_frames": 1, "data.frame_size": 1, "data.num_workers": 0, "data.prefetch_factor": 1,
     "data.replicate_image_frames": 1, "data.max_text_tokens": 1, "data.max_total_frames": 1,
+    "data.max_batch_tokens": 1,
     "data.shuffle_buffer": 1, "training.total_samples": 1, "training.batch_size": 1, "training.grad_accum": 1,
     "training.threads": 1, "training.log_every": 1, "training.max_nonfinite_steps": 1,
+    "training.dist_timeout_min": 1,
     "checkpoint.save_every_steps": 1, "checkpoint.keep_last": 1, "checkpoint.keep_best": 0, "eval.every_steps": 0,
     "eval.max_samples": 1, "data.sample_fps": 1e-3,
 }

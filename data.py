@@ -13,8 +13,8 @@ webdataset library opens (`pipe:`, http(s), `hf://`): see shards.py. The formats
   `user`+`chosen_assistant`+`rejected_assistant` too) | `caption`, or `txt` | pre-tokenized `token_ids` +
   `loss_mask`. Prompts follow the original recipe (tokenization.py): an explicit system turn, and a
   caption's user prompt chosen by the sample's `source` unless it has its own `user` text.
-Frames come from frames.load_clip with the data config: square-resized to `frame_size` and ImageNet-normalised,
-[T, 3, H, W] float32.
+Frames come from frames.load_clip with the data config: square-resized to `frame_size`, [T, 3, H, W] uint8 pixels
+(a quarter of float32's bytes between the loader's processes and to the GPU; the model normalises them there).
 
 Training reads an endless stream (each pass over this worker's shards in a new random order, or shards drawn
 with replacement when `resampled`, then a shuffle buffer of undecoded samples); evaluation reads one ordered
@@ -163,7 +163,7 @@ def decode_sample(key, fields, shard, tokenizer, data, loss):
     if "status" in meta and not visual:  # a video2dataset sample must have its video
         raise SkipSample("no_video", "status success but no video or image field")
     text = tokenize_sample(tokenizer, meta, fields, data, loss)  # first: cheap, and it rejects before decoding
-    clip = load_clip(Media(fields=fields), data)
+    clip = load_clip(Media(fields=fields), data, pixels=True)  # uint8: the model normalises them on its device
     return {"kind": "dpo" if loss == "dpo" else clip.kind, "format": clip.format, "key": key, "shard": shard,
             "frames": clip.frames, **text}
 
@@ -251,17 +251,19 @@ class ShardDataset(IterableDataset):
 
 def make_loader(dataset, batch_size, pad_id, num_workers=None, pin_memory=False):
     """Batches from a ShardDataset (see collate.collate), with its data config's num_workers (unless given),
-    prefetch_factor and max_total_frames (a batch then holds at most that many padded frames, so long videos make
-    smaller batches). Workers persist across passes (validation re-reads its loader) and ignore Ctrl-C (the
-    training process stops them once it has saved: train.Stop); pin_memory (for CUDA) puts batches in
-    page-locked memory, which is what lets `tensor.to(device, non_blocking=True)` copy asynchronously."""
+    prefetch_factor, max_total_frames and max_batch_tokens (a batch then holds at most that many padded frames and
+    LLM tokens, so long videos and long texts make smaller batches). Workers persist across passes (validation
+    re-reads its loader) and ignore Ctrl-C (the training process stops them once it has saved: train.Stop);
+    pin_memory (for CUDA) puts batches in page-locked memory, which is what lets `tensor.to(device,
+    non_blocking=True)` copy asynchronously."""
     data = dataset.data
     workers = data.num_workers if num_workers is None else num_workers
     kwargs = dict(num_workers=workers, prefetch_factor=data.prefetch_factor if workers else None,
                   persistent_workers=workers > 0, pin_memory=pin_memory, worker_init_fn=_ignore_ctrl_c,
                   collate_fn=functools.partial(collate, pad_id=pad_id))
-    if data.max_total_frames:
-        return DataLoader(BudgetBatches(dataset, batch_size, data.max_total_frames), batch_size=None, **kwargs)
+    if data.max_total_frames or data.max_batch_tokens:
+        budget = BudgetBatches(dataset, batch_size, data.max_total_frames, data.max_batch_tokens)
+        return DataLoader(budget, batch_size=None, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, **kwargs)
 
 
@@ -340,7 +342,7 @@ def loader_throughput(datasets, workers, batch_size, pad_id, limit=None):
         first = time.perf_counter()
         startup += first - created
         for batch in batches:
-            samples, frames = samples + len(batch["frames"]), frames + int(batch["frame_mask"].sum())
+            samples, frames = samples + batch["frame_mask"].shape[0], frames + int(batch["frame_mask"].sum())
             if limit and samples >= limit:
                 break
         seconds += time.perf_counter() - first

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from inputs import EXPECTED
+from layout import group_slots
 
 
 @dataclass
@@ -36,18 +37,6 @@ class PatchKV:
         """The PatchKV of some of the frames (an index tensor)."""
         pick = lambda t: None if t is None else t[frames]
         return PatchKV([k[frames] for k in self.keys], [v[frames] for v in self.values], pick(self.features))
-
-
-def _group_slots(frame_idx, num_frames):
-    """Lay out M queries as [U, R] slots, R = most queries on one frame, so that attention over each
-    frame's keys needs no copy of those keys. Returns (frame, slot, R) with frame/slot of shape [M]."""
-    order = torch.argsort(frame_idx, stable=True)
-    counts = torch.bincount(frame_idx, minlength=num_frames)
-    starts = torch.cumsum(counts, 0) - counts
-    slot_sorted = torch.arange(len(frame_idx), device=frame_idx.device) - starts[frame_idx[order]]
-    slot = torch.empty_like(frame_idx)
-    slot[order] = slot_sorted
-    return frame_idx, slot, int(counts.max())
 
 
 class FoveatedEncoder(nn.Module):
@@ -119,8 +108,9 @@ class FoveatedEncoder(nn.Module):
             out, w = F.scaled_dot_product_attention(qh, k, v), None
         return out.transpose(1, 2).flatten(2)[frame, slot], w  # [M, D]
 
-    def query_attend(self, query, kv, frame_idx=None, return_attention=False):
+    def query_attend(self, query, kv, frame_idx=None, return_attention=False, slots=None):
         """query [M, query_dim]; frame_idx [M] picks each query's frame in kv (default: query m reads frame m).
+        `slots`, (slot [M], R) of layout.group_slots, is a training batch's Plan: every frame read, no host sync.
 
         Returns tokens [M, D] (and, with return_attention, a list over layers of [M, heads, 1+P]).
         """
@@ -128,10 +118,13 @@ class FoveatedEncoder(nn.Module):
         if frame_idx is None:
             assert query.shape[0] == U, f"{query.shape[0]} queries for {U} frames need a frame_idx"
             frame_idx = torch.arange(U, device=query.device)
-        used, frame_idx = torch.unique(frame_idx, return_inverse=True)
-        if len(used) < U:  # attend over the frames read only (autoregressive steps read one frame each)
-            kv = kv.select(used)
-        frame, slot, R = _group_slots(frame_idx, len(used))
+        if slots is not None:
+            frame, (slot, R) = frame_idx, slots
+        else:
+            used, frame_idx = torch.unique(frame_idx, return_inverse=True)
+            if len(used) < U:  # attend over the frames read only (autoregressive steps read one frame each)
+                kv = kv.select(used)
+            frame, slot, R = group_slots(frame_idx, len(used))
         x = self.query_input_proj(query)  # [M, D]
         maps = []
         if self.deep_query:

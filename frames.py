@@ -1,7 +1,8 @@
 """Media to frames, for training, evaluation, generation and the demo alike: `load_clip(media, cfg)` takes a shard
 sample's fields, an image file, a folder of frames or a video file to ImageNet-normalised float32 frames
 [T, 3, H, W], square-resized to `cfg.frame_size` (a config.FrameConfig: config.DataConfig in training,
-config.EvalProtocol in evaluation).
+config.EvalProtocol in evaluation), or with `pixels=True` to the uint8 pixels they come from (training's loader:
+a quarter of the bytes between processes; the model normalises them on its device).
 
 Two sampling rules, side by side:
 - `frame_indices` (training's, and every video's by default): `sample_fps` frames per second of video up to
@@ -91,9 +92,14 @@ def denormalise(frames):
     return frames * std + mean
 
 
+def channels_first(rgb):
+    """uint8 numpy [..., H, W, 3] -> uint8 [..., 3, H, W] (contiguous: faster arithmetic)."""
+    return torch.from_numpy(rgb).movedim(-1, -3).contiguous()
+
+
 def normalise(rgb):
     """uint8 numpy [..., H, W, 3] -> float32 [..., 3, H, W], ImageNet-normalised."""
-    return normalise_pixels(torch.from_numpy(rgb).movedim(-1, -3).contiguous())  # contiguous: faster arithmetic
+    return normalise_pixels(channels_first(rgb))
 
 
 # ---------------------------------------------------------------- media -> frames
@@ -111,22 +117,25 @@ class Media:
 
 
 class Clip(NamedTuple):
-    """Decoded media: frames [T, 3, H, W] (T = 0 for text), kind (video | image | text) and the format decoded
-    (`mp4`, `jpg frames`, `png`, ...)."""
+    """Decoded media: frames [T, 3, H, W] (T = 0 for text; float32 normalised, or uint8 pixels), kind (video |
+    image | text) and the format decoded (`mp4`, `jpg frames`, `png`, ...)."""
 
     frames: torch.Tensor
     kind: str
     format: str
 
 
-def load_clip(media, cfg=FrameConfig()):
-    """Media (a Media, or a path) -> Clip, sampled by `cfg` (a config.FrameConfig). Raises SkipSample."""
+def load_clip(media, cfg=FrameConfig(), pixels=False):
+    """Media (a Media, or a path) -> Clip, sampled by `cfg` (a config.FrameConfig), its frames ImageNet-normalised
+    float32, or the uint8 pixels with `pixels`. Raises SkipSample."""
     media = Media(path=media) if isinstance(media, str) else media
     assert media.rule in RULES, f"rule must be one of {RULES}, got {media.rule!r}"
     if media.fields is not None:
         clip = _from_fields(media.fields, cfg)
     else:
         clip = _from_path(media, cfg)
+    if not pixels:
+        clip = clip._replace(frames=normalise_pixels(clip.frames))
     if clip.frames.shape[0] == 1:  # one frame, whatever it came from: replicated, as training sees images
         clip = clip._replace(frames=clip.frames.expand(cfg.replicate_image_frames, -1, -1, -1))
     return clip
@@ -136,7 +145,7 @@ def _from_fields(fields, cfg):
     """A shard sample's visual fields: a video, numbered frames or one image (or nothing: text)."""
     video = next((f for f in VIDEO_FIELDS if f in fields), None)
     if video:
-        return Clip(read_video(fields[video], cfg.frame_size, _chooser(cfg)), "video", video)
+        return Clip(read_video(fields[video], cfg.frame_size, _chooser(cfg), pixels=True), "video", video)
     numbered = sorted((int(m.group(1)), f) for f in fields if (m := NUMBERED_FRAME.match(f)))
     if len(numbered) > 1:  # already extracted: every frame, unless more than max_frames
         names = [f for _, f in numbered]
@@ -146,7 +155,7 @@ def _from_fields(fields, cfg):
     image = numbered[0][1] if numbered else next((f for f in IMAGE_FIELDS if f in fields), None)
     if image:  # one image, or ONE numbered frame: an image either way
         return Clip(decode_image(fields[image], cfg.frame_size, image)[None], "image", image)
-    return Clip(torch.zeros(0, 3, cfg.frame_size, cfg.frame_size), "text", "none")
+    return Clip(torch.zeros(0, 3, cfg.frame_size, cfg.frame_size, dtype=torch.uint8), "text", "none")
 
 
 def _from_path(media, cfg):
@@ -160,7 +169,7 @@ def _from_path(media, cfg):
             return Clip(decode_image(f.read(), cfg.frame_size, path)[None], "image", ext[1:])
     choose = _chooser(cfg) if media.rule == "fps" else \
         lambda n, fps: segment_indices(n, fps, cfg.max_frames, media.bound)
-    return Clip(read_video(path, cfg.frame_size, choose), "video", ext[1:] or "video")
+    return Clip(read_video(path, cfg.frame_size, choose, pixels=True), "video", ext[1:] or "video")
 
 
 def _from_folder(media, cfg):
@@ -242,29 +251,36 @@ def _chooser(cfg):
 
 # ---------------------------------------------------------------- images
 
+def image_pixels(image, size=FRAME_SIZE):
+    """A PIL image -> uint8 [3, size, size]: a plain square resize (torchvision's Resize((size, size)))."""
+    return channels_first(np.array(image.convert("RGB").resize((size, size), Image.BILINEAR)))
+
+
 def load_image_frames(image, size=FRAME_SIZE):
-    """A PIL image -> [3, size, size]: a plain square resize (torchvision's Resize((size, size))), normalised."""
-    return normalise(np.array(image.convert("RGB").resize((size, size), Image.BILINEAR)))
+    """A PIL image -> [3, size, size], square-resized as image_pixels, normalised."""
+    return normalise_pixels(image_pixels(image, size))
 
 
 def decode_image(data, frame_size, name="image"):
-    """Encoded image bytes -> [3, H, W]; one that does not decode is SkipSample `bad_image` naming `name`."""
+    """Encoded image bytes -> uint8 [3, H, W]; one that does not decode is SkipSample `bad_image` naming `name`."""
     try:
-        return load_image_frames(Image.open(io.BytesIO(data)), frame_size)
+        return image_pixels(Image.open(io.BytesIO(data)), frame_size)
     except IMAGE_ERRORS as e:
         raise SkipSample("bad_image", f"{name}: {e}") from e
 
 
 # ---------------------------------------------------------------- videos
 
-def read_video(source, frame_size, choose):
+def read_video(source, frame_size, choose, pixels=False):
     """A video (encoded bytes or a file path) -> [T, 3, H, W] at the frame indices `choose(num_frames, fps)`,
-    square-resized (bilinear) while decoding. The one video decoder, for training and evaluation alike: decord
-    where installed, else PyAV through the same FFmpeg filters, at the same frame indices."""
+    square-resized (bilinear) while decoding, normalised (uint8 with `pixels`). The one video decoder, for
+    training and evaluation alike: decord where installed, else PyAV through the same FFmpeg filters, at the same
+    frame indices."""
     name = source if isinstance(source, str) else "video bytes"
     decode = _decord_frames if VIDEO_DECODER == "decord" else _pyav_frames
     try:
-        return normalise(decode(source, frame_size, choose, name))
+        rgb = decode(source, frame_size, choose, name)
+        return channels_first(rgb) if pixels else normalise(rgb)
     except VIDEO_ERRORS as e:
         raise SkipSample("bad_video", f"{name}: {str(e).splitlines()[0][:200]}") from e
 

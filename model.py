@@ -21,14 +21,20 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint as recompute
 from transformers import DynamicCache
 
 import checkpoint
 from config import MODES, PARAM_GROUPS, InputSettings, ModelSettings
 from encoder import FoveatedEncoder
+from frames import normalise_pixels
 from inputs import mcq_ids, prepare_frames, prompt_batch, question_ids
-from layout import compact_text, gather_rows, option_tree, pack, pad_packed
+from layout import (causal_mask, compact_text, gather_rows, option_tree, pack, pad_packed, pair_rows, targets,
+                    text_weights, visual_rows)
 from pretrained import build_dino, build_llm, load_tokenizer, plain_config
+
+LOGIT_PIECES, LOGIT_CHUNK = 8, 2048  # training's vocabulary projection: in 8 pieces beyond 2048 targets (_target_logps)
+
 
 class _Text(NamedTuple):
     """Text in compact form: ids [B, S] (real tokens first), embeds [B, S, D], n [B] real tokens per row, and
@@ -90,31 +96,43 @@ class FoveatedVLM(nn.Module):
         kv = self.encoder.encode_patches(real[new]) if real.shape[0] else None
         return kv, frame_idx, counts
 
-    def _tokens(self, queries, kv, frame_idx):
-        """queries [M, query_dim] -> LLM-space visual tokens [M, llm_dim]."""
+    def encode_pixels(self, pixels, frame_idx, frame_mask):
+        """encode, of a batch whose distinct frames the loader found (collate.pack_frames): pixels [U, 3, H, W]
+        (uint8, ImageNet-normalised here on their device; float: normalised already), frame_idx [M] (the distinct
+        frame of each real frame, sample-major), frame_mask [B, T]. No host sync."""
+        frames = normalise_pixels(pixels) if pixels.dtype == torch.uint8 else pixels
+        frames = frames.to(self.encoder.query_input_proj.weight.dtype)
+        kv = self.encoder.encode_patches(frames) if pixels.shape[0] else None
+        return kv, frame_idx, frame_mask.sum(1)
+
+    def _tokens(self, queries, kv, frame_idx, slots=None):
+        """queries [M, query_dim] -> LLM-space visual tokens [M, llm_dim] (slots: encoder.query_attend's)."""
         if kv is None:  # no frames at all (a text-only batch)
             return queries.new_zeros(queries.shape[0], self.dino_to_llm.out_features)
-        return self.dino_to_llm(self.encoder.query_attend(queries, kv, frame_idx)) * self.settings.visual_scale
+        tokens = self.encoder.query_attend(queries, kv, frame_idx, slots=slots)
+        return self.dino_to_llm(tokens) * self.settings.visual_scale
 
-    def visual_tokens(self, kv, frame_idx, counts, mode, text=None):
+    def visual_tokens(self, kv, frame_idx, counts, mode, text=None, plan=None):
         """Packed visual tokens [M, llm_dim] of `mode`, and for coarse_fine given `text` coarse_only's hidden states
         at the text [B, S, D] (else None): the coarse LLM pass then reads [coarse tokens, text], and causal
         attention leaves its states at the coarse tokens as over those tokens alone, so coarse_only's reading of
-        the text costs only the text's tokens (lambda_coarse's loss; scoring both modes)."""
+        the text costs only the text's tokens (lambda_coarse's loss; scoring both modes). `plan`: the batch's
+        layout.Plan, when the loader made one."""
         M = frame_idx.shape[0]
         if mode == "autoregressive":
             return self._autoregressive_tokens(kv, frame_idx, counts)[0], None
-        coarse = self._tokens(self.q_static.expand(M, -1), kv, frame_idx)
+        slots = None if plan is None else (plan.slot, plan.R)
+        coarse = self._tokens(self.q_static.expand(M, -1), kv, frame_idx, slots)
         if mode == "coarse_only" or (M == 0 and text is None):
             return coarse, None
-        coarse_h, text_h = self._llm(coarse, counts, text)
-        return self._tokens(self._fine_queries(coarse_h, counts), kv, frame_idx), text_h
+        coarse_h, text_h = self._llm(coarse, counts, text, plan)
+        return self._tokens(self._fine_queries(coarse_h, counts, plan), kv, frame_idx, slots), text_h
 
-    def _fine_queries(self, coarse_h, counts):
+    def _fine_queries(self, coarse_h, counts, plan=None):
         """The fine pass's queries [M, query_dim]: frame t+1's from the LLM's state at coarse token t (coarse_h
         [M, D], packed), and q_init for each sample's first frame."""
-        first = torch.zeros(coarse_h.shape[0], dtype=torch.bool, device=counts.device)
-        first[(torch.cumsum(counts, 0) - counts)[counts > 0]] = True
+        col = plan.col if plan is not None else visual_rows(counts)[2]
+        first = col == 0  # [M]
         shifted = torch.cat([self.q_init, self.llm_to_query(coarse_h)])[:-1]  # [M, query_dim]
         return torch.where(first[:, None], self.q_init, shifted)
 
@@ -150,16 +168,23 @@ class FoveatedVLM(nn.Module):
                                       past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
-    def _llm(self, vis, counts, text=None):
-        """One LLM pass over each sample's [visual tokens, text]: vis [M, D] packed, text a _Text or None.
-        Returns (hidden states at the visual tokens [M, D] packed, at the text [B, S, D] or None)."""
-        vis, vis_mask = pad_packed(vis, counts)  # [B, T, D]
+    def _llm(self, vis, counts, text=None, plan=None):
+        """One LLM pass over each sample's [visual tokens, text]: vis [M, D] packed, text a _Text or None, plan the
+        batch's layout.Plan (else its sizes are found here). Returns (hidden states at the visual tokens [M, D]
+        packed, at the text [B, S, D] or None)."""
+        T, row, col = (plan.T, plan.row, plan.col) if plan is not None else visual_rows(counts)
+        rows = vis.new_zeros(len(counts), T, vis.shape[-1]).index_put((row, col), vis)  # [B, T, D]
         if text is None:
-            text = _Text(None, vis[:, :0], torch.zeros_like(counts))
-        embeds, mask, position_ids, text_index = pack(vis, counts, text.embeds, text.n, text.branch)
+            text = _Text(None, rows[:, :0], torch.zeros_like(counts))
+        L = max(T, 1) if text.ids is None else (plan.L if plan is not None else None)
+        embeds, mask, position_ids, text_index = pack(rows, counts, text.embeds, text.n, text.branch, L)
+        if plan is not None and text.branch is None:  # the mask as the LLM would make it, or none for full rows
+            padded = plan.text_padded if text.ids is not None else plan.visual_padded
+            # compiled, padded and full rows take one graph: the flag would be a guard, each value a graph
+            mask = causal_mask(mask) if torch.compiler.is_compiling() or padded else None
         h = self._llm_hidden(embeds, mask, position_ids)
         text_h = gather_rows(h, text_index) if text.ids is not None else None
-        return h[:, :vis.shape[1]][vis_mask], text_h
+        return h[row, col], text_h
 
     def _text(self, input_ids, attention_mask):
         """-> (_Text, dest [B, S]: where each input position went in the compact text)."""
@@ -169,61 +194,73 @@ class FoveatedVLM(nn.Module):
     def _logits(self, h):
         return self.llm.get_output_embeddings()(h)
 
-    def _target_logps(self, h, ids, weights):
+    def _target_logps(self, h, ids, weights, plan=None):
         """Log-probabilities of the target tokens: compact text token i >= 1 with weight > 0, predicted from
-        h[:, i-1]. The vocabulary projection runs on those positions only. Returns (logp [K], row [K], w [K])."""
-        sel = weights[:, 1:] > 0  # [B, S-1]
-        logits = self._logits(h[:, :-1][sel]).float()  # [K, V]
-        logp = -F.cross_entropy(logits, ids[:, 1:][sel], reduction="none")
-        rows = torch.arange(h.shape[0], device=h.device)[:, None].expand_as(sel)[sel]
-        return logp, rows, weights[:, 1:][sel]
+        h[:, i-1] (layout.targets; the plan's when given). The vocabulary projection runs on those positions only,
+        and under autograd, beyond LOGIT_CHUNK of them, in LOGIT_PIECES pieces recomputed in the backward: the
+        float32 logits of a long batch and their gradient (~200 KiB a target each for SmolLM2's 49,152 words) never
+        exist whole. (A fixed number of pieces, not of rows, keeps one compiled graph for any number of targets.)
+        Returns (logp [K], row [K], w [K])."""
+        row, col = (plan.target_row, plan.target_col) if plan is not None else targets(weights)
+        h, target = h[row, col], ids[row, col + 1]  # [K, D], [K]
+        if torch.is_grad_enabled() and h.shape[0] > LOGIT_CHUNK:
+            logp = torch.cat([recompute(self._logp, a, b, use_reentrant=False) for a, b in
+                              zip(h.tensor_split(LOGIT_PIECES), target.tensor_split(LOGIT_PIECES))])
+        else:
+            logp = self._logp(h, target)
+        return logp, row, weights[row, col + 1]
 
-    def _ce(self, h, ids, weights):
-        logp, _, w = self._target_logps(h, ids, weights)
+    def _logp(self, h, target):
+        """h [K, D] -> log p(target [K]) in float32."""
+        return -F.cross_entropy(self._logits(h).float(), target, reduction="none")
+
+    def _ce(self, h, ids, weights, plan=None):
+        logp, _, w = self._target_logps(h, ids, weights, plan)
         return -(logp * w).sum() / w.sum().clamp(min=1.0)
 
     # ---------------------------------------------------------------- training API
     def forward(self, frames, input_ids, attention_mask=None, loss_mask=None, frame_mask=None,
-                mode="coarse_fine", return_logits=True, encoded=None):
+                mode="coarse_fine", return_logits=True, encoded=None, plan=None):
         """frames [B, T, 3, H, W], input_ids [B, S] -> {"loss", "logits" [B, S, V]}; logits[:, i] predicts token
         i+1. The loss is the mean cross-entropy over text tokens i >= 1 whose loss_mask (default attention_mask)
         is 1. Training passes return_logits=False: the vocabulary projection then runs on the targets only.
-        `encoded`, this model's `encode(frames, frame_mask)`, lets several modes share one DINO pass."""
+        `encoded`, this model's `encode(frames, frame_mask)` (or encode_pixels), lets several modes share one DINO
+        pass; `plan`, the batch's layout.Plan (collate makes one), spares the host syncs that find its sizes."""
         check_modes([mode])
         kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
         _check_rows(counts, input_ids.shape[0], "input_ids")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         loss_mask = attention_mask if loss_mask is None else loss_mask * attention_mask
         text, dest = self._text(input_ids, attention_mask)
-        weights = torch.zeros_like(text.ids, dtype=torch.float).scatter(1, dest, loss_mask.float())
+        weights = text_weights(dest, loss_mask)
         lambda_coarse = self.settings.lambda_coarse if mode == "coarse_fine" else 0.0
-        vis, coarse_h = self.visual_tokens(kv, frame_idx, counts, mode, text if lambda_coarse > 0 else None)
-        _, h = self._llm(vis, counts, text)
-        loss = self._ce(h, text.ids, weights)
+        vis, coarse_h = self.visual_tokens(kv, frame_idx, counts, mode, text if lambda_coarse > 0 else None, plan)
+        _, h = self._llm(vis, counts, text, plan)
+        loss = self._ce(h, text.ids, weights, plan)
         if coarse_h is not None:
-            loss = loss + lambda_coarse * self._ce(coarse_h, text.ids, weights)
+            loss = loss + lambda_coarse * self._ce(coarse_h, text.ids, weights, plan)
         logits = None
         if return_logits:  # back to the input's layout
             logits = gather_rows(self._logits(h), dest) * attention_mask[..., None]
         return {"loss": loss, "logits": logits}
 
     def forward_dpo(self, frames, frame_mask, chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids,
-                    rejected_mask, rejected_loss_mask, mode="coarse_fine", encoded=None):
+                    rejected_mask, rejected_loss_mask, mode="coarse_fine", encoded=None, plan=None):
         """Summed log-probabilities of the chosen and rejected answers (loss-mask tokens). The frames are encoded
         and turned into visual tokens once; both answers are read in one LLM pass of 2B rows (chosen, then
-        rejected). `encoded` as in forward. Returns {"chosen_logps": [B], "rejected_logps": [B]}."""
+        rejected: layout.pair_rows). `encoded` and `plan` as in forward (the plan's L and targets are the paired
+        rows'). Returns {"chosen_logps": [B], "rejected_logps": [B]}."""
         check_modes([mode])
         kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
-        B, S = chosen_ids.shape[0], max(chosen_ids.shape[1], rejected_ids.shape[1])
+        B = chosen_ids.shape[0]
         _check_rows(counts, B, "chosen_ids")
-        both = lambda c, r: torch.cat([F.pad(c, (0, S - c.shape[1])), F.pad(r, (0, S - r.shape[1]))])  # [2B, S]
-        mask = both(chosen_mask, rejected_mask)
-        text, dest = self._text(both(chosen_ids, rejected_ids), mask)
-        loss_mask = both(chosen_loss_mask, rejected_loss_mask) * mask
-        weights = torch.zeros_like(text.ids, dtype=torch.float).scatter(1, dest, loss_mask.float())
-        vis, _ = self.visual_tokens(kv, frame_idx, counts, mode)
-        _, h = self._llm(torch.cat([vis, vis]), counts.repeat(2), text)
-        logp, rows, w = self._target_logps(h, text.ids, weights)
+        mask = pair_rows(chosen_mask, rejected_mask)  # [2B, S]
+        text, dest = self._text(pair_rows(chosen_ids, rejected_ids), mask)
+        weights = text_weights(dest, pair_rows(chosen_loss_mask, rejected_loss_mask) * mask)
+        vis, _ = self.visual_tokens(kv, frame_idx, counts, mode, plan=plan)
+        paired = None if plan is None else plan.paired(B)
+        _, h = self._llm(torch.cat([vis, vis]), counts.repeat(2), text, paired)
+        logp, rows, w = self._target_logps(h, text.ids, weights, paired)
         logps = torch.zeros(2 * B, dtype=logp.dtype, device=h.device).index_add(0, rows, logp * w)
         return {"chosen_logps": logps[:B], "rejected_logps": logps[B:]}
 

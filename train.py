@@ -39,6 +39,7 @@ import distributed  # noqa: E402  before torch: it sets OpenMP's wait policy, wh
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.fx.experimental import _config as fx_config  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import checkpoint  # noqa: E402
@@ -46,14 +47,16 @@ import config as config_lib  # noqa: E402
 import schedule  # noqa: E402
 from config import PARAM_GROUPS  # noqa: E402
 from data import ShardDataset, check_shards, make_loader  # noqa: E402
+from layout import Plan  # noqa: E402
 from logger import Logger  # noqa: E402
 from model import FoveatedVLM  # noqa: E402
 from pretrained import check_backbone_configs, load_tokenizer  # noqa: E402
 from text_interleave import interleave  # noqa: E402
 
-DPO_KEYS = ("frames", "frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
-            "rejected_mask", "rejected_loss_mask")
-CE_KEYS = ("frames", "input_ids", "attention_mask", "loss_mask", "frame_mask")
+# What model.forward / forward_dpo take of a batch besides its frames (those come encoded: `encode`).
+CE_KEYS = ("input_ids", "attention_mask", "loss_mask", "frame_mask")
+DPO_KEYS = ("frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids", "rejected_mask",
+            "rejected_loss_mask")
 
 
 def check_config(cfg, source):
@@ -76,6 +79,24 @@ def load_config(args):
     return cfg
 
 
+def encode(model, batch):
+    """The DINO pass over a batch's frames: collate's distinct pixels and frame index (the loader's batches), or
+    frames [B, T, 3, H, W] with frame_mask (a batch built by hand, through the model's API)."""
+    if "pixels" in batch:
+        return model.encode_pixels(batch["pixels"], batch["frame_idx"], batch["frame_mask"])
+    return model.encode(batch["frames"], batch["frame_mask"])
+
+
+def model_outputs(model, dpo, batch, mode, encoded=None):
+    """model.forward (CE: {"loss"}) or, with `dpo`, model.forward_dpo (the answers' log-probs) of a batch, with
+    its plan when collate made one (layout.Plan); `encoded`, the model's `encode` of the batch, when made."""
+    encoded = encoded if encoded is not None else encode(model, batch)
+    plan = batch.get("plan")
+    if dpo:
+        return model.forward_dpo(None, **{k: batch[k] for k in DPO_KEYS}, mode=mode, encoded=encoded, plan=plan)
+    return model(None, **{k: batch[k] for k in CE_KEYS}, mode=mode, return_logits=False, encoded=encoded, plan=plan)
+
+
 class StepModule(nn.Module):
     """What DDP wraps: one forward for every loss type, so DDP's gradient hooks run for DPO as for CE."""
 
@@ -84,10 +105,7 @@ class StepModule(nn.Module):
         self.model, self.dpo, self.mode = model, dpo, mode
 
     def forward(self, batch, mode=None, encoded=None):
-        mode = mode or self.mode
-        if self.dpo:
-            return self.model.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=mode, encoded=encoded)
-        return self.model(**{k: batch[k] for k in CE_KEYS}, mode=mode, return_logits=False, encoded=encoded)
+        return model_outputs(self.model, self.dpo, batch, mode or self.mode, encoded)
 
 
 def dpo_loss(policy, reference, beta):
@@ -110,17 +128,24 @@ def compute_loss(step_module, reference, batch, cfg, mode=None, encoded=(None, N
     if reference is None:
         return out["loss"], {}
     with torch.no_grad():
-        ref = reference.forward_dpo(**{k: batch[k] for k in DPO_KEYS}, mode=mode, encoded=encoded[1])
+        ref = model_outputs(reference, True, batch, mode, encoded[1])
     return dpo_loss(out, ref, cfg.loss.beta)
+
+
+def reference_dtype(dev, dtype):
+    """The DPO reference's weights: bfloat16 on CUDA when training in bfloat16 (a frozen model needs no float32
+    master copy: half its memory; its log-probs are summed in float32 all the same), else float32."""
+    return torch.bfloat16 if dev.type == "cuda" and distributed.resolve_dtype(dev, dtype) == "bfloat16" \
+        else torch.float32
 
 
 def build_model(cfg, dev, model=None):
     """The policy (from init_from, or built from the config; `model` instead when given: bench.py's random
-    weights at the real sizes) and, for DPO, a frozen reference copy, with the config's freeze_* switches and
-    gradient checkpointing applied. From init_from, the architecture is the checkpoint's (config.check_init_from
-    refuses those keys beside it) and the settings that may change after init (config.AFTER_INIT_KEYS:
-    visual_scale, lambda_coarse) are the config's. The model is used as the data config trains it (model.inputs:
-    frame size, image replication, system prompt), which its checkpoints save."""
+    weights at the real sizes) and, for DPO, a frozen reference copy (in reference_dtype), with the config's
+    freeze_* switches and gradient checkpointing applied. From init_from, the architecture is the checkpoint's
+    (config.check_init_from refuses those keys beside it) and the settings that may change after init
+    (config.AFTER_INIT_KEYS: visual_scale, lambda_coarse) are the config's. The model is used as the data config
+    trains it (model.inputs: frame size, image replication, system prompt), which its checkpoints save."""
     m = cfg.model
     if model is None and m.init_from:
         model = FoveatedVLM.from_pretrained(m.init_from)
@@ -130,7 +155,8 @@ def build_model(cfg, dev, model=None):
     model.inputs = config_lib.InputSettings.of(cfg.data)
     reference = None
     if cfg.loss.type == "dpo":  # the init_from weights, before any resume overwrites the policy's
-        reference = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
+        reference = copy.deepcopy(model).to(dev, reference_dtype(dev, cfg.training.dtype))
+        reference.eval().requires_grad_(False)
     model.set_trainable(frozen=[group for group in PARAM_GROUPS if m.frozen(group)])
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -197,7 +223,8 @@ class SkipCount:
 
 
 def to_device(batch, dev):
-    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors and plan on `dev` (asynchronous copies from pinned memory)."""
+    return {k: v.to(dev, non_blocking=True) if isinstance(v, (torch.Tensor, Plan)) else v for k, v in batch.items()}
 
 
 def train_step(step_module, reference, batches, optimizer, cfg, dist, scaler, stop=False):
@@ -222,12 +249,13 @@ def train_step(step_module, reference, batches, optimizer, cfg, dist, scaler, st
     norm = torch.nn.utils.clip_grad_norm_(params, cfg.training.max_grad_norm)
     go_on = torch.tensor(0.0 if stop else 1.0, device=norm.device)
     ok = distributed.all_reduce(torch.stack([torch.isfinite(total), torch.isfinite(norm), go_on]).float(), "min")
-    loss_finite, stepped = bool(ok[0]), bool(ok[:2].min())
+    loss_finite, norm_finite, go = (v > 0 for v in ok.tolist())  # the step's one host sync: the host decides
+    stepped = loss_finite and norm_finite
     if stepped:
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return stepped, loss_finite, total, {"grad_norm": norm.detach().float(), **metrics}, not bool(ok[2])
+    return stepped, loss_finite, total, {"grad_norm": norm.detach().float(), **metrics}, not go
 
 
 def eval_modes(cfg):
@@ -240,14 +268,15 @@ def evaluate(step_module, reference, loader, cfg, dist):
     """Mean validation loss over up to eval.max_samples samples (split across ranks), in each of eval_modes:
     {"val_loss": loss in model.mode, "val_loss_<mode>": loss in each other mode}."""
     inner = getattr(step_module, "module", step_module)  # no DDP here: ranks may hold unequal batch counts
+    inner = StepModule(inner.model, inner.dpo, inner.mode)  # eager: no_grad and each mode would compile anew
     inner.eval()
     modes, samples, limit = eval_modes(cfg), 0, math.ceil(cfg.eval.max_samples / dist.world_size)
     total = torch.zeros(len(modes) + 1, device=dist.device)  # summed loss x samples per mode, then samples
     for batch in loader:
         batch = to_device(batch, dist.device)
-        n = len(batch["frames"])
+        n = batch["frame_mask"].shape[0]
         with distributed.autocast(dist.device, cfg.training.dtype):
-            encoded = [m.encode(batch["frames"], batch["frame_mask"]) if m is not None else None
+            encoded = [encode(m, batch) if m is not None else None
                        for m in (inner.model, reference)]  # DINO once per batch, whatever the modes
             for i, mode in enumerate(modes):
                 loss, _ = compute_loss(inner, reference, batch, cfg, mode, encoded)
@@ -306,7 +335,7 @@ def resume(cfg, model, optimizer, scheduler, scaler, dist):
     scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # empty when saved without float16 loss scaling
         scaler.load_state_dict(state["scaler"])
-    checkpoint.set_rng_state(state["rng"])
+    checkpoint.set_rng_state(state["rng"], dist.rank, dist.local_rank)
     progress = Progress.from_state(state)
     if dist.is_main:
         print(f"resumed from {path}: step {progress.step}, {progress.samples_seen} samples seen", flush=True)
@@ -314,10 +343,12 @@ def resume(cfg, model, optimizer, scheduler, scaler, dist):
 
 
 def save(run, progress, ranking):
-    """Rank 0 writes the checkpoint, ranked by `ranking` (val_loss | train_loss); every rank waits for it."""
+    """Rank 0 writes the checkpoint, ranked by `ranking` (val_loss | train_loss); every rank waits for it. Every
+    rank's own CUDA RNG state goes in (checkpoint.set_rng_state restores each rank's)."""
+    cuda_by_rank = distributed.gather_objects(checkpoint.cuda_rng_state())
     if run.dist.is_main:
         state = {**progress.state(), "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                 "scaler": run.scaler.state_dict(), "rng": checkpoint.rng_state()}
+                 "scaler": run.scaler.state_dict(), "rng": checkpoint.rng_state(cuda_by_rank)}
         metric = progress.train_loss if ranking == "train_loss" else progress.val.get("val_loss")
         c = run.cfg.checkpoint
         checkpoint.save(c.save_dir, progress.step, run.model, state, run.cfg, run.tokenizer, metric, c.keep_last,
@@ -354,13 +385,25 @@ class Run:
     global_batch: int
 
 
+COMPILE = {"dynamic": True}  # torch.compile's arguments for training.compile
+
+
 def wrap(model, cfg, dist):
+    """The step module every training forward goes through: compiled with training.compile, DDP-wrapped on more
+    than one process. Compiled, the step has no graph break (the batch's plan carries its data-dependent sizes)
+    and its sizes are dynamic from the first batch and never assumed equal because they happen to be (duck
+    shaping), so batches of any frame count and text length share a graph; text-only batches, and batches of one
+    sample or one image (sizes 0 and 1 are specialised), take one more each: 5 or so in all, within the raised
+    recompile limit (tests/test_step.py counts them)."""
     step_module = StepModule(model, cfg.loss.type == "dpo", cfg.model.mode)
     if cfg.training.compile:
-        step_module.compile()  # in place: the saved `model` keeps its plain parameter names
+        fx_config.use_duck_shape = False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        step_module.compile(**COMPILE)  # in place: the saved `model` keeps its plain parameter names
     if dist.world_size > 1:  # text-only batches leave DINO and the connector unused: find_unused_parameters
         step_module = DDP(step_module, device_ids=[dist.device] if dist.device.type == "cuda" else None,
-                          find_unused_parameters=True, broadcast_buffers=False)
+                          find_unused_parameters=True, broadcast_buffers=False,
+                          gradient_as_bucket_view=True)  # the gradients live in the buckets: no second copy
     return step_module
 
 
@@ -490,7 +533,7 @@ def main(argv=None, args=None):
     cfg = load_config(args or arguments(argv))
     t, c = cfg.training, cfg.checkpoint
     threads = distributed.set_threads(t.threads)
-    dist = distributed.init(t.seed, t.device)
+    dist = distributed.init(t.seed, t.device, t.dist_timeout_min)
     if dist.is_main:
         checkpoint.clean_tmp(c.save_dir)
     tokenizer = load_tokenizer(checkpoint.tokenizer_source(cfg.model))

@@ -52,6 +52,30 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
 
 
+def test_each_rank_restores_its_own_cuda_rng_state_on_fewer_or_more_gpus(tmp_path, monkeypatch):
+    """A state saved by 8 ranks (each its device's CUDA state) resumes on 4 GPUs or on one: each rank sets its own
+    device's state, never a list of 8 into the devices it sees (which raised IndexError); a rank the save holds no
+    state for keeps its seeded one. An older save (one state per device the saving process saw) restores the
+    device of the local rank. Simulated on the CPU: the states are built, CUDA's calls recorded."""
+    saved = [torch.full((16,), rank, dtype=torch.uint8) for rank in range(8)]
+    torch.save(checkpoint.rng_state(cuda_by_rank=saved), tmp_path / "rng.pt")
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("set every device's state"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(int(s[0])))
+    for rank in range(4):  # 4 GPUs
+        checkpoint.set_rng_state(state, rank=rank, local_rank=rank)
+    checkpoint.set_rng_state(state, rank=0, local_rank=0)  # one GPU, to debug
+    checkpoint.set_rng_state(state, rank=11, local_rank=3)  # 16 GPUs: rank 11 has no saved state
+    assert restored == [0, 1, 2, 3, 0]
+    older = {**state, "cuda": saved}
+    del older["cuda_by_rank"]
+    checkpoint.set_rng_state(older, rank=13, local_rank=5)
+    assert restored[-1] == 5
+    assert "cuda_by_rank" not in checkpoint.rng_state(cuda_by_rank=[None, None])  # ranks on the CPU
+
+
 CHILD = """
 import json, os, signal, sys, torch
 import checkpoint, config

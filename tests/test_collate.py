@@ -1,11 +1,12 @@
-"""Batch padding (frames, text, DPO), the token-budget batcher and the text-retention schedule."""
+"""Batching (distinct frames and their index, text padding, DPO, the plan), the frame and token budgets and the
+text-retention schedule."""
 
 from collections import Counter
 
 import torch
 from torch.utils.data import DataLoader
 
-from collate import BudgetBatches, collate
+from collate import BudgetBatches, collate, row_tokens
 from text_interleave import interleave, is_text_step
 
 PAD = 2
@@ -20,22 +21,35 @@ def ce_sample(T, ids, mask, skipped=None):
 def test_ce_collate_pads_frames_and_text():
     batch = collate([ce_sample(2, [5, 6, 7], [0, 1, 1], {"bad_video": 1}),
                      ce_sample(4, [8, 9], [1, 1], {"bad_video": 2, "no_text": 1})], PAD)
-    assert batch["frames"].shape == (2, 4, 3, 4, 4)
+    assert batch["pixels"].shape == (6, 3, 4, 4) and batch["pixels"][:, 0, 0, 0].tolist() == [1, 2, 1, 2, 3, 4]
+    assert batch["frame_idx"].tolist() == list(range(6))
     assert batch["frame_mask"].tolist() == [[True, True, False, False], [True] * 4]
-    assert batch["frames"][0, :, 0, 0, 0].tolist() == [1, 2, 0, 0]  # real frames first, zeros after
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, PAD]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert batch["loss_mask"].tolist() == [[0, 1, 1], [1, 1, 0]]
     assert batch["input_ids"].dtype == torch.long and batch["frame_mask"].dtype == torch.bool
     assert batch["skipped"] == {"bad_video": 3, "no_text": 1}
+    plan = batch["plan"]  # the LLM rows [2 + 3 tokens], [4 + 2 tokens]; targets at compact positions i >= 1
+    assert (plan.T, plan.L, plan.R) == (4, 6, 2) and plan.slot.tolist() == [0] * 6  # R: a spare slot, at least
+    assert plan.row.tolist() == [0, 0, 1, 1, 1, 1] and plan.col.tolist() == [0, 1, 0, 1, 2, 3]
+    assert plan.target_row.tolist() == [0, 0, 1] and plan.target_col.tolist() == [0, 1, 0]
 
 
-def test_replicated_image_is_materialised():
-    frame = torch.randn(3, 4, 4)
+def test_replicated_and_repeated_frames_travel_once():
+    """An image's 8 views are one row of `pixels` read 8 times (no copy); consecutive equal frames, within a video
+    or across samples, are kept once, as the model's content dedup would encode them; the pixels keep their dtype."""
+    frame = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)
     image = {"frames": frame.unsqueeze(0).expand(8, -1, -1, -1), "input_ids": torch.tensor([1]),
              "loss_mask": torch.tensor([1])}
-    batch = collate([image], PAD)
-    assert batch["frames"].stride(1) != 0 and torch.equal(batch["frames"][0, 7], frame)
+    video = {"frames": torch.stack([frame, frame, frame + 1, frame]), "input_ids": torch.tensor([1]),
+             "loss_mask": torch.tensor([1])}
+    batch = collate([image, video, dict(image, frames=image["frames"][:1])], PAD)
+    assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (3, 3, 4, 4)
+    assert torch.equal(batch["pixels"][0], frame) and torch.equal(batch["pixels"][1], frame + 1)
+    assert torch.equal(batch["pixels"][2], frame)
+    assert batch["frame_idx"].tolist() == [0] * 10 + [1, 2, 2]
+    plan = batch["plan"]
+    assert plan.R == 10 and plan.slot.tolist() == list(range(10)) + [0, 0, 1]
 
 
 def test_dpo_collate():
@@ -45,22 +59,41 @@ def test_dpo_collate():
                 "rejected_ids": torch.tensor(r), "rejected_loss_mask": torch.ones(len(r), dtype=torch.long)}
 
     batch = collate([pair(1, [3, 4], [3, 5, 6]), pair(2, [3], [3])], PAD)
-    assert set(batch) == {"frames", "frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
-                          "rejected_mask", "rejected_loss_mask", "skipped"}
+    assert set(batch) == {"pixels", "frame_idx", "frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask",
+                          "rejected_ids", "rejected_mask", "rejected_loss_mask", "plan", "skipped"}
     assert batch["chosen_ids"].tolist() == [[3, 4], [3, PAD]]
     assert batch["rejected_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["rejected_loss_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["frame_mask"].tolist() == [[True, False], [True, True]]
+    plan = batch["plan"]  # 4 rows (chosen 0, 1, rejected 0, 1) of [1 + 3], [2 + 1], [1 + 3], [2 + 1] tokens
+    assert plan.L == 4 and plan.target_row.tolist() == [0, 2, 2] and plan.target_col.tolist() == [0, 0, 1]
 
 
 def test_budget_batches_respect_max_total_frames():
     Ts = [4, 4, 4, 10, 2, 2, 20, 0, 0, 0]
-    samples = [ce_sample(T, [1], [1]) if T else {"frames": torch.zeros(0, 3, 4, 4)} for T in Ts]
+    samples = [ce_sample(T, [1], [1]) for T in Ts]
     batches = list(BudgetBatches(samples, batch_size=3, max_total_frames=12))
     sizes = [[b["frames"].shape[0] for b in batch] for batch in batches]
     assert sizes == [[4, 4, 4], [10], [2, 2], [20], [0, 0, 0]]
     for batch in sizes[:3]:
         assert len(batch) * max(batch) <= 12
+
+
+def test_budget_batches_respect_max_batch_tokens():
+    """Padded LLM tokens (samples x longest row of frames + text) stay within the budget, text-only batches too;
+    a DPO pair is two rows, each padded to its longer answer; a sample beyond the budget is a batch of one."""
+    text = [ce_sample(0, [1] * n, [1] * n) for n in (100, 300, 200, 50, 60, 1000, 20)]
+    batches = list(BudgetBatches(text, batch_size=8, max_batch_tokens=600))
+    assert [[len(s["input_ids"]) for s in b] for b in batches] == [[100, 300], [200, 50, 60], [1000], [20]]
+    video = [ce_sample(T, [1] * n, [1] * n) for T, n in ((4, 40), (8, 20), (2, 90), (2, 120))]
+    batches = list(BudgetBatches(video, batch_size=8, max_total_frames=24, max_batch_tokens=200))
+    # 3 x 92 tokens > 200 though 3 x 8 frames fit; 2 x 122 > 200
+    assert [[s["frames"].shape[0] for s in b] for b in batches] == [[4, 8], [2], [2]]
+    pair = {"frames": torch.zeros(2, 3, 4, 4), "chosen_ids": torch.ones(10), "rejected_ids": torch.ones(30)}
+    assert row_tokens(pair) == (2, 32)
+    assert [len(b) for b in BudgetBatches([pair] * 5, batch_size=8, max_batch_tokens=130)] == [2, 2, 1]
+    for budget in (None, 10_000):  # the frame budget alone, and both: batch_size still bounds the batch
+        assert [len(b) for b in BudgetBatches(text, batch_size=3, max_batch_tokens=budget)] == [3, 3, 1]
 
 
 def test_text_steps_exact_share_and_seeded():
@@ -86,11 +119,11 @@ def test_interleave_uses_text_batches_at_text_steps():
 
 
 def test_worker_batches_are_built_in_shared_memory():
-    """In a loader worker the padded frames are written straight into shared memory (nothing copied again to
-    reach the main process); padding stays zero though the tensor starts uninitialised."""
+    """In a loader worker the distinct frames are written straight into shared memory (nothing copied again to
+    reach the main process), though the tensor starts uninitialised."""
     samples = [ce_sample(2, [5], [1]), ce_sample(3, [6], [1])]
     loader = DataLoader([samples], batch_size=None, num_workers=1,
-                        collate_fn=lambda s: (collate(s, PAD)["frames"].is_shared(), collate(s, PAD)["frames"]))
-    shared, frames = next(iter(loader))
-    assert shared and not collate(samples, PAD)["frames"].is_shared()
-    assert torch.equal(frames, collate(samples, PAD)["frames"]) and frames[0, 2].abs().sum() == 0
+                        collate_fn=lambda s: (collate(s, PAD)["pixels"].is_shared(), collate(s, PAD)["pixels"]))
+    shared, pixels = next(iter(loader))
+    assert shared and not collate(samples, PAD)["pixels"].is_shared()
+    assert torch.equal(pixels, collate(samples, PAD)["pixels"])

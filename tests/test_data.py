@@ -25,7 +25,7 @@ from conftest import shard_dataset
 from data import make_loader
 from config import FrameConfig
 from frames import (IMAGENET_MEAN, IMAGENET_STD, Media, SkipSample, denormalise, frame_indices, load_clip,
-                    load_image_frames, read_video)
+                    load_image_frames, normalise_pixels, read_video)
 from shards import assign_shards, expand_shards, iter_tar
 from synthetic import BACKGROUND, encode_jpg, encode_mp4, render, write_tar
 
@@ -89,10 +89,10 @@ def test_video2dataset_shard_with_failures(tmp_path, tokenizer, caplog, decoder)
     assert skipped == {"failed_download": 1, "bad_video": 1, "bad_json": 1, "no_video": 1}
     assert "000000011" in caplog.text and "00000.tar" in caplog.text and "bad_video" in caplog.text
     frames = samples[0]["frames"]
-    assert frames.shape == (6, 3, SIZE, SIZE) and frames.dtype == torch.float32
+    assert frames.shape == (6, 3, SIZE, SIZE) and frames.dtype == torch.uint8  # the model normalises them
     # A background corner pixel is grey BACKGROUND, ImageNet-normalised per channel.
     expected = (BACKGROUND / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert torch.allclose(frames[0, :, 0, 0], expected, atol=0.08)
+    assert torch.allclose(normalise_pixels(frames)[0, :, 0, 0], expected, atol=0.08)
     # Stage 1: loss on every token of the caption conversation.
     assert samples[0]["loss_mask"].tolist() == [1] * len(samples[0]["input_ids"])
     assert samples[0]["kind"] == "video" and "a red square moves right" in tokenizer.decode(samples[0]["input_ids"])
@@ -112,7 +112,7 @@ def test_mp4_sampled_at_one_fps(tmp_path, tokenizer, decoder):
     assert read(tmp_path / "a.tar", tokenizer, sample_fps=4.0)[0][0]["frames"].shape[0] == 8
     (tmp_path / "v.mp4").write_bytes(mp4(frames=8, fps=4))
     frames = load_clip(str(tmp_path / "v.mp4"), FrameConfig(frame_size=SIZE, sample_fps=4.0)).frames
-    assert torch.equal(frames, read(tmp_path / "a.tar", tokenizer, sample_fps=4.0)[0][0]["frames"])
+    assert torch.equal(frames, normalise_pixels(read(tmp_path / "a.tar", tokenizer, sample_fps=4.0)[0][0]["frames"]))
 
 
 def test_jpg_frames_in_order_and_image_replicated(tmp_path, tokenizer):
@@ -124,14 +124,14 @@ def test_jpg_frames_in_order_and_image_replicated(tmp_path, tokenizer):
     clip, still = samples
     assert not skipped
     assert clip["kind"] == "video" and clip["frames"].shape == (4, 3, SIZE, SIZE)
-    means = clip["frames"][:, 0].mean(dim=(1, 2))
+    means = clip["frames"][:, 0].float().mean(dim=(1, 2))
     assert torch.all(means[1:] > means[:-1])  # 000, 001, 002, 003: brightness increases
     assert still["kind"] == "image" and still["frames"].shape == (8, 3, SIZE, SIZE)
     assert still["frames"].stride(0) == 0  # one tensor, eight views: no copy
     assert torch.unique(still["frames"].reshape(8, -1), dim=0).shape[0] == 1
     assert tokenizer.decode(still["input_ids"][still["loss_mask"].bool()]) == "A. red<|im_end|>\n"
     pil = Image.open(io.BytesIO(solid_jpg(200)))
-    assert torch.equal(load_image_frames(pil, SIZE), still["frames"][0])  # inference decodes as training
+    assert torch.equal(load_image_frames(pil, SIZE), normalise_pixels(still["frames"][0]))  # inference as training
 
 
 def test_dpo_and_text_samples(tmp_path, tokenizer):
@@ -148,7 +148,7 @@ def test_dpo_and_text_samples(tmp_path, tokenizer):
     assert skipped == {"missing_field": 1, "no_text": 1}
     assert text[0]["kind"] == "text" and text[0]["frames"].shape == (0, 3, SIZE, SIZE)
     batch = collate(text, pad_id=tokenizer.pad_token_id)
-    assert batch["frames"].shape == (1, 0, 3, SIZE, SIZE) and batch["frame_mask"].shape == (1, 0)
+    assert batch["pixels"].shape == (0, 3, SIZE, SIZE) and batch["frame_mask"].shape == (1, 0)
 
 
 def test_prompt_too_long_is_skipped(tmp_path, tokenizer):
@@ -335,7 +335,7 @@ def test_generate_samples_frames_as_training(tmp_path, tokenizer, decoder):
     write_tar(tmp_path / "a.tar", [("k", {"mp4": open(clip, "rb").read(), "txt": "x"})])
     frames = load_clip(clip, FrameConfig(frame_size=SIZE, max_frames=64)).frames
     assert frames.shape == (2, 3, SIZE, SIZE)
-    assert torch.equal(frames, read(tmp_path / "a.tar", tokenizer, max_frames=64)[0][0]["frames"])
+    assert torch.equal(frames, normalise_pixels(read(tmp_path / "a.tar", tokenizer, max_frames=64)[0][0]["frames"]))
     folder = tmp_path / "frames"
     folder.mkdir()
     for i in range(12):
@@ -375,4 +375,4 @@ def test_loader_pins_memory_for_cuda_only(tmp_path, tokenizer):
     if torch.cuda.is_available():
         batch = next(iter(make_loader(shard_dataset(str(tmp_path / "a.tar"), tokenizer, frame_size=SIZE), 2,
                                       tokenizer.pad_token_id, num_workers=1, pin_memory=True)))
-        assert batch["frames"].is_pinned() and batch["input_ids"].is_pinned()
+        assert batch["pixels"].is_pinned() and batch["input_ids"].is_pinned() and batch["plan"].row.is_pinned()

@@ -19,6 +19,7 @@ import config
 import train
 from conftest import ROOT, TINY_DINO, TINY_LLM, read_log, write_colour_shard, write_config
 from data import ShardDataset, make_loader
+from frames import normalise_pixels
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,14 @@ def val_losses(checkpoint_dir, config_path, tokenizer, modes):
     sums, n = dict.fromkeys(modes, 0.0), 0
     with torch.no_grad():
         for batch in loader:
+            mask = batch["frame_mask"]
+            frames = torch.zeros(*mask.shape, *batch["pixels"].shape[1:])  # [B, T, 3, H, W], as the API takes them
+            frames[mask] = normalise_pixels(batch["pixels"])[batch["frame_idx"]]
             for mode in modes:
-                loss = model(**{k: batch[k] for k in train.CE_KEYS}, mode=mode)["loss"]
-                sums[mode] += loss.item() * len(batch["frames"])
-            n += len(batch["frames"])
+                loss = model(frames, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], mask,
+                             mode=mode)["loss"]
+                sums[mode] += loss.item() * len(mask)
+            n += len(mask)
             if n >= cfg.eval.max_samples:
                 break
     return {mode: total / n for mode, total in sums.items()}
