@@ -36,7 +36,8 @@ import argparse
 import cli
 
 MODEL_SHAPES = {"135M": ("smollm2-135m", "dinov2-small"), "1.7B": ("smollm2-1.7b", "dinov2-small")}
-QUICK = {"frame_size": 112, "repeats": 2, "scoring_batch": 4, "steps": 2, "batch_size": 1, "frames": 8}
+QUICK = {"frame_size": 112, "repeats": 2, "scoring_repeats": 1, "scoring_batch": 4, "steps": 2, "batch_size": 1,
+         "frames": 8}
 FULL = {"frame_size": 224, "repeats": 5, "scoring_batch": 8, "steps": 3}  # throughput: the config's batch and frames
 
 
@@ -53,7 +54,7 @@ def arguments(argv=None):
     cli.add_device(timed)
     timed.add_argument("--frame-size", type=int, help=f"quick {QUICK['frame_size']}, full {FULL['frame_size']}")
     timed.add_argument("--repeats", type=int, help=f"timed rounds after one warm-up round (quick {QUICK['repeats']}, "
-                       f"full {FULL['repeats']})")
+                       f"scoring {QUICK['scoring_repeats']}; full {FULL['repeats']})")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("throughput", parents=[common], help="samples/s, step split and MFU of a config's step")
     t.add_argument("--config", required=True)
@@ -463,7 +464,8 @@ def main(argv=None, args=None):
         print(throughput(args))
         return
     preset = FULL if args.full else QUICK
-    args.frame_size, args.repeats = args.frame_size or preset["frame_size"], args.repeats or preset["repeats"]
+    rounds = preset.get("scoring_repeats", preset["repeats"]) if args.command == "scoring" else preset["repeats"]
+    args.frame_size, args.repeats = args.frame_size or preset["frame_size"], args.repeats or rounds
     if args.command == "scoring":
         args.batch_size = args.batch_size or preset["scoring_batch"]
     distributed.set_threads(args.threads)
