@@ -32,6 +32,9 @@ DEVICES = ("auto", "cpu", "cuda")
 SCORING = ("original", "mean")  # an MCQ option's score (tokenization.option_targets)
 MAX_FRAMES = 64  # frames taken from a video by default, in training and inference alike
 FRAME_SIZE = 224  # DINOv2's input side as trained
+# Frames decoded and encoded at a time on the streamed path (videos longer than this, at inference), by device
+# type when chunk_frames is null: at 224 px a chunk holds ~9.5 MB of DINOv2 keys and values a frame (float32).
+CHUNK_FRAMES = {"cpu": 64, "cuda": 256}
 SYSTEM_PROMPT = "You are a helpful AI assistant."  # the original recipe's system turn (tokenization.chat)
 
 Paths = Union[str, list]  # shards: one name, glob, brace pattern or URL, or a list of them (shards.py)
@@ -81,6 +84,8 @@ class FrameConfig:
     frame_sampling: str = "uniform"  # beyond max_frames at sample_fps: "uniform" over the video, or the "head"
     sample_fps: float = 1.0
     replicate_image_frames: int = 8  # a single frame becomes this many views of one tensor (encoded once)
+    chunk_frames: Optional[int] = None  # inference: longer videos are decoded and encoded this many frames at a
+    #                                    time (streaming.py); null: CHUNK_FRAMES of the device
 
 
 # ---------------------------------------------------------------- the stage YAML's sections
@@ -234,7 +239,7 @@ MINIMUM = {  # values with a floor (a batch of 0 would divide by zero, a sample_
     "data.shuffle_buffer": 1, "training.total_samples": 1, "training.batch_size": 1, "training.grad_accum": 1,
     "training.threads": 1, "training.log_every": 1, "training.max_nonfinite_steps": 1,
     "checkpoint.save_every_steps": 1, "checkpoint.keep_last": 1, "checkpoint.keep_best": 0, "eval.every_steps": 0,
-    "eval.max_samples": 1, "data.sample_fps": 1e-3,
+    "eval.max_samples": 1, "data.sample_fps": 1e-3, "data.chunk_frames": 1,
 }
 
 # Fixed by the checkpoint when model.init_from is set: setting one beside it is an error, never ignored.

@@ -13,7 +13,7 @@ LAYERS = [  # lowest first
     ["config"],  # settings, choice lists and defaults: imports nothing of the project, nor torch
     ["distributed", "layout", "collate", "text_interleave", "logger", "shards", "schedule", "frames", "tokenization",
      "pretrained", "checkpoint"],  # one concern each, over the libraries
-    ["inputs", "encoder", "model"],  # the model
+    ["inputs", "encoder", "streaming", "model"],  # the model
     ["data", "eval_readers"],  # what training and evaluation read
     ["train", "benchmark", "generate", "attention_viz", "bench", "synthetic", "prepare", "converters"],  # scripts
 ]
