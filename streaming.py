@@ -76,20 +76,20 @@ class VideoStream:
 
     def read(self, chunks, total=None, desc="frames"):
         """add_frames for each chunk of an iterator (frames.stream_clip's), with a progress bar showing frames/s
-        of decoding (the iterator's time) and of encoding (add_frames's). Returns (decode s, encode s)."""
-        seconds = {"decode": 0.0, "encode": 0.0}
+        of decoding (the iterator's time) and of encoding (add_frames's). Returns the seconds of each, wall clock
+        and CPU (this process's): {"decode": s, "encode": s, "decode_cpu": s, "encode_cpu": s}."""
+        seconds = dict.fromkeys(("decode", "encode", "decode_cpu", "encode_cpu"), 0.0)
         bar = tqdm(total=total, desc=desc, unit="frame", dynamic_ncols=True)
-        start = time.perf_counter()
+        clock = (time.perf_counter(), time.process_time())
         for chunk in chunks:
-            seconds["decode"] += time.perf_counter() - start
-            start = time.perf_counter()
+            clock = _lap(seconds, "decode", clock)
             self.add_frames(chunk)
-            seconds["encode"] += time.perf_counter() - start
+            clock = _lap(seconds, "encode", clock)
+            bar.set_postfix_str(", ".join(f"{k} {(bar.n + chunk.shape[0]) / max(seconds[k], 1e-9):.1f} frames/s"
+                                          for k in ("decode", "encode")), refresh=False)
             bar.update(chunk.shape[0])
-            bar.set_postfix_str(", ".join(f"{k} {bar.n / max(s, 1e-9):.1f} frames/s" for k, s in seconds.items()))
-            start = time.perf_counter()
         bar.close()
-        return seconds["decode"], seconds["encode"]
+        return seconds
 
     def _add(self, frames):
         m = self.model
@@ -199,6 +199,14 @@ class VideoStream:
         """Bytes held in the KV caches (every mode's, keys and values of every layer)."""
         return sum(t.numel() * t.element_size() for cache in self.caches.values() for layer in cache.layers
                    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+
+
+def _lap(seconds, part, clock):
+    """Add the wall and CPU seconds since `clock` to `part`'s; the new clock."""
+    now = (time.perf_counter(), time.process_time())
+    seconds[part] += now[0] - clock[0]
+    seconds[part + "_cpu"] += now[1] - clock[1]
+    return now
 
 
 def _crop(cache, length):
