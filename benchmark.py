@@ -21,6 +21,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, replace
+from typing import NamedTuple
 
 from distributed import autocast, parse_cli, run_cli  # before torch: it sets OpenMP's wait policy (README)
 import torch
@@ -31,8 +32,9 @@ import eval_readers
 from checkpoint import training_config
 from collate import pad_frames
 from config import MODES, SCORING, SYSTEM_PROMPT, EvalProtocol
-from frames import SkipSample
+from frames import SkipSample, stream_clip
 from model import load_checkpoint
+from streaming import chunk_size, context_room
 from tokenization import option_targets, prompt_ids
 
 READERS = {
@@ -71,56 +73,96 @@ def load_roots(config_path=None, flags=None):
 @torch.no_grad()
 def evaluate(model, tokenizer, questions, protocol=EvalProtocol(), limit=None, desc="eval"):
     """Score MCQ questions in every mode -> (result dict (see `summarize`), per-question records). Questions
-    that cannot be scored are skipped, counted by reason, and never count as answers."""
+    that cannot be scored are skipped, counted by reason, and never count as answers. A question's frames are at
+    most what the LLM's context holds beside its text (eval_readers.question_clip); a video longer than a chunk
+    (protocol.chunk_frames) is read a chunk at a time into the model's KV cache (model.stream)."""
     if limit is not None:
         questions = list(itertools.islice(questions, limit))
     total = len(questions) if hasattr(questions, "__len__") else None
-    records, pending, skipped, start = [], [], Counter(), time.perf_counter()
+    records, pending, skipped, fitted, start = [], [], Counter(), 0, time.perf_counter()
+    chunk = chunk_size(protocol.chunk_frames, next(model.parameters()).device)
     for q in tqdm(questions, desc=desc, total=total, unit="q"):
         try:
             if q.skip is not None:
                 raise q.skip
-            pending.append((q, eval_readers.question_frames(q, protocol)))
+            text = question_text(tokenizer, q, protocol)
+            media, cfg, n, note = eval_readers.question_clip(q, protocol, context_room(model, text.tokens))
+            if note:
+                fitted += 1
+                if fitted <= WARN_SKIPS:
+                    tqdm.write(f"{desc}: {q.qid}: {note}")
+            if n is not None and n > chunk:
+                records.append(score_streamed(model, q, text, media, cfg, n, protocol))
+            else:
+                pending.append((q, text, eval_readers.clip_frames(media, cfg)))
         except SkipSample as e:
             if sum(skipped.values()) < WARN_SKIPS:
                 tqdm.write(f"{desc}: skipping {q.qid}: {e}")
             skipped[e.reason] += 1
         if len(pending) == protocol.batch_size:
-            records += score_batch(model, tokenizer, pending, protocol)
+            records += score_batch(model, pending, protocol)
             pending = []
     if pending:
-        records += score_batch(model, tokenizer, pending, protocol)
+        records += score_batch(model, pending, protocol)
     yes_no = bool(records) and all(r["options"] == eval_readers.YES_NO for r in records)
-    return summarize(records, protocol.modes, skipped, time.perf_counter() - start, yes_no), records
+    result = summarize(records, protocol.modes, skipped, time.perf_counter() - start, yes_no)
+    result["sampled_to_fit"] = fitted  # questions whose frames were sampled down to the LLM's context
+    return result, records
 
 
-def score_batch(model, tokenizer, questions, protocol):
-    """Score (question, frames [T, 3, H, W]) pairs in one batched call -> one record per question: its
-    answer, categories, and per mode every option's score and the prediction (the lowest score; the first
-    of equal ones, as the original's min)."""
+class QuestionText(NamedTuple):
+    """A question's token ids: the chat-formatted prompt, each option's targets and their weights."""
+
+    prompt: list
+    options: list
+    weights: list
+
+    @property
+    def tokens(self):  # the longest text the frames are read with
+        return len(self.prompt) + max(len(o) for o in self.options)
+
+
+def question_text(tokenizer, q, protocol):
+    targets = [option_targets(tokenizer, q.prompt, o, protocol.scoring, protocol.system_prompt) for o in q.options]
+    return QuestionText(prompt_ids(tokenizer, q.prompt, protocol.system_prompt), [ids for ids, _ in targets],
+                        [w for _, w in targets])
+
+
+def score_batch(model, questions, protocol):
+    """Score (question, QuestionText, frames [T, 3, H, W]) triples in one batched call -> one record per question
+    (`record`)."""
     param = next(model.parameters())
-    frames, frame_mask = pad_frames([{"frames": f} for _, f in questions])
-    prompts, options, weights = [], [], []
-    for q, _ in questions:
-        prompts.append(prompt_ids(tokenizer, q.prompt, protocol.system_prompt))
-        targets = [option_targets(tokenizer, q.prompt, o, protocol.scoring, protocol.system_prompt)
-                   for o in q.options]
-        options.append([ids for ids, _ in targets])
-        weights.append([w for _, w in targets])
+    frames, frame_mask = pad_frames([{"frames": f} for _, _, f in questions])
     with autocast(param.device, protocol.dtype):
-        nll = model.option_nll(frames.to(param.device, param.dtype), prompts, options, tuple(protocol.modes),
+        nll = model.option_nll(frames.to(param.device, param.dtype), [t.prompt for _, t, _ in questions],
+                               [t.options for _, t, _ in questions], tuple(protocol.modes),
                                frame_mask=frame_mask.to(param.device))
-    records = []
-    for i, (q, _) in enumerate(questions):
-        modes = {}
-        for mode in protocol.modes:
-            scores = [float((n.float().cpu() * torch.tensor(w)).sum() / len(w))
-                      for n, w in zip(nll[mode][i], weights[i])]
-            pred = min(range(len(scores)), key=scores.__getitem__)
-            modes[mode] = {"prediction": pred, "correct": pred == q.answer, "scores": scores}
-        records.append({"id": q.qid, "answer": q.answer, "options": q.options, "categories": q.categories,
-                        "modes": modes})  # not q itself: its media may hold the frames' bytes
-    return records
+    return [record(q, text, {mode: nll[mode][i] for mode in protocol.modes}, protocol)
+            for i, (q, text, _) in enumerate(questions)]
+
+
+def score_streamed(model, q, text, media, cfg, frames, protocol):
+    """Score one question whose video is decoded and encoded a chunk at a time (frames.stream_clip into
+    model.stream, every mode from one DINO pass per chunk) -> its record."""
+    param = next(model.parameters())
+    stream = model.stream(protocol.modes, cfg.chunk_frames)
+    with autocast(param.device, protocol.dtype):
+        stream.read(stream_clip(media, cfg, stream.chunk), total=frames, desc=q.qid, leave=False)
+        nll = stream.option_nll(text.prompt, text.options)
+    return record(q, text, nll, protocol)
+
+
+def record(q, text, nll, protocol):
+    """A question's record from its options' per-token NLLs ({mode: [n_options] tensors}): its answer, categories,
+    and per mode every option's score and the prediction (the lowest score; the first of equal ones, as the
+    original's min)."""
+    modes = {}
+    for mode in protocol.modes:
+        scores = [float((n.float().cpu() * torch.tensor(w)).sum() / len(w)) for n, w in zip(nll[mode], text.weights)]
+        pred = min(range(len(scores)), key=scores.__getitem__)
+        modes[mode] = {"prediction": pred, "correct": pred == q.answer, "scores": scores}
+    return {"id": q.qid, "answer": q.answer, "options": q.options, "categories": q.categories,
+            "modes": modes}  # not q itself: its media may hold the frames' bytes
 
 
 def _accuracy(correct, total):
@@ -173,6 +215,9 @@ def format_table(results):
                          f"{r['skipped']:>8} {r['questions_per_s']:>7.2f}{extra}")
         if r["skip_reasons"]:
             lines.append(f"{'':<12} skipped: " + ", ".join(f"{k} {v}" for k, v in r["skip_reasons"].items()))
+        if r.get("sampled_to_fit"):
+            lines.append(f"{'':<12} {r['sampled_to_fit']} question(s) with more frames than the LLM's context holds "
+                         "beside the text: sampled uniformly down to what fits")
         for mode, s in r["modes"].items():
             for axis, values in s["per_category"].items():
                 cells = ", ".join(f"{v} {c['accuracy']:.1f} ({c['total']})" for v, c in values.items())
@@ -203,6 +248,7 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, 
     if protocol.dtype == "auto":
         protocol = replace(protocol, dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
     model.to(getattr(torch, protocol.dtype))
+    model.chunk_frames = protocol.chunk_frames
     results, records = {}, {}
     for name in names:
         questions = READERS[name](roots[name], protocol)
@@ -222,7 +268,12 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
     p.add_argument("--limit", type=int, help="score only the first N questions of each benchmark")
     p.add_argument("--max-frames", type=int, help="at most this many frames per question (default: every frame "
-                   "of an eval-shard sample, as the original; videos 64 by MVBench's segment rule)")
+                   "of an eval-shard sample, as the original; videos 64 by MVBench's segment rule; 0: no cap, as "
+                   "many as the LLM's context holds beside the question, uniformly)")
+    p.add_argument("--fps", type=float, help="read videos at this fixed rate instead of the benchmark's rule (no "
+                   "cap unless --max-frames); a question whose frames do not fit in the LLM's context is skipped")
+    p.add_argument("--chunk-frames", type=int, help="videos longer than this are decoded and encoded this many "
+                   "frames at a time (default: 64 on the CPU, 256 on CUDA)")
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the checkpoint's training config)")
     p.add_argument("--batch-size", type=int, help="questions scored per forward (default 1; same scores)")
     p.add_argument("--scoring", choices=SCORING, help="option score: 'original' (default: the original benchmark's "
@@ -240,7 +291,13 @@ def main(argv=None):
     if not args.checkpoint:
         p.error("--checkpoint is required")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
+    if args.max_frames is None and args.fps:  # a rate asked for is kept
+        args.max_frames = 0
+    for flag, low in (("max_frames", 0), ("fps", 1e-3), ("chunk_frames", 1)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            p.error(f"--{flag.replace('_', '-')} must be at least {low}")
     flags = {"modes": args.modes and tuple(args.modes), "max_frames": args.max_frames, "scoring": args.scoring,
+             "fps": args.fps, "chunk_frames": args.chunk_frames,
              "frame_size": args.frame_size, "batch_size": args.batch_size, "dtype": args.dtype,
              "system_prompt": None if args.system_prompt == "template" else args.system_prompt,
              "yes_no": args.yes_no or None}

@@ -212,7 +212,10 @@ class EvalProtocol(FrameConfig):
     scoring: str = "original"  # one of SCORING
     system_prompt: Optional[str] = SYSTEM_PROMPT  # None: the LLM chat template's own default system turn
     max_frames: Optional[int] = None  # None: every frame of an eval-shard sample (the original's); raw video
-    #                                  layouts take MAX_FRAMES by MVBench's segment rule
+    #                                  layouts take MAX_FRAMES by MVBench's segment rule; 0: no cap (what the
+    #                                  LLM's context holds beside the question, uniformly)
+    fps: Optional[float] = None  # videos read at this fixed rate instead of the benchmark's rule; a question
+    #                              whose frames do not fit in the LLM's context is then skipped (too_long)
     batch_size: int = 1  # questions per forward; scores equal batch 1's
     dtype: str = "auto"  # the model weights' dtype; auto: bfloat16 on CUDA (the original's), float32 elsewhere
     yes_no: bool = False  # score eval-shard questions without options whose answer is yes/no as Yes/No (the

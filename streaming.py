@@ -74,12 +74,12 @@ class VideoStream:
             self._add(chunk[0].to(self.device, self.model.encoder.query_input_proj.weight.dtype))
         return self
 
-    def read(self, chunks, total=None, desc="frames"):
+    def read(self, chunks, total=None, desc="frames", leave=True):
         """add_frames for each chunk of an iterator (frames.stream_clip's), with a progress bar showing frames/s
         of decoding (the iterator's time) and of encoding (add_frames's). Returns the seconds of each, wall clock
         and CPU (this process's): {"decode": s, "encode": s, "decode_cpu": s, "encode_cpu": s}."""
         seconds = dict.fromkeys(("decode", "encode", "decode_cpu", "encode_cpu"), 0.0)
-        bar = tqdm(total=total, desc=desc, unit="frame", dynamic_ncols=True)
+        bar = tqdm(total=total, desc=desc, unit="frame", dynamic_ncols=True, leave=leave)
         clock = (time.perf_counter(), time.process_time())
         for chunk in chunks:
             clock = _lap(seconds, "decode", clock)

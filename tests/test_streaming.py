@@ -208,3 +208,38 @@ def test_generate_samples_down_to_the_context_or_refuses_a_fixed_fps(short_conte
     generate.main(args + ["--fps", "0.25"])  # 25 frames fit
     assert "sampled" not in capsys.readouterr().err
     assert chunk_size(None, "cpu") == config.CHUNK_FRAMES["cpu"]
+
+
+# ---------------------------------------------------------------- benchmark.py: long questions
+def test_benchmark_reads_a_long_video_a_chunk_at_a_time(tmp_path, tokenizer):
+    """--max-frames 0: a question's video sampled down to what the context holds beside its text, read 16 frames
+    at a time in every mode, scored as the one-shot path scores the same frames; with a fixed fps that does not
+    fit, skipped as too_long."""
+    import dataclasses
+
+    import benchmark
+    import eval_readers as er
+
+    torch.manual_seed(0)
+    model = FoveatedVLM(**tiny_model_kwargs(llm_config=dict(TINY_LLM, max_position_embeddings=128))).eval()
+    clip = write_video(tmp_path / "v.mp4", 200, 1, width=56)
+    q = er.mcq("q", "What moves?", ["a ball", "a cube", "nothing"], 1, Media(path=clip, rule="segments"), {})
+    protocol = config.EvalProtocol(frame_size=56, max_frames=0, chunk_frames=16)
+    batches = []
+    encode = model.encoder.encode_patches
+    model.encoder.encode_patches = lambda images: batches.append(len(images)) or encode(images)
+    result, (streamed,) = benchmark.evaluate(model, tokenizer, [q], protocol)
+    text = benchmark.question_text(tokenizer, q, protocol)
+    room = 128 - text.tokens
+    assert result["sampled_to_fit"] == 1 and result["answered"] == 1
+    assert max(batches) <= 16 and sum(batches) == room
+    model.chunk_frames = 1000  # the one-shot path on the same frames
+    frames = load_clip(q.media, dataclasses.replace(protocol, max_frames=room)).frames
+    nll = model.option_nll(frames[None], [text.prompt], [text.options], MODES)
+    expected = benchmark.record(q, text, {m: nll[m][0] for m in MODES}, protocol)
+    for mode in MODES:
+        assert streamed["modes"][mode]["scores"] == pytest.approx(expected["modes"][mode]["scores"], abs=ATOL)
+    result, _ = benchmark.evaluate(model, tokenizer, [q], dataclasses.replace(protocol, fps=1.0))
+    assert result["skip_reasons"] == {"too_long": 1}
+    result, _ = benchmark.evaluate(model, tokenizer, [q], dataclasses.replace(protocol, fps=0.25))  # 50 frames fit
+    assert result["answered"] == 1 and result["sampled_to_fit"] == 0
