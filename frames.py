@@ -329,6 +329,26 @@ def _clock(seconds):
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
+def live_frames(source, frame_size=FRAME_SIZE, sample_fps=1.0, format=None):
+    """A video as it plays -> (seconds of stream time, frame [3, H, W]) pairs, `sample_fps` frames per second of
+    stream time, as they are decoded: a file, or any URL or device PyAV opens (`format`, e.g. "v4l2" for a
+    camera). With a known frame rate these are frame_indices' frames (a file gives load_clip's with no frame cap,
+    pixel for pixel as the PyAV path decodes them); without one, the first frame at or after each 1/sample_fps."""
+    with av.open(source, format=format) as c:
+        stream = _video_stream(c, source)
+        rate, graph, start, taken = float(stream.average_rate or 0), None, None, 0
+        for i, frame in enumerate(c.decode(stream)):
+            start = frame.time if start is None and frame.time is not None else start
+            seconds = i / rate if rate else (frame.time or 0.0) - (start or 0.0)
+            due = int(taken * max(1.0, rate / sample_fps)) if rate else taken / sample_fps  # the rule's next frame
+            if (i if rate else seconds + 1e-6) < due:
+                continue
+            graph = graph or _decord_filters(stream, frame.rotation, frame_size)
+            graph.push(frame)
+            yield seconds, normalise(graph.pull().to_ndarray())
+            taken += 1
+
+
 # ---------------------------------------------------------------- sampling rules
 
 def frame_indices(num_frames, fps, max_frames, sampling="uniform", sample_fps=1.0):

@@ -15,7 +15,7 @@ LAYERS = [  # lowest first
      "pretrained", "checkpoint"],  # one concern each, over the libraries
     ["inputs", "encoder", "streaming", "model"],  # the model
     ["data", "eval_readers"],  # what training and evaluation read
-    ["train", "benchmark", "generate", "attention_viz", "bench", "synthetic", "prepare", "converters"],  # scripts
+    ["train", "benchmark", "generate", "live", "attention_viz", "bench", "synthetic", "prepare", "converters"],  # scripts
 ]
 
 

@@ -243,3 +243,47 @@ def test_benchmark_reads_a_long_video_a_chunk_at_a_time(tmp_path, tokenizer):
     assert result["skip_reasons"] == {"too_long": 1}
     result, _ = benchmark.evaluate(model, tokenizer, [q], dataclasses.replace(protocol, fps=0.25))  # 50 frames fit
     assert result["answered"] == 1 and result["sampled_to_fit"] == 0
+
+
+# ---------------------------------------------------------------- live.py
+def test_live_frames_are_the_videos_frames_at_one_per_second(tmp_path, monkeypatch):
+    monkeypatch.setattr("frames.VIDEO_DECODER", "pyav")
+    for n, fps in ((40, 4), (75, 30)):
+        clip = write_video(tmp_path / f"{n}.mp4", n, fps, **CAMERA)
+        live = list(frames.live_frames(clip, 56))
+        assert [t for t, _ in live] == list(range(n // fps + (n % fps > 0)))  # seconds of stream time
+        whole = load_clip(clip, config.FrameConfig(frame_size=56, max_frames=None)).frames
+        assert torch.equal(torch.stack([f for _, f in live]), whole)
+
+
+def test_live_script_answers_as_generate_on_the_frames_so_far(tmp_path, tokenizer, monkeypatch, capsys):
+    import live
+
+    monkeypatch.setattr("frames.VIDEO_DECODER", "pyav")
+    path = tmp_path / "ckpt"
+    varied_model().save_pretrained(str(path), tokenizer=tokenizer)
+    config.save(config.from_dict({"data": {"frame_size": 56}}), str(path / TRAIN_CONFIG_NAME))
+    clip = write_video(tmp_path / "v.mp4", 24, 2, **CAMERA)  # 12 s
+    live.main(["--checkpoint", str(path), "--source", clip, "--speed", "0", "--max-new-tokens", "5",
+               "--ask", "2.5", "What is it?", "--ask", "30", "And now?"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[0:02.5", "[0:30.0"] and "12 frames)" in lines[1]
+    model, tokenizer, _ = generate.load_checkpoint(str(path))
+    whole = load_clip(clip, config.FrameConfig(frame_size=56, max_frames=None)).frames
+    for line, n, question in ((lines[0], 3, "What is it?"), (lines[1], 12, "And now?")):  # frames of 0-2 s; all
+        expected = generate.answer(model, tokenizer, whole[:n], question, max_new_tokens=5)
+        assert line.split(" -> ")[1].split("   (")[0] == expected and expected
+
+
+def test_live_play_keeps_real_time(tmp_path):
+    """--speed 8 on a 16-second video: the last frame is not read before 2 s have passed."""
+    import time
+
+    import live
+
+    torch.manual_seed(0)
+    model = FoveatedVLM(**tiny_model_kwargs()).eval()
+    clip = write_video(tmp_path / "v.mp4", 16, 1, width=56)
+    start = time.perf_counter()
+    live.play(model, frames.live_frames(clip, 56), speed=8, out=lambda line: None)
+    assert time.perf_counter() - start >= 15 / 8
