@@ -324,6 +324,8 @@ def report(s, times, flops, peak, source):
         f"model FLOPs    {flops / 1e9:.1f} GFLOP per step (forward+backward)",
         f"matmul peak    {peak / 1e9:.1f} GFLOP/s measured",
         f"MFU            {100 * flops / (mean['fwd_bwd'] + mean['optimizer'] + mean['data']) / peak:.1f}%",
+        f"peak memory    {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB resident (this process)"
+        + (f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GB CUDA" if s.dev.type == "cuda" else ""),
     ]
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ import yaml
 from tqdm import tqdm
 
 import eval_readers
+from attention_viz import accuracy_heatmap
 from checkpoint import training_config
 from collate import pad_frames
 from config import MODES, SCORING, SYSTEM_PROMPT, EvalProtocol
@@ -43,9 +44,10 @@ READERS = {
     "ScienceQA": eval_readers.read_scienceqa,
     "POPE": eval_readers.read_pope,
     "shards": eval_readers.read_eval_shards,
+    "NIAH": eval_readers.read_niah,
 }
 ROOT_FLAGS = {"MVBench": "mvbench", "Video-MME": "videomme", "ScienceQA": "scienceqa", "POPE": "pope",
-              "shards": "shards"}
+              "shards": "shards", "NIAH": "niah"}
 WARN_SKIPS = 3  # name the first few skipped questions, then only count them
 
 
@@ -287,6 +289,7 @@ def main(argv=None):
                    "lines but a yes/no answer (POPE written without options) as Yes/No; the original skips them")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the results and per-question records as JSON here")
+    p.add_argument("--heatmap", help="NIAH: draw accuracy by haystack length and needle depth into this PNG")
     args = parse_cli(p, argv)
     if not args.checkpoint:
         p.error("--checkpoint is required")
@@ -311,6 +314,11 @@ def main(argv=None):
             json.dump({"checkpoint": args.checkpoint, "protocol": asdict(protocol),
                        "benchmarks": results, "questions": records}, f, indent=2)
         print(f"results and per-question records written to {args.out}")
+    if args.heatmap:
+        if "NIAH" not in records:
+            p.error("--heatmap draws the NIAH benchmark's results: give --niah (or NIAH: in --data-config)")
+        accuracy_heatmap(records["NIAH"], protocol.modes, args.heatmap)
+        print(f"accuracy by length and depth drawn in {args.heatmap}")
 
 
 if __name__ == "__main__":

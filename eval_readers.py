@@ -12,7 +12,8 @@ unreadable video becomes a skip with a reason instead of a crash; a question wit
 
 Layouts: MVBench (OpenGVLab/MVBench: json/<task>.json + video/<folder>/...), Video-MME (lmms-lab/Video-MME:
 videomme/test-*.parquet + data/{videoID}.mp4), ScienceQA (derek-thomas/ScienceQA test parquet, image subset),
-POPE (lmms-lab/POPE test parquet) and the original fVLM's eval shards (WebDataset, json user/assistant/source).
+POPE (lmms-lab/POPE test parquet), the original fVLM's eval shards (WebDataset, json user/assistant/source) and
+the needle-in-a-haystack set of synthetic.py --niah (niah.json + video/).
 """
 
 import dataclasses
@@ -215,6 +216,24 @@ def read_pope(root, protocol=EvalProtocol()):
         prompt = f"{row.question}\n{POPE_INSTRUCTION}"
         questions.append(MCQ(str(row.question_id), prompt, list(YES_NO), 0 if truth == "yes" else 1,
                              Media(fields={"jpg": row.image["bytes"]}), {"category": row.category}))
+    return questions
+
+
+def read_niah(root, protocol=EvalProtocol()):
+    """The needle-in-a-haystack set synthetic.py --niah writes: <root>/niah.json records {video, question,
+    candidates, answer, task, length, depth} and <root>/video/<video>, read at 1 fps with every frame (the
+    haystack is the test: its own count is no cap), by categories task, length and depth."""
+    file = os.path.join(root, "niah.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no needle-in-a-haystack set: {file} does not exist (python synthetic.py --niah)")
+    with open(file) as f:
+        records = json.load(f)
+    questions = []
+    for i, r in enumerate(records):
+        q = mcq(f"{r['video']}/{r['task']}", r["question"], r["candidates"], r["candidates"].index(r["answer"]),
+                Media(path=os.path.join(root, "video", r["video"])),
+                {"task": r["task"], "length": r["length"], "depth": r["depth"]})
+        questions.append(dataclasses.replace(q, max_frames=None))
     return questions
 
 

@@ -287,3 +287,10 @@ def test_live_play_keeps_real_time(tmp_path):
     start = time.perf_counter()
     live.play(model, frames.live_frames(clip, 56), speed=8, out=lambda line: None)
     assert time.perf_counter() - start >= 15 / 8
+
+
+def test_bench_long_writes_its_test_video(tmp_path):
+    import bench
+
+    path = bench.long_video(str(tmp_path), 3, width=64, height=36, fps=5)
+    assert probe(path) == frames.Source(15, 5.0) and bench.long_video(str(tmp_path), 3, 64, 36, 5) == path
