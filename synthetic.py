@@ -27,10 +27,10 @@ Usage: python synthetic.py --out data/synthetic --seed 0
 grey shapes on the grey background, one held for a few seconds after another, and one frame (the needle) of one
 coloured shape at a given depth; the question asks the needle's colour or its shape, as a multiple choice.
 
-  niah/train/niah-*.tar, niah/val-*.tar  short haystacks (--niah-train-frames): mp4 + json {messages} asking the
-                                         colour and the shape (training, as stage 2)
-  niah/eval/niah.json                    {video, question, candidates, answer, length, depth} per question, for
-  niah/eval/video/<length>s_d<depth>_<i>.mp4   every haystack length (1 minute to 1 hour) and needle depth (0-100%)
+  train/niah-*.tar, val/niah-*.tar     short haystacks (--niah-train-frames): mp4 + json {messages} asking
+                                       the colour and the shape (training, as stage 2)
+  eval/niah.json                       {video, question, candidates, answer, task, length, depth} per question,
+  eval/video/<length>s_d<depth>_<i>.mp4  for every haystack length (1 minute to 1 hour) and needle depth (0-100%)
 
 Usage: python synthetic.py --niah --out data/niah --seed 0   (benchmark.py --niah data/niah/eval scores it)
 """
@@ -320,10 +320,10 @@ def parse_args(argv=None):
     p.add_argument("--niah-lengths", type=int, nargs="+", default=[60, 300, 900, 1800, 3600],
                    help="evaluation haystacks, in frames at 1 fps")
     p.add_argument("--niah-depths", type=int, nargs="+", default=[0, 25, 50, 75, 100], help="needle depths, in %%")
-    p.add_argument("--niah-videos", type=int, default=2, help="evaluation videos per length and depth (each asks "
+    p.add_argument("--niah-videos", type=int, default=4, help="evaluation videos per length and depth (each asks "
                    "the colour and the shape)")
     p.add_argument("--niah-train", type=int, default=4000, help="training haystacks")
-    p.add_argument("--niah-train-frames", type=int, nargs=2, default=[8, 48], metavar=("MIN", "MAX"),
+    p.add_argument("--niah-train-frames", type=int, nargs=2, default=[4, 16], metavar=("MIN", "MAX"),
                    help="training haystack lengths, in frames")
     p.add_argument("--niah-size", type=int, default=32, help="frame side of the haystacks (even)")
     p.add_argument("--shuffle-options", action="store_true",

@@ -34,6 +34,7 @@ from data import ShardDataset, check_shards, make_loader
 from logger import Logger
 from model import FoveatedVLM
 from pretrained import check_backbone_configs, load_tokenizer
+from streaming import chunk_size
 from text_interleave import interleave
 
 DPO_KEYS = ("frames", "frame_mask", "chosen_ids", "chosen_mask", "chosen_loss_mask", "rejected_ids",
@@ -120,6 +121,7 @@ def build_model(cfg, dev, model=None):
     if cfg.loss.type == "dpo":  # the init_from weights, before any resume overwrites the policy's
         reference = copy.deepcopy(model).to(dev).eval().requires_grad_(False)
     model.set_trainable(frozen=[group for group in PARAM_GROUPS if m.frozen(group)])
+    model.chunk_frames = cfg.data.chunk_frames  # validation reads longer videos a chunk at a time
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.to(dev).train(), reference
@@ -232,8 +234,9 @@ def evaluate(step_module, reference, loader, cfg, dist):
     for batch in loader:
         batch = to_device(batch, dist.device)
         n = len(batch["frames"])
+        long = batch["frames"].shape[1] > chunk_size(inner.model.chunk_frames, dist.device)  # a chunk at a time
         with distributed.autocast(dist.device, cfg.training.dtype):
-            encoded = [m.encode(batch["frames"], batch["frame_mask"]) if m is not None else None
+            encoded = [m.encode(batch["frames"], batch["frame_mask"]) if m is not None and not long else None
                        for m in (inner.model, reference)]  # DINO once per batch, whatever the modes
             for i, mode in enumerate(modes):
                 loss, _ = compute_loss(inner, reference, batch, cfg, mode, encoded)

@@ -294,3 +294,26 @@ def test_bench_long_writes_its_test_video(tmp_path):
 
     path = bench.long_video(str(tmp_path), 3, width=64, height=36, fps=5)
     assert probe(path) == frames.Source(15, 5.0) and bench.long_video(str(tmp_path), 3, 64, 36, 5) == path
+
+
+def test_validation_reads_videos_longer_than_a_chunk_as_the_one_shot_path():
+    """train.evaluate with data.chunk_frames below the videos' length: every mode's validation loss as with the
+    whole video at once (within 1e-5), DINOv2 never given more than a chunk."""
+    import train
+
+    torch.manual_seed(0)
+    model = FoveatedVLM(**tiny_model_kwargs(lambda_coarse=0.5))
+    ids = rand_ids(2, 10)
+    batch = {"frames": rand_frames(2, 40), "frame_mask": torch.ones(2, 40, dtype=torch.bool), "input_ids": ids,
+             "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    dist = train.distributed.Dist(0, 0, 1, torch.device("cpu"))
+    losses, batches = {}, []
+    encode = model.encoder.encode_patches
+    model.encoder.encode_patches = lambda images: batches.append(len(images)) or encode(images)
+    for chunk in (None, 16):
+        cfg = config.from_dict({"data": {"chunk_frames": chunk}, "eval": {"modes": list(MODES)}})
+        model = train.build_model(cfg, dist.device, model)[0]  # data.chunk_frames -> model.chunk_frames
+        losses[chunk] = train.evaluate(train.wrap(model, cfg, dist), None, [batch], cfg, dist)
+    assert max(batches[1:]) == 16 and batches[0] == 80  # one-shot: both videos at once
+    for key, value in losses[None].items():
+        assert abs(value - losses[16][key]) < ATOL, key
