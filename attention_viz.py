@@ -110,33 +110,40 @@ def visualize(model, frames, out, layers=None, verbose=True):
 
 
 def accuracy_heatmap(records, modes, out, chance=25.0):
-    """Needle in a haystack: accuracy (%) by haystack length (columns) and needle depth (rows), one panel per mode,
-    from benchmark.py's per-question records (categories `length` and `depth`), drawn into `out` (PNG)."""
+    """Needle in a haystack: accuracy (%) by haystack length (columns) and needle depth (rows), one panel per task
+    (colour, shape) and mode, from benchmark.py's per-question records (categories `task`, `length` and `depth`),
+    drawn into `out` (PNG)."""
     lengths = sorted({r["categories"]["length"] for r in records})
     depths = sorted({r["categories"]["depth"] for r in records})
-    fig, axes = plt.subplots(1, len(modes), figsize=(1.1 * len(lengths) * len(modes) + 1.5, 0.5 * len(depths) + 1.6),
-                             squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        right = torch.zeros(len(depths), len(lengths))
-        total = torch.zeros(len(depths), len(lengths))
-        for r in records:
-            cell = depths.index(r["categories"]["depth"]), lengths.index(r["categories"]["length"])
-            right[cell] += r["modes"][mode]["correct"]
-            total[cell] += 1
-        accuracy = 100 * right / total.clamp(min=1)
-        ax.imshow(accuracy.numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-        for (i, j), value in zip(torch.cartesian_prod(torch.arange(len(depths)), torch.arange(len(lengths))).tolist(),
-                                 accuracy.flatten().tolist()):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(lengths)), [_duration(n) for n in lengths], fontsize=8)
-        ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize=8)
-        ax.set_xlabel("haystack (frames at 1 fps)", fontsize=8)
-        ax.set_ylabel("needle depth", fontsize=8)
-        ax.set_title(f"{mode}: {100 * right.sum() / total.sum():.0f}% (chance {chance:.0f}%)", fontsize=9)
+    tasks = sorted({r["categories"].get("task", "all") for r in records})
+    fig, axes = plt.subplots(len(tasks), len(modes), squeeze=False,
+                             figsize=(1.0 * len(lengths) * len(modes) + 1.5, (0.45 * len(depths) + 1.2) * len(tasks)))
+    for row, task in zip(axes, tasks):
+        for ax, mode in zip(row, modes):
+            right, total = torch.zeros(len(depths), len(lengths)), torch.zeros(len(depths), len(lengths))
+            for r in records:
+                if r["categories"].get("task", "all") == task:
+                    cell = depths.index(r["categories"]["depth"]), lengths.index(r["categories"]["length"])
+                    right[cell] += r["modes"][mode]["correct"]
+                    total[cell] += 1
+            _heatmap(ax, 100 * right / total.clamp(min=1), lengths, depths)
+            ax.set_title(f"{task}, {mode}: {100 * right.sum() / total.sum():.0f}% (chance {chance:.0f}%)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _heatmap(ax, accuracy, lengths, depths):
+    """accuracy [depths, lengths] in % as a red-to-green grid with its values written in."""
+    ax.imshow(accuracy.numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, f"{accuracy[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [_duration(n) for n in lengths], fontsize=8)
+    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize=8)
+    ax.set_xlabel("haystack (frames at 1 fps)", fontsize=8)
+    ax.set_ylabel("needle depth", fontsize=8)
 
 
 def _duration(seconds):

@@ -125,6 +125,7 @@ class QuestionText(NamedTuple):
 
 
 def question_text(tokenizer, q, protocol):
+    """A question's QuestionText by the protocol's system prompt and scoring rule."""
     targets = [option_targets(tokenizer, q.prompt, o, protocol.scoring, protocol.system_prompt) for o in q.options]
     return QuestionText(prompt_ids(tokenizer, q.prompt, protocol.system_prompt), [ids for ids, _ in targets],
                         [w for _, w in targets])
@@ -294,6 +295,8 @@ def main(argv=None):
     if not args.checkpoint:
         p.error("--checkpoint is required")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
+    if args.heatmap and "NIAH" not in (args.only or roots):
+        p.error("--heatmap draws the NIAH benchmark's accuracy: give --niah (or NIAH: in --data-config)")
     if args.max_frames is None and args.fps:  # a rate asked for is kept
         args.max_frames = 0
     for flag, low in (("max_frames", 0), ("fps", 1e-3), ("chunk_frames", 1)):
@@ -315,8 +318,6 @@ def main(argv=None):
                        "benchmarks": results, "questions": records}, f, indent=2)
         print(f"results and per-question records written to {args.out}")
     if args.heatmap:
-        if "NIAH" not in records:
-            p.error("--heatmap draws the NIAH benchmark's results: give --niah (or NIAH: in --data-config)")
         accuracy_heatmap(records["NIAH"], protocol.modes, args.heatmap)
         print(f"accuracy by length and depth drawn in {args.heatmap}")
 
