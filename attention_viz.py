@@ -1,6 +1,7 @@
 r"""Where the foveated queries look: per-layer attention of the coarse (static) and fine (LLM-chosen) queries
 over each frame's DINOv2 patches, drawn as heatmaps over the frames in one PNG grid, with the attention
-entropy per frame (low entropy = a focused glance, log(1+P) = uniform over the CLS and P patches).
+entropy per frame (low entropy = a focused glance, log(1+P) = uniform over the CLS and P patches). Also what a
+needle-in-a-haystack run found, by haystack length and needle depth (`accuracy_heatmap`, benchmark.py --heatmap).
 
     python attention_viz.py --checkpoint checkpoints/stage2_135M --video clip.mp4 --out maps.png [--layers 0 -1]
     python attention_viz.py --checkpoint checkpoints/stage2_135M --video clip.mp4 --animate maps.mp4 \
@@ -236,6 +237,47 @@ def visualize(model, frames, out, layers=None, verbose=True):
         print(format_entropy(entropy))
         print(f"attention maps written to {out}")
     return entropy
+
+
+def accuracy_heatmap(records, modes, out, chance=25.0):
+    """Needle in a haystack: accuracy (%) by haystack length (columns) and needle depth (rows), one panel per task
+    (colour, shape) and mode, from benchmark.py's per-question records (categories `task`, `length` and `depth`),
+    drawn into `out` (PNG)."""
+    lengths = sorted({r["categories"]["length"] for r in records})
+    depths = sorted({r["categories"]["depth"] for r in records})
+    tasks = sorted({r["categories"].get("task", "all") for r in records})
+    fig, axes = plt.subplots(len(tasks), len(modes), squeeze=False,
+                             figsize=(1.0 * len(lengths) * len(modes) + 1.5, (0.45 * len(depths) + 1.2) * len(tasks)))
+    for row, task in zip(axes, tasks):
+        for ax, mode in zip(row, modes):
+            right, total = torch.zeros(len(depths), len(lengths)), torch.zeros(len(depths), len(lengths))
+            for r in records:
+                if r["categories"].get("task", "all") == task:
+                    cell = depths.index(r["categories"]["depth"]), lengths.index(r["categories"]["length"])
+                    right[cell] += r["modes"][mode]["correct"]
+                    total[cell] += 1
+            _heatmap(ax, 100 * right / total.clamp(min=1), lengths, depths)
+            ax.set_title(f"{task}, {mode}: {100 * right.sum() / total.sum():.0f}% (chance {chance:.0f}%)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _heatmap(ax, accuracy, lengths, depths):
+    """accuracy [depths, lengths] in % as a red-to-green grid with its values written in."""
+    ax.imshow(accuracy.numpy(), cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, f"{accuracy[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [_duration(n) for n in lengths], fontsize=8)
+    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize=8)
+    ax.set_xlabel("haystack (frames at 1 fps)", fontsize=8)
+    ax.set_ylabel("needle depth", fontsize=8)
+
+
+def _duration(seconds):
+    return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds // 60}m" if seconds % 60 == 0 else f"{seconds}s"
 
 
 def main(argv=None, args=None):

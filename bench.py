@@ -34,11 +34,15 @@ the per-round ratios, so a change in the machine's load hits all variants alike.
 import argparse
 
 import cli
+from config import CHUNK_FRAMES, FRAME_SIZE, MODES
 
 MODEL_SHAPES = {"135M": ("smollm2-135m", "dinov2-small"), "1.7B": ("smollm2-1.7b", "dinov2-small")}
 QUICK = {"frame_size": 112, "repeats": 2, "scoring_repeats": 1, "scoring_batch": 4, "steps": 2, "batch_size": 1,
          "frames": 8}
 FULL = {"frame_size": 224, "repeats": 5, "scoring_batch": 8, "steps": 3}  # throughput: the config's batch and frames
+LONG_LENGTHS = (64, 256, 1024, 3600)  # --full: frames at 1 fps, from a minute to an hour
+LONG_QUICK = (64, 256)
+LONG_PROMPT, LONG_ANSWER, LIVE_FRAMES = 40, 16, 16  # prompt and answer tokens; frames added one at a time at the end
 
 
 def arguments(argv=None):
@@ -79,7 +83,22 @@ def arguments(argv=None):
     m.add_argument("--shapes", choices=list(MODEL_SHAPES), help="the architecture, when init_from does not exist "
                    "yet (default: init_from's, else the config's llm and dino)")
     m.add_argument("--world-size", type=int, default=8, help="GPUs on a node, for the node's shared memory")
+    add_long_args(sub, common)
     return p.parse_args(argv)
+
+
+def add_long_args(sub, common):
+    g = sub.add_parser("long", parents=[common], help="long videos: decode, encode and answer, per mode and length "
+                       "(a process each): seconds, frames/s, CPU seconds, peak resident memory, machine load")
+    g.add_argument("--frames", type=int, nargs="+", help=f"lengths at 1 fps (default {LONG_QUICK}; --full: "
+                   f"{LONG_LENGTHS}, about an hour of CPU)")
+    g.add_argument("--modes", nargs="+", choices=MODES, help="default: all three")
+    g.add_argument("--chunk-frames", type=int, help="frames decoded and encoded at a time (default: "
+                   + ", ".join(f"{n} on {device}" for device, n in CHUNK_FRAMES.items()) + ")")
+    cli.add_device(g)
+    g.add_argument("--frame-size", type=int, default=FRAME_SIZE)
+    g.add_argument("--video-dir", default="/tmp/fvlm_bench", help="where the test videos are written (once)")
+    g.add_argument("--child", help=argparse.SUPPRESS)  # LENGTH:PHASE, run in a process of its own
 
 
 if __name__ == "__main__":  # parse before torch loads: --help and a flag error answer at once
@@ -87,12 +106,17 @@ if __name__ == "__main__":  # parse before torch loads: --help and a flag error 
 
 import dataclasses  # noqa: E402
 import glob  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Optional  # noqa: E402
 
 import distributed  # noqa: E402  before torch: it sets OpenMP's wait policy, which torch reads once when it loads
+import av  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -102,9 +126,11 @@ import config as config_lib  # noqa: E402
 import memory  # noqa: E402
 import train  # noqa: E402
 from collate import collate  # noqa: E402
-from config import MODES, ModelSettings  # noqa: E402
+from config import FrameConfig, ModelSettings  # noqa: E402
+from frames import stream_clip  # noqa: E402
 from model import FoveatedVLM  # noqa: E402
 from pretrained import SHAPES, check_backbone_configs, load_tokenizer  # noqa: E402
+from streaming import chunk_size  # noqa: E402
 
 VOCAB = SHAPES["smollm2-135m"]["vocab_size"]
 
@@ -387,6 +413,8 @@ def report(s, times, flops, peak, source):
         f"model FLOPs    {flops / 1e9:.1f} GFLOP per step (forward+backward)",
         f"matmul peak    {peak / 1e9:.1f} GFLOP/s measured",
         f"MFU            {100 * flops / (mean['fwd_bwd'] + mean['optimizer'] + mean['data']) / peak:.1f}%",
+        f"peak memory    {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB resident (this process)"
+        + (f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GB CUDA" if s.dev.type == "cuda" else ""),
     ]
     return "\n".join(lines)
 
@@ -455,10 +483,145 @@ def memory_command(args):
     return memory.report(cfg, settings, args.gpu_gb, args.world_size)
 
 
+# ---------------------------------------------------------------- long videos
+
+
+def long_video(folder, seconds, width=640, height=360, fps=30):
+    """The mp4 of `seconds` seconds that `bench.py long` decodes: H.264 at width x height and `fps` (FFmpeg's
+    testsrc pattern: a moving colour chart and a counter, ~1 Mbit/s, as web video at 360p), written once."""
+    path = os.path.join(folder, f"testsrc_{seconds}s_{height}p{fps}.mp4")
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    graph = av.filter.Graph()
+    nodes = [graph.add("testsrc", f"size={width}x{height}:rate={fps}:duration={seconds}"),
+             graph.add("format", "yuv420p"), graph.add("buffersink")]
+    for a, b in zip(nodes, nodes[1:]):
+        a.link_to(b)
+    graph.configure()
+    with av.open(path + ".part", "w", format="mp4") as c:
+        stream = c.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "32"}
+        for _ in range(seconds * fps):
+            frame = graph.pull()
+            frame.pts = None
+            c.mux(stream.encode(frame))
+        c.mux(stream.encode())
+    os.replace(path + ".part", path)
+    return path
+
+
+def usage(clock):
+    """Wall and CPU seconds since `clock` ((perf_counter, process_time)), the process's peak resident memory (GB)
+    and the machine's load (1-minute average)."""
+    return {"seconds": time.perf_counter() - clock[0], "cpu": time.process_time() - clock[1],
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "load": os.getloadavg()[0]}
+
+
+def long_child(args):
+    """One length and one phase (`decode`, or a mode: decode + encode + answer + live frames) in this process ->
+    a dict of figures."""
+    frames, phase = args.child.split(":")
+    frames, dev, clock = int(frames), distributed.pick_device(args.device), (time.perf_counter(), time.process_time())
+    video = long_video(args.video_dir, frames)
+    cfg = FrameConfig(frame_size=args.frame_size, max_frames=None, chunk_frames=args.chunk_frames)
+    chunk = chunk_size(args.chunk_frames, dev)
+    if phase == "decode":
+        n = sum(c.shape[0] for c in stream_clip(video, cfg, chunk))
+        return {"frames": n, "decode": usage(clock)}
+    torch.manual_seed(0)
+    model = at_shapes(ModelSettings(), args.shapes or "135M", args.frame_size).to(dev).eval()
+    if dev.type == "cuda":
+        model.to(torch.bfloat16)
+    stream = model.stream(phase, args.chunk_frames)
+    with distributed.autocast(dev):
+        read = stream.read(stream_clip(video, cfg, chunk), total=frames, desc=f"{frames} frames, {phase}")
+        out = {"frames": stream.length, "read": usage(clock), **read}
+        clock = (time.perf_counter(), time.process_time())
+        stream.generate(torch.randint(3, VOCAB, (LONG_PROMPT,)), max_new_tokens=LONG_ANSWER)
+        out["answer"] = usage(clock)
+        clock = (time.perf_counter(), time.process_time())
+        for frame in random_frames(LIVE_FRAMES, 3, args.frame_size, args.frame_size).to(dev):
+            stream.add_frames(frame[None])
+        out["live"] = usage(clock)
+    if dev.type == "cuda":
+        out["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    out["cache_gb"] = stream.cache_bytes() / 2**30
+    return out
+
+
+def long_report(args):
+    """Every length and phase in a process of its own (peak memory only grows within one): a table, then the
+    figures the README's goals name."""
+    lengths, modes = args.frames or (LONG_LENGTHS if args.full else LONG_QUICK), args.modes or MODES
+    for n in lengths:
+        print(f"video of {n} s at 360p, 30 fps: {long_video(args.video_dir, n)}", flush=True)
+    head = (f"{'frames':>6} {'mode':<15} {'phase':<10} {'seconds':>8} {'frames/s':>9} {'CPU s':>7} "
+            f"{'peak RSS GB':>11} {'load':>5}")
+    dev = distributed.pick_device(args.device)
+    print(f"{args.shapes or '135M'} shapes, random weights, {dev}, {args.frame_size} px, chunks of "
+          f"{chunk_size(args.chunk_frames, dev)} frames, {args.threads or 'default'} threads\n{head}", flush=True)
+    rows = {}
+    for n in lengths:
+        for phase in ("decode", *modes):
+            cmd = [sys.executable, os.path.abspath(__file__), "long", "--child", f"{n}:{phase}", "--device",
+                   args.device, "--frame-size", str(args.frame_size), "--video-dir", args.video_dir]
+            cmd += [f for flag, v in (("--threads", args.threads), ("--chunk-frames", args.chunk_frames),
+                                      ("--shapes", args.shapes)) if v for f in (flag, str(v))]
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            if done.returncode:
+                raise RuntimeError(f"bench.py long: {n} frames, {phase} failed (exit {done.returncode})")
+            rows[n, phase] = r = json.loads(done.stdout.strip().splitlines()[-1])
+            for part, u, count in _long_parts(r, phase):
+                print(f"{n:>6} {'' if phase == 'decode' else phase:<15} {part:<10} {u['seconds']:>8.1f} "
+                      f"{count / u['seconds']:>9.2f} {u['cpu']:>7.1f} {u['peak_gb']:>11.2f} {u['load']:>5.1f}",
+                      flush=True)
+    return _long_goals(rows, lengths, modes)
+
+
+def _long_parts(r, phase):
+    """(label, usage, frames or tokens counted) rows of one child's figures."""
+    if phase == "decode":
+        return [("decode", r["decode"], r["frames"])]
+    read = r["read"]
+    encode = dict(read, seconds=r["encode"], cpu=r["encode_cpu"])
+    return [("encode", encode, r["frames"]), ("answer", r["answer"], LONG_ANSWER), ("live", r["live"], LIVE_FRAMES),
+            ("end to end", dict(read, seconds=read["seconds"] + r["answer"]["seconds"],
+                                cpu=read["cpu"] + r["answer"]["cpu"]), r["frames"])]
+
+
+def _long_goals(rows, lengths, modes):
+    lines = [f"(frames/s of answer: its tokens/s, {LONG_ANSWER} tokens after a {LONG_PROMPT}-token prompt; live: "
+             f"{LIVE_FRAMES} single frames added after the video; end to end: decode + encode + answer; peak RSS: "
+             "the process's so far; load: the machine's 1-minute load average at the end of the phase)"]
+    first, last = lengths[0], lengths[-1]
+    peak = {n: max(rows[n, p]["answer"]["peak_gb"] for p in modes) for n in lengths}
+    if 256 in lengths and last != 256:
+        lines.append(f"peak RSS at {last} frames: {peak[last]:.2f} GB = {peak[last] / peak[256]:.2f}x that at 256 "
+                     "frames (goal: <= 1.2x and < 3 GB)")
+    for mode in modes:
+        fps = {n: rows[n, mode]["frames"] / rows[n, mode]["encode"] for n in (first, last)}
+        live = LIVE_FRAMES / rows[last, mode]["live"]["seconds"]
+        lines.append(f"{mode}: encoding {fps[last]:.2f} frames/s at {last} frames = {fps[last] / fps[first]:.0%} of "
+                     f"{fps[first]:.2f} at {first} (goal >= 90%); live {live:.2f} frames/s after {last} frames "
+                     "(goal >= 4)")
+    if "autoregressive" in modes:
+        r = rows[last, "autoregressive"]
+        total = r["read"]["seconds"] + r["answer"]["seconds"]
+        lines.append(f"autoregressive, {last} frames of a {last} s 360p mp4 end to end: {total / 60:.1f} min "
+                     f"(goal for an hour: 15 min), at load {r['answer']['load']:.1f}")
+    return "\n".join(lines)
+
+
 def main(argv=None, args=None):
     args = args or arguments(argv)
     if args.command == "memory":
         print(memory_command(args))
+        return
+    if args.command == "long":
+        distributed.set_threads(args.threads)
+        print(json.dumps(long_child(args)) if args.child else long_report(args))
         return
     if args.command == "throughput":
         print(throughput(args))

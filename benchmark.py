@@ -14,13 +14,20 @@ lmms-eval does instead (lmms_protocol.py), so that a score can stand beside thos
     python benchmark.py --checkpoint checkpoints/stage2_135M --data-config configs/eval_data.yaml \
         [--only MVBench ScienceQA] [--modes coarse_only coarse_fine autoregressive] [--limit N] [--out results.json]
         [--protocol original|lmms-eval]
+    python benchmark.py --checkpoint ... --videomme data/videomme --max-frames 0 [--fps 1] [--chunk-frames 64]
+    python benchmark.py --checkpoint ... --niah data/synthetic/niah --heatmap niah.png
+
+Frames never exceed what the LLM's context holds beside a question (--max-frames 0: that many, uniformly; a
+fixed --fps that does not fit skips the question as too_long), and a video longer than --chunk-frames is decoded
+and encoded a chunk at a time into the model's KV cache (model.stream: constant memory, an hour of Video-MME's
+long split included).
 """
 
 import cli
 from config import MODES, PROTOCOLS, SCORING
 
 ROOT_FLAGS = {"MVBench": "mvbench", "Video-MME": "videomme", "ScienceQA": "scienceqa", "POPE": "pope",
-              "shards": "shards"}  # the benchmarks, and the flag giving each one's data root
+              "shards": "shards", "NIAH": "niah"}  # the benchmarks, and the flag giving each one's data root
 
 
 def arguments(argv=None):
@@ -38,7 +45,10 @@ def arguments(argv=None):
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: all three (lmms-eval: autoregressive)")
     p.add_argument("--limit", type=int, help="score only the first N questions of each benchmark")
     p.add_argument("--max-frames", type=int, help="at most this many frames per question (default: every frame "
-                   "of an eval-shard sample, as the original; videos 64 by MVBench's segment rule)")
+                   "of an eval-shard sample, as the original; videos 64 by MVBench's segment rule; 0: no cap, as "
+                   "many as the LLM's context holds beside the question, uniformly)")
+    cli.add_long_video_args(p, fps_help="read videos at this fixed rate instead of the benchmark's rule (no cap "
+                            "unless --max-frames); a question whose frames do not fit in the LLM's context is skipped")
     p.add_argument("--frame-size", type=int, help="frame side in pixels (default: the size the model was trained at)")
     p.add_argument("--batch-size", type=int, help="questions scored per forward (default 1; same scores)")
     p.add_argument("--scoring", choices=SCORING, help="option score: 'original' (default: the original benchmark's "
@@ -52,8 +62,9 @@ def arguments(argv=None):
                    "lines but a yes/no answer (POPE written without options) as Yes/No; the original skips them")
     cli.add_device(p)
     p.add_argument("--out", help="write the results and per-question records as JSON here")
+    p.add_argument("--heatmap", help="NIAH: draw accuracy by haystack length and needle depth into this PNG")
     cli.add_threads(p)
-    return p.parse_args(argv)
+    return cli.check_long_video_args(p, p.parse_args(argv), default_max_frames=None)
 
 
 if __name__ == "__main__":  # parse before torch loads: --help and a flag error answer at once
@@ -65,7 +76,7 @@ import os  # noqa: E402
 import time  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
 from dataclasses import asdict, replace  # noqa: E402
-from functools import partial  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import distributed  # noqa: E402  before torch: it sets OpenMP's wait policy (README, CPU threads)
 import torch  # noqa: E402
@@ -77,8 +88,9 @@ import lmms_protocol  # noqa: E402
 from collate import pad_frames  # noqa: E402
 from config import EvalProtocol  # noqa: E402
 from distributed import autocast  # noqa: E402
-from frames import SkipSample  # noqa: E402
+from frames import SkipSample, stream_clip  # noqa: E402
 from model import load_checkpoint  # noqa: E402
+from streaming import chunk_size, context_room  # noqa: E402
 from tokenization import option_targets, prompt_ids  # noqa: E402
 
 READERS = {
@@ -87,6 +99,7 @@ READERS = {
     "ScienceQA": eval_readers.read_scienceqa,
     "POPE": eval_readers.read_pope,
     "shards": eval_readers.read_eval_shards,
+    "NIAH": eval_readers.read_niah,
 }
 WARN_SKIPS = 3  # name the first few skipped questions, then only count them
 LMMS_DEFAULTS = {"modes": ("autoregressive",), "max_frames": lmms_protocol.MAX_FRAMES}  # unless given
@@ -114,60 +127,107 @@ def load_roots(config_path=None, flags=None):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, questions, protocol=EvalProtocol(), limit=None, desc="eval", score=None):
+def evaluate(model, tokenizer, questions, protocol=EvalProtocol(), limit=None, desc="eval", task=None):
     """Score MCQ questions in every mode -> (result dict (see `summarize`), per-question records). Questions
-    that cannot be scored are skipped, counted by reason, and never count as answers. `score` scores a batch
-    (default `score_batch`, the original protocol)."""
-    score = score or score_batch
+    that cannot be scored are skipped, counted by reason, and never count as answers. `task` (an
+    lmms_protocol.Task) asks them by lmms-eval's protocol; None, by the original's (option scores). A question's
+    frames are at most what the LLM's context holds beside its text (eval_readers.question_clip); in the original
+    protocol a video longer than a chunk (protocol.chunk_frames) is read a chunk at a time into the model's KV
+    cache (model.stream)."""
     if limit is not None:
         questions = list(itertools.islice(questions, limit))
     total = len(questions) if hasattr(questions, "__len__") else None
-    records, pending, skipped, start = [], [], Counter(), time.perf_counter()
+    records, pending, skipped, fitted, start = [], [], Counter(), 0, time.perf_counter()
+    chunk = chunk_size(protocol.chunk_frames, next(model.parameters()).device)
+    if task is None:
+        score = lambda batch: score_batch(model, batch, protocol)
+    else:  # lmms-eval's prompts, greedy answers and parse rules
+        score = lambda batch: lmms_protocol.score_batch(model, tokenizer, [(q, f) for q, _, f in batch], protocol,
+                                                        task)
     for q in tqdm(questions, desc=desc, total=total, unit="q"):
         try:
             if q.skip is not None:
                 raise q.skip
-            pending.append((q, eval_readers.question_frames(q, protocol)))
+            text = question_text(tokenizer, q, protocol) if task is None else None
+            tokens = text.tokens if task is None else lmms_protocol.text_tokens(tokenizer, q, protocol, task)
+            media, cfg, n, note = eval_readers.question_clip(q, protocol, context_room(model, tokens))
+            if note:
+                fitted += 1
+                if fitted <= WARN_SKIPS:
+                    tqdm.write(f"{desc}: {q.qid}: {note}")
+            if task is None and n is not None and n > chunk:
+                records.append(score_streamed(model, q, text, media, cfg, n, protocol))
+            else:
+                pending.append((q, text, eval_readers.clip_frames(media, cfg)))
         except SkipSample as e:
             if sum(skipped.values()) < WARN_SKIPS:
                 tqdm.write(f"{desc}: skipping {q.qid}: {e}")
             skipped[e.reason] += 1
         if len(pending) == protocol.batch_size:
-            records += score(model, tokenizer, pending, protocol)
+            records += score(pending)
             pending = []
     if pending:
-        records += score(model, tokenizer, pending, protocol)
+        records += score(pending)
     yes_no = bool(records) and all(r["options"] == eval_readers.YES_NO for r in records)
-    return summarize(records, protocol.modes, skipped, time.perf_counter() - start, yes_no), records
+    result = summarize(records, protocol.modes, skipped, time.perf_counter() - start, yes_no)
+    result["sampled_to_fit"] = fitted  # questions whose frames were sampled down to the LLM's context
+    return result, records
 
 
-def score_batch(model, tokenizer, questions, protocol):
-    """Score (question, frames [T, 3, H, W]) pairs in one batched call -> one record per question: its
-    answer, categories, and per mode every option's score and the prediction (the lowest score; the first
-    of equal ones, as the original's min)."""
+class QuestionText(NamedTuple):
+    """A question's token ids: the chat-formatted prompt, each option's targets and their weights."""
+
+    prompt: list
+    options: list
+    weights: list
+
+    @property
+    def tokens(self):  # the longest text the frames are read with
+        return len(self.prompt) + max(len(o) for o in self.options)
+
+
+def question_text(tokenizer, q, protocol):
+    """A question's QuestionText by the protocol's system prompt and scoring rule."""
+    targets = [option_targets(tokenizer, q.prompt, o, protocol.scoring, protocol.system_prompt) for o in q.options]
+    return QuestionText(prompt_ids(tokenizer, q.prompt, protocol.system_prompt), [ids for ids, _ in targets],
+                        [w for _, w in targets])
+
+
+def score_batch(model, questions, protocol):
+    """Score (question, QuestionText, frames [T, 3, H, W]) triples in one batched call -> one record per question
+    (`record`)."""
     param = next(model.parameters())
-    frames, frame_mask = pad_frames([{"frames": f} for _, f in questions])
-    prompts, options, weights = [], [], []
-    for q, _ in questions:
-        prompts.append(prompt_ids(tokenizer, q.prompt, protocol.system_prompt))
-        targets = [option_targets(tokenizer, q.prompt, o, protocol.scoring, protocol.system_prompt)
-                   for o in q.options]
-        options.append([ids for ids, _ in targets])
-        weights.append([w for _, w in targets])
+    frames, frame_mask = pad_frames([{"frames": f} for _, _, f in questions])
     with autocast(param.device, protocol.dtype):
-        nll = model.option_nll(frames.to(param.device, param.dtype), prompts, options, tuple(protocol.modes),
+        nll = model.option_nll(frames.to(param.device, param.dtype), [t.prompt for _, t, _ in questions],
+                               [t.options for _, t, _ in questions], tuple(protocol.modes),
                                frame_mask=frame_mask.to(param.device))
-    records = []
-    for i, (q, _) in enumerate(questions):
-        modes = {}
-        for mode in protocol.modes:
-            scores = [float((n.float().cpu() * torch.tensor(w)).sum() / len(w))
-                      for n, w in zip(nll[mode][i], weights[i])]
-            pred = min(range(len(scores)), key=scores.__getitem__)
-            modes[mode] = {"prediction": pred, "correct": pred == q.answer, "scores": scores}
-        records.append({"id": q.qid, "answer": q.answer, "options": q.options, "categories": q.categories,
-                        "modes": modes})  # not q itself: its media may hold the frames' bytes
-    return records
+    return [record(q, text, {mode: nll[mode][i] for mode in protocol.modes}, protocol)
+            for i, (q, text, _) in enumerate(questions)]
+
+
+def score_streamed(model, q, text, media, cfg, frames, protocol):
+    """Score one question whose video is decoded and encoded a chunk at a time (frames.stream_clip into
+    model.stream, every mode from one DINO pass per chunk) -> its record."""
+    param = next(model.parameters())
+    stream = model.stream(protocol.modes, cfg.chunk_frames)
+    with autocast(param.device, protocol.dtype):
+        stream.read(stream_clip(media, cfg, stream.chunk), total=frames, desc=q.qid, leave=False)
+        nll = stream.option_nll(text.prompt, text.options)
+    return record(q, text, nll, protocol)
+
+
+def record(q, text, nll, protocol):
+    """A question's record from its options' per-token NLLs ({mode: [n_options] tensors}): its answer, categories,
+    and per mode every option's score and the prediction (the lowest score; the first of equal ones, as the
+    original's min)."""
+    modes = {}
+    for mode in protocol.modes:
+        scores = [float((n.float().cpu() * torch.tensor(w)).sum() / len(w)) for n, w in zip(nll[mode], text.weights)]
+        pred = min(range(len(scores)), key=scores.__getitem__)
+        modes[mode] = {"prediction": pred, "correct": pred == q.answer, "scores": scores}
+    return {"id": q.qid, "answer": q.answer, "options": q.options, "categories": q.categories,
+            "modes": modes}  # not q itself: its media may hold the frames' bytes
 
 
 def _accuracy(correct, total):
@@ -250,17 +310,19 @@ def run(checkpoint, roots, only=None, limit=None, device="cpu", tokenizer=None, 
     if protocol.get("name") == "lmms-eval":
         tasks = {name: lmms_protocol.task(name) for name in names}  # before loading: shards have no lmms-eval task
         protocol = {**LMMS_DEFAULTS, **protocol}
+    else:
+        tasks = dict.fromkeys(names)
     model, tokenizer, _ = load_checkpoint(checkpoint, device, tokenizer)
     used = model.inputs  # as trained: config.json's, else the training config's, else the original's defaults
     protocol = replace(EvalProtocol(frame_size=used.frame_size, system_prompt=used.system_prompt), **protocol)
     if protocol.dtype == "auto":
         protocol = replace(protocol, dtype="bfloat16" if torch.device(device).type == "cuda" else "float32")
     model.to(getattr(torch, protocol.dtype))
+    model.chunk_frames = protocol.chunk_frames
     results, records = {}, {}
     for name in names:
         questions = READERS[name](roots[name], protocol)
-        score = partial(lmms_protocol.score_batch, task=tasks[name]) if protocol.name == "lmms-eval" else None
-        results[name], records[name] = evaluate(model, tokenizer, questions, protocol, limit, name, score)
+        results[name], records[name] = evaluate(model, tokenizer, questions, protocol, limit, name, tasks[name])
     return results, records, protocol
 
 
@@ -270,7 +332,10 @@ def main(argv=None, args=None):
     if args.protocol == "lmms-eval" and (args.scoring or args.yes_no):
         raise ValueError("--scoring and --yes-no belong to the original protocol, not lmms-eval's")
     roots = load_roots(args.data_config, {n: getattr(args, f) for n, f in ROOT_FLAGS.items()})
+    if args.heatmap and "NIAH" not in (args.only or roots):
+        raise ValueError("--heatmap draws the NIAH benchmark's accuracy: give --niah (or NIAH: in --data-config)")
     flags = {"name": args.protocol, "modes": args.modes and tuple(args.modes), "max_frames": args.max_frames,
+             "fps": args.fps, "chunk_frames": args.chunk_frames,
              "scoring": args.scoring, "frame_size": args.frame_size, "batch_size": args.batch_size, "dtype": args.dtype,
              "system_prompt": None if args.system_prompt == "template" else args.system_prompt,
              "yes_no": args.yes_no or None}
@@ -285,6 +350,10 @@ def main(argv=None, args=None):
             json.dump({"checkpoint": args.checkpoint, "protocol": asdict(protocol), **lmms,
                        "benchmarks": results, "questions": records}, f, indent=2)
         print(f"results and per-question records written to {args.out}")
+    if args.heatmap:
+        from attention_viz import accuracy_heatmap  # matplotlib, only for the picture
+        accuracy_heatmap(records["NIAH"], protocol.modes, args.heatmap)
+        print(f"accuracy by length and depth drawn in {args.heatmap}")
 
 
 if __name__ == "__main__":

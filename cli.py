@@ -1,6 +1,7 @@
 """What every command shares: its arguments are parsed before torch loads, so `--help` and a mistyped flag answer at
-once; the `--threads` flag; the flags that name one clip to read (generate.py, attention_viz.py); and how a user
-error ends a command: `error: <message>` on stderr and exit status 2, as argparse's own, without a traceback.
+once; the `--threads` flag; the flags that name one clip to read (generate.py, attention_viz.py) and those of long
+videos (generate.py, benchmark.py); and how a user error ends a command: `error: <message>` on stderr and exit
+status 2, as argparse's own, without a traceback.
 
 A command parses first and imports the heavy modules after:
 
@@ -17,7 +18,7 @@ A command parses first and imports the heavy modules after:
 import argparse
 import sys
 
-from config import DEVICES
+from config import CHUNK_FRAMES, DEVICES, MAX_FRAMES
 
 THREADS_HELP = ("CPU threads for torch (default: {default}; README, CPU threads)")
 ALL_CORES = "all of this process's cores when OMP_WAIT_POLICY=PASSIVE is in effect, else 1"
@@ -41,11 +42,32 @@ def add_clip_args(parser, max_frames):
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", help="video file (or folder of frames)")
     src.add_argument("--image", help="image file (replicated as the model was trained to see images)")
+    default = f" (default {max_frames})" if max_frames is not None else ""
     parser.add_argument("--max-frames", type=int, default=max_frames, help="most frames taken from a video: 1 per "
-                        "second up to this many, uniform over the video beyond (as in training)")
+                        f"second up to this many, uniform over the video beyond (as in training){default}")
     parser.add_argument("--frame-size", type=int, help="frame side in pixels (default: the size the model was "
                         "trained at)")
     add_device(parser)
+
+
+def add_long_video_args(parser, fps_help=None):
+    """--fps and --chunk-frames (check them, and --max-frames, with check_long_video_args)."""
+    parser.add_argument("--fps", type=float, help=fps_help or "frames taken per second of video (default 1); given, "
+                        "the rate is kept: no cap unless --max-frames is given, and a video whose frames do not fit "
+                        "in the LLM's context is refused")
+    parser.add_argument("--chunk-frames", type=int, help="frames decoded and encoded at a time (default: "
+                        + ", ".join(f"{n} on {device}" for device, n in CHUNK_FRAMES.items()) + ")")
+
+
+def check_long_video_args(parser, args, default_max_frames=MAX_FRAMES):
+    """Parsed --max-frames (0: no cap), --fps and --chunk-frames checked, a bad value a usage error naming its flag.
+    --max-frames not given is `default_max_frames`, or with --fps 0: a rate asked for is kept. Returns args."""
+    for flag, low in (("max_frames", 0), ("fps", 1e-3), ("chunk_frames", 1)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
+            parser.error(f"--{flag.replace('_', '-')} must be at least {low:g}, got {getattr(args, flag):g}")
+    if args.max_frames is None:
+        args.max_frames = 0 if args.fps else default_max_frames
+    return args
 
 
 def run(main, *args, **kwargs):

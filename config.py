@@ -33,6 +33,9 @@ SCORING = ("original", "mean")  # an MCQ option's score (tokenization.option_tar
 PROTOCOLS = ("original", "lmms-eval")  # how benchmark.py asks and scores (EvalProtocol.name)
 MAX_FRAMES = 64  # frames taken from a video by default, in training and inference alike
 FRAME_SIZE = 224  # DINOv2's input side as trained
+# Frames decoded and encoded at a time on the streamed path (videos longer than this, at inference), by device
+# type when chunk_frames is null: at 224 px a chunk holds ~9.5 MB of DINOv2 keys and values a frame (float32).
+CHUNK_FRAMES = {"cpu": 64, "cuda": 256}
 SYSTEM_PROMPT = "You are a helpful AI assistant."  # the original recipe's system turn (tokenization.chat)
 
 Paths = Union[str, list]  # shards: one name, glob, brace pattern or URL, or a list of them (shards.py)
@@ -82,6 +85,8 @@ class FrameConfig:
     frame_sampling: str = "uniform"  # beyond max_frames at sample_fps: "uniform" over the video, or the "head"
     sample_fps: float = 1.0
     replicate_image_frames: int = 8  # a single frame becomes this many views of one tensor (encoded once)
+    chunk_frames: Optional[int] = None  # inference: longer videos are decoded and encoded this many frames at a
+    #                                    time (streaming.py); null: CHUNK_FRAMES of the device
 
 
 @dataclass
@@ -228,7 +233,10 @@ class EvalProtocol(FrameConfig):
     scoring: str = "original"  # one of SCORING
     system_prompt: Optional[str] = SYSTEM_PROMPT  # None: the LLM chat template's own default system turn
     max_frames: Optional[int] = None  # None: every frame of an eval-shard sample (the original's); raw video
-    #                                  layouts take MAX_FRAMES by MVBench's segment rule
+    #                                  layouts take MAX_FRAMES by MVBench's segment rule; 0: no cap (what the
+    #                                  LLM's context holds beside the question, uniformly)
+    fps: Optional[float] = None  # videos read at this fixed rate instead of the benchmark's rule; a question
+    #                              whose frames do not fit in the LLM's context is then skipped (too_long)
     batch_size: int = 1  # questions per forward; scores equal batch 1's
     dtype: str = "auto"  # the model weights' dtype; auto: bfloat16 on CUDA (the original's), float32 elsewhere
     yes_no: bool = False  # score eval-shard questions without options whose answer is yes/no as Yes/No (the
@@ -257,7 +265,7 @@ MINIMUM = {  # values with a floor (a batch of 0 would divide by zero, a sample_
     "training.threads": 1, "training.log_every": 1, "training.max_nonfinite_steps": 1,
     "training.dist_timeout_min": 1,
     "checkpoint.save_every_steps": 1, "checkpoint.keep_last": 1, "checkpoint.keep_best": 0, "eval.every_steps": 0,
-    "eval.max_samples": 1, "data.sample_fps": 1e-3,
+    "eval.max_samples": 1, "data.sample_fps": 1e-3, "data.chunk_frames": 1,
 }
 
 # Fixed by the checkpoint when model.init_from is set: setting one beside it is an error, never ignored.

@@ -56,7 +56,7 @@ from config import MODES, FrameConfig, InputSettings  # noqa: E402
 from distributed import autocast  # noqa: E402
 from encoder import PatchKV  # noqa: E402
 from eval_readers import read_mvbench  # noqa: E402
-from frames import IMAGE_FIELDS, SkipSample, load_clip  # noqa: E402
+from frames import IMAGE_FIELDS, SkipSample, probe, sampled, stream_clip  # noqa: E402
 from model import load_checkpoint  # noqa: E402
 from tokenization import prompt_ids  # noqa: E402
 
@@ -73,12 +73,17 @@ class DemoError(ValueError):
     """Something the user can fix (no video chosen, an empty question, too many frames): shown in the page."""
 
 
-def read_frames(path, fps, cap, inputs):
+def read_frames(path, fps, cap, inputs, report=lambda done, total: None):
     """The frames of a video or an image file as the model was trained to see them (`inputs`: its
-    config.InputSettings) -> [T, 3, H, W]: a video at `fps` up to `cap` frames, an image replicated."""
+    config.InputSettings) -> [T, 3, H, W]: a video at `fps` up to `cap` frames, an image replicated. A video is
+    decoded ENCODE_CHUNK frames at a time (frames.stream_clip), calling report(done, T) after each chunk."""
     cfg = FrameConfig(frame_size=inputs.frame_size, max_frames=cap, sample_fps=fps,
                       replicate_image_frames=inputs.replicate_image_frames)
-    return load_clip(path, cfg).frames
+    total, chunks = sampled(probe(path), path, cfg), []
+    for chunk in stream_clip(path, cfg, ENCODE_CHUNK):
+        chunks.append(chunk)
+        report(min(sum(c.shape[0] for c in chunks), total), total)
+    return torch.cat(chunks)
 
 
 @dataclass
@@ -134,8 +139,9 @@ class Session:
         self.forget()
         name = os.path.basename(path)
         progress(None, f"decoding {name}")
+        report = lambda done, T: progress(done / T, f"decoding frame {done} of {T} of {name}")
         try:
-            frames = read_frames(path, fps, int(cap), self.inputs).to(self.device)
+            frames = read_frames(path, fps, int(cap), self.inputs, report).to(self.device)
         except SkipSample as e:
             raise DemoError(f"Cannot read {name}: {e}. Upload a video (mp4, webm, mkv, avi, mov) or an image "
                             f"({', '.join(IMAGE_FIELDS)}).") from None

@@ -12,7 +12,8 @@ unreadable video becomes a skip with a reason instead of a crash; a question wit
 
 Layouts: MVBench (OpenGVLab/MVBench: json/<task>.json + video/<folder>/...), Video-MME (lmms-lab/Video-MME:
 videomme/test-*.parquet + data/{videoID}.mp4), ScienceQA (derek-thomas/ScienceQA test parquet, image subset),
-POPE (lmms-lab/POPE test parquet) and the original fVLM's eval shards (WebDataset, json user/assistant/source).
+POPE (lmms-lab/POPE test parquet), the original fVLM's eval shards (WebDataset, json user/assistant/source) and
+the needle-in-a-haystack set of synthetic.py --niah (niah.json + video/).
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from config import MAX_FRAMES, EvalProtocol
-from frames import VIDEO_FIELDS, Media, SkipSample, load_clip
+from frames import VIDEO_FIELDS, Media, SkipSample, fit, load_clip, probe, sampled
 from shards import expand_shards, iter_tar
 from tokenization import MCQ_LETTERS, format_mcq, mcq_answer
 
@@ -60,6 +61,7 @@ class MCQ:
     skip: SkipSample = None  # set when the question cannot be scored (the benchmark counts it by reason)
     doc: dict = None  # the benchmark's own fields as published (question, candidates, ...), from which another
     #                   harness builds its prompt (lmms_protocol.py); None for the eval shards
+    max_frames: int = MAX_FRAMES  # the benchmark's own frame count for a video (None: every frame at 1 fps)
 
 
 # ---------------------------------------------------------------- options and letters
@@ -75,18 +77,44 @@ def parse_option(line):
 
 # ---------------------------------------------------------------- frames
 
-def question_frames(q, protocol=EvalProtocol()):
-    """A question's frames [T, 3, H, W] by the protocol's frame settings. Its `max_frames` None is the benchmark's
-    own count: every frame of a shard sample (as the original reads its eval shards), MAX_FRAMES of a video;
-    0 is no cap. Raises frames.SkipSample."""
-    cap = protocol.max_frames
-    if cap is None:
-        video = q.media.path is not None or any(f in VIDEO_FIELDS for f in q.media.fields or {})
-        cap = MAX_FRAMES if video else None
-    clip = load_clip(q.media, dataclasses.replace(protocol, max_frames=cap or None))
+def question_frames(q, protocol=EvalProtocol(), room=None):
+    """A question's frames [T, 3, H, W] by the protocol's frame settings (see question_clip). Raises
+    frames.SkipSample."""
+    media, cfg, _, _ = question_clip(q, protocol, room)
+    return clip_frames(media, cfg)
+
+
+def clip_frames(media, cfg):
+    """The frames [T, 3, H, W] of a question_clip's media; none is SkipSample `no_frames`."""
+    clip = load_clip(media, cfg)
     if clip.kind == "text":
         raise SkipSample("no_frames")
     return clip.frames
+
+
+def question_clip(q, protocol=EvalProtocol(), room=None):
+    """Where a question's frames come from and how they are taken, decoding nothing -> (Media, FrameConfig, the
+    number of frames or None when not counted, a note when they were sampled down to fit). The protocol's
+    `max_frames` None is the benchmark's own count: every frame of a shard sample (as the original reads its eval
+    shards), the question's `max_frames` of a video (MAX_FRAMES by MVBench's rule); 0 is no cap. Its `fps` reads
+    videos at that fixed rate instead of the benchmark's rule. With `room` (the frames the LLM's context holds
+    beside the question's text) more frames are sampled uniformly down to it (frames.fit), or with a fixed fps
+    the question is skipped as `too_long`. A video is opened to count its frames only when the cap allows more
+    than `room`. Raises frames.SkipSample."""
+    cap = protocol.max_frames
+    if cap is None:
+        video = q.media.path is not None or any(f in VIDEO_FIELDS for f in q.media.fields or {})
+        cap = q.max_frames if video else None
+    media = q.media if protocol.fps is None else dataclasses.replace(q.media, rule="fps")
+    cfg = dataclasses.replace(protocol, max_frames=cap or None, sample_fps=protocol.fps or protocol.sample_fps)
+    if room is None or (cfg.max_frames is not None and cfg.max_frames <= room):
+        return media, cfg, None, None
+    source = probe(media)
+    try:
+        cfg, note = fit(media, cfg, room, protocol.fps is not None, source)
+    except ValueError as e:
+        raise SkipSample("too_long", f"{q.qid}: {e}") from None
+    return media, cfg, sampled(source, media, cfg), note
 
 
 # ---------------------------------------------------------------- readers
@@ -195,6 +223,24 @@ def read_pope(root, protocol=EvalProtocol()):
         questions.append(MCQ(str(row.question_id), prompt, list(YES_NO), 0 if truth == "yes" else 1,
                              Media(fields={"jpg": row.image["bytes"]}), {"category": row.category},
                              doc={"question": row.question}))
+    return questions
+
+
+def read_niah(root, protocol=EvalProtocol()):
+    """The needle-in-a-haystack set synthetic.py --niah writes: <root>/niah.json records {video, question,
+    candidates, answer, task, length, depth} and <root>/video/<video>, read at 1 fps with every frame (the
+    haystack is the test: its own count is no cap), by categories task, length and depth."""
+    file = os.path.join(root, "niah.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no needle-in-a-haystack set: {file} does not exist (python synthetic.py --niah)")
+    with open(file) as f:
+        records = json.load(f)
+    questions = []
+    for i, r in enumerate(records):
+        q = mcq(f"{r['video']}/{r['task']}", r["question"], r["candidates"], r["candidates"].index(r["answer"]),
+                Media(path=os.path.join(root, "video", r["video"])),
+                {"task": r["task"], "length": r["length"], "depth": r["depth"]})
+        questions.append(dataclasses.replace(q, max_frames=None))
     return questions
 
 

@@ -21,6 +21,7 @@ project's one skip type: its reason is what readers count skips under.
 """
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -167,32 +168,41 @@ def _from_path(media, cfg):
     if ext in Image.registered_extensions():
         with open(path, "rb") as f:
             return Clip(decode_image(f.read(), cfg.frame_size, path)[None], "image", ext[1:])
-    choose = _chooser(cfg) if media.rule == "fps" else \
-        lambda n, fps: segment_indices(n, fps, cfg.max_frames, media.bound)
-    return Clip(read_video(path, cfg.frame_size, choose, pixels=True), "video", ext[1:] or "video")
+    return Clip(read_video(path, cfg.frame_size, _rule(media, cfg), pixels=True), "video", ext[1:] or "video")
 
 
 def _from_folder(media, cfg):
     """A folder of frame images: every frame (sorted by name, numbers as numbers) up to max_frames, uniform
     beyond; with the segment rule, MVBench's frames 00001.jpg, 00002.jpg, ... at FRAME_FOLDER_FPS."""
-    names = sorted((f for f in os.listdir(media.path) if os.path.splitext(f)[1].lower() in
-                    Image.registered_extensions()), key=lambda f: [int(t) if t.isdigit() else t
-                                                                  for t in re.split(r"(\d+)", f)])
+    return Clip(torch.cat(list(_folder_chunks(media, cfg, None))), "video", "frame folder")
+
+
+def _folder_images(path):
+    """A folder's image files, sorted by name with numbers as numbers; none is SkipSample `empty_frame_folder`."""
+    names = sorted((f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in Image.registered_extensions()),
+                   key=lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f)])
     if not names:
-        raise SkipSample("empty_frame_folder", media.path)
+        raise SkipSample("empty_frame_folder", path)
+    return names
+
+
+def _folder_chunks(media, cfg, chunk):
+    """The frames of a folder of images (see _from_folder), `chunk` at a time (None: all at once)."""
+    names = _folder_images(media.path)
     if media.rule == "segments":
         names = [f"{i:05d}.jpg" for i in segment_indices(len(names), FRAME_FOLDER_FPS, cfg.max_frames, media.bound,
                                                           first_idx=1)]
     else:
         names = [names[i] for i in frame_indices(len(names), 0, cfg.max_frames, cfg.frame_sampling)]
-    frames = []
-    for name in names:
-        file = os.path.join(media.path, name)
-        if not os.path.exists(file):
-            raise SkipSample("frame_missing", file)
-        with open(file, "rb") as f:
-            frames.append(decode_image(f.read(), cfg.frame_size, file))
-    return Clip(torch.stack(frames), "video", "frame folder")
+    for start in range(0, len(names), chunk or len(names)):
+        frames = []
+        for name in names[start:start + (chunk or len(names))]:
+            file = os.path.join(media.path, name)
+            if not os.path.exists(file):
+                raise SkipSample("frame_missing", file)
+            with open(file, "rb") as f:
+                frames.append(decode_image(f.read(), cfg.frame_size, file))
+        yield torch.stack(frames)
 
 
 def find_file(path):
@@ -206,6 +216,145 @@ def find_file(path):
             if os.path.exists(name):
                 return name
     raise SkipSample("video_not_found", path)
+
+
+# ---------------------------------------------------------------- streams: long videos chunk by chunk
+
+class Source(NamedTuple):
+    """What a medium holds before sampling: `frames` (a video's frames as decord counts them, a folder's images, 1
+    for an image) at `fps` (0 when unknown: an image, a folder read by the fps rule)."""
+
+    frames: int
+    fps: float
+
+    @property
+    def seconds(self):
+        return self.frames / self.fps if self.fps > 0 else None
+
+
+def stream_clip(media, cfg=FrameConfig(), chunk=64, pixels=False):
+    """load_clip's frames, `chunk` at a time: [n <= chunk, 3, H, W] tensors whose concatenation equals
+    load_clip(media, cfg, pixels).frames (the same indices, the same pixels; uint8 with `pixels`). A video is
+    decoded chunk by chunk as the chunks are asked for (memory holds one, however long the video), from its file (a
+    path is opened, not read) or from a shard sample's bytes as they are; a folder's images are read chunk by
+    chunk; other media (an image, a sample's numbered frames, already in memory) come from load_clip. Raises
+    SkipSample."""
+    media = Media(path=media) if isinstance(media, str) else media
+    video, folder = _video_of(media), _folder_of(media)
+    if video is None and folder is None:
+        yield from load_clip(media, cfg, pixels).frames.split(chunk)
+        return
+    total, rule = [], _rule(media, cfg)  # total: the frames chosen, known before the first chunk is decoded
+
+    def choose(n, fps):
+        idx = rule(n, fps)
+        total.append(len(idx))
+        return idx
+    if folder:
+        total.append(sampled(probe(media), media, cfg))
+        chunks = (c if pixels else normalise_pixels(c) for c in _folder_chunks(media, cfg, chunk))
+    else:
+        chunks = video_chunks(video, cfg.frame_size, choose, chunk, pixels)
+    for frames in chunks:  # one frame in all is replicated, as load_clip replicates it
+        yield frames.expand(cfg.replicate_image_frames, -1, -1, -1) if total[0] == 1 else frames
+
+
+def _video_of(media):
+    """The video a medium is (a file path, or a shard sample's video bytes), else None."""
+    if media.fields is not None:
+        return next((media.fields[f] for f in VIDEO_FIELDS if f in media.fields), None)
+    path = find_file(media.path)
+    if os.path.isdir(path) or os.path.splitext(path)[1].lower() in Image.registered_extensions():
+        return None
+    return path
+
+
+def _folder_of(media):
+    """The folder of frame images a medium is, else None."""
+    return media.path if media.fields is None and os.path.isdir(find_file(media.path)) else None
+
+
+def probe(media):
+    """The medium's Source (its frame count and rate), read without decoding a frame (PyAV counts the video's
+    packets: one pass over the file). Raises SkipSample."""
+    media = Media(path=media) if isinstance(media, str) else media
+    video, folder = _video_of(media), _folder_of(media)
+    if folder is not None:
+        return Source(len(_folder_images(folder)), FRAME_FOLDER_FPS if media.rule == "segments" else 0.0)
+    if video is None:  # an image, or a sample's numbered frames (or none)
+        fields = media.fields or {}
+        numbered = sum(1 for f in fields if NUMBERED_FRAME.match(f))
+        return Source(numbered or int(media.path is not None or any(f in fields for f in IMAGE_FIELDS)), 0.0)
+    name = video if isinstance(video, str) else "video bytes"
+    try:
+        if VIDEO_DECODER == "decord":
+            vr = _decord_reader(video, 32)
+            return Source(len(vr), float(vr.get_avg_fps()))
+        return Source(*_pyav_count(video, name))
+    except VIDEO_ERRORS as e:
+        raise SkipSample("bad_video", f"{name}: {str(e).splitlines()[0][:200]}") from e
+
+
+def sampled(source, media, cfg):
+    """How many frames `cfg` takes from `media`, whose Source is `source` (what load_clip and stream_clip give,
+    before an image's replication)."""
+    media = Media(path=media) if isinstance(media, str) else media
+    if media.rule == "segments" and source.fps:
+        first_idx = 1 if media.fields is None and _folder_of(media) else 0  # MVBench's frame folders: from 1
+        return len(segment_indices(source.frames, source.fps, cfg.max_frames, media.bound, first_idx))
+    return len(frame_indices(source.frames, source.fps, cfg.max_frames, cfg.frame_sampling, cfg.sample_fps))
+
+
+def fit(media, cfg, room, fixed_fps=False, source=None):
+    """The FrameConfig that reads `media` in at most `room` frames (what the LLM's context leaves beside the
+    text), and a note saying what was done (None when nothing was): more frames than fit are sampled uniformly
+    down to `room` over the whole video (frames used, the fps that gives). With `fixed_fps` (the user asked for
+    cfg.sample_fps) it is instead a ValueError naming the frame count, the fps and the longest video that fits,
+    raised before any frame is decoded."""
+    media = Media(path=media) if isinstance(media, str) else media
+    source = source or probe(media)
+    n = sampled(source, media, cfg)
+    if n <= room:
+        return cfg, None
+    name = media.path or "the video"
+    if room < 1:
+        raise ValueError(f"the text alone fills the LLM's context: no room for a frame of {name}")
+    seconds = source.seconds
+    if fixed_fps:
+        longest = f"; at {cfg.sample_fps:g} fps the longest video that fits is {_clock(room / cfg.sample_fps)}"
+        raise ValueError(f"{name} at {cfg.sample_fps:g} fps is {n:,} frames"
+                         f"{f' ({_clock(seconds)})' if seconds else ''}, more than the {room:,} the LLM's context "
+                         f"holds beside the text{longest}. Leave out --fps to sample it uniformly down to "
+                         f"{room:,} frames, or ask for a lower fps")
+    rate = f" ({room / seconds:.3g} fps over {_clock(seconds)})" if seconds else ""
+    note = f"{name}: {room:,} of its {n:,} frames, sampled uniformly{rate}: what the LLM's context holds"
+    return dataclasses.replace(cfg, max_frames=room, frame_sampling="uniform"), note
+
+
+def _clock(seconds):
+    """Seconds as h:mm:ss (or m:ss)."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def live_frames(source, frame_size=FRAME_SIZE, sample_fps=1.0, format=None):
+    """A video as it plays -> (seconds of stream time, frame [3, H, W]) pairs, `sample_fps` frames per second of
+    stream time, as they are decoded: a file, or any URL or device PyAV opens (`format`, e.g. "v4l2" for a
+    camera). With a known frame rate these are frame_indices' frames (a file gives load_clip's with no frame cap,
+    pixel for pixel as the PyAV path decodes them); without one, the first frame at or after each 1/sample_fps."""
+    with av.open(source, format=format) as c:
+        stream = _video_stream(c, source)
+        rate, graph, start, taken = float(stream.average_rate or 0), None, None, 0
+        for i, frame in enumerate(c.decode(stream)):
+            start = frame.time if start is None and frame.time is not None else start
+            seconds = i / rate if rate else (frame.time or 0.0) - (start or 0.0)
+            due = int(taken * max(1.0, rate / sample_fps)) if rate else taken / sample_fps  # the rule's next frame
+            if (i if rate else seconds + 1e-6) < due:
+                continue
+            graph = graph or _decord_filters(stream, frame.rotation, frame_size)
+            graph.push(frame)
+            yield seconds, normalise(graph.pull().to_ndarray())
+            taken += 1
 
 
 # ---------------------------------------------------------------- sampling rules
@@ -249,6 +398,13 @@ def _chooser(cfg):
     return lambda n, fps: frame_indices(n, fps, cfg.max_frames, cfg.frame_sampling, cfg.sample_fps)
 
 
+def _rule(media, cfg):
+    """The sampling rule of a video file, as read_video's `choose(num_frames, fps)`."""
+    if media.rule == "fps":
+        return _chooser(cfg)
+    return lambda n, fps: segment_indices(n, fps, cfg.max_frames, media.bound)
+
+
 # ---------------------------------------------------------------- images
 
 def image_pixels(image, size=FRAME_SIZE):
@@ -276,11 +432,19 @@ def read_video(source, frame_size, choose, pixels=False):
     square-resized (bilinear) while decoding, normalised (uint8 with `pixels`). The one video decoder, for
     training and evaluation alike: decord where installed, else PyAV through the same FFmpeg filters, at the same
     frame indices."""
+    chunks = list(video_chunks(source, frame_size, choose, pixels=pixels))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def video_chunks(source, frame_size, choose, chunk=None, pixels=False):
+    """read_video's frames `chunk` at a time ([n <= chunk, 3, H, W] each; None: all in one), decoded as they are
+    asked for: memory holds one chunk, whatever the video's length. A path is opened as a file; bytes are read
+    where they are (io.BytesIO shares them)."""
     name = source if isinstance(source, str) else "video bytes"
-    decode = _decord_frames if VIDEO_DECODER == "decord" else _pyav_frames
+    decode = _decord_chunks if VIDEO_DECODER == "decord" else _pyav_chunks
     try:
-        rgb = decode(source, frame_size, choose, name)
-        return channels_first(rgb) if pixels else normalise(rgb)
+        for rgb in decode(source, frame_size, choose, name, chunk):
+            yield channels_first(rgb) if pixels else normalise(rgb)
     except VIDEO_ERRORS as e:
         raise SkipSample("bad_video", f"{name}: {str(e).splitlines()[0][:200]}") from e
 
@@ -292,12 +456,18 @@ def _chosen(choose, num_frames, fps, name):
     return idx
 
 
-def _decord_frames(source, size, choose, name):
-    """uint8 [T, size, size, 3]."""
+def _decord_chunks(source, size, choose, name, chunk):
+    """uint8 [n, size, size, 3] chunks."""
+    vr = _decord_reader(source, size)
+    idx = _chosen(choose, len(vr), vr.get_avg_fps(), name)
+    for start in range(0, len(idx), chunk or len(idx)):
+        yield vr.get_batch(idx[start:start + (chunk or len(idx))]).asnumpy()
+
+
+def _decord_reader(source, size):
     with _decord_log():
-        vr = VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
-                         num_threads=1)
-    return vr.get_batch(_chosen(choose, len(vr), vr.get_avg_fps(), name)).asnumpy()
+        return VideoReader(io.BytesIO(source) if isinstance(source, bytes) else source, width=size, height=size,
+                           num_threads=1)
 
 
 @contextlib.contextmanager
@@ -331,31 +501,48 @@ def _decord_log():
                 pass
 
 
-def _pyav_frames(source, size, choose, name):
-    """uint8 [T, size, size, 3] as decord decodes them: frames counted as the video stream's packets, fps its
-    average rate, frames in presentation order through decord's filter chain (`_decord_filters`)."""
-    def container():
-        return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-
-    with container() as c:  # demux only, no decoding
-        stream = _video_stream(c, name)
-        if "mp4" in c.format.name.split(",") and _boxes_end(source) > _size(source):
-            raise SkipSample("bad_video", f"{name}: truncated (its boxes run past the end)")  # decord raises too
-        idx = _chosen(choose, sum(1 for p in c.demux(stream) if p.size), float(stream.average_rate or 0), name)
-    wanted, got, graph = set(idx), {}, None
-    with container() as c:
+def _pyav_chunks(source, size, choose, name, chunk):
+    """uint8 [n, size, size, 3] chunks as decord decodes them: frames counted as the video stream's packets, fps
+    its average rate, frames in presentation order through decord's filter chain (`_decord_filters`)."""
+    num_frames, fps = _pyav_count(source, name)
+    idx = _chosen(choose, num_frames, fps, name)
+    assert idx == sorted(idx), "frame indices must be in order"
+    wanted, pos, out, graph = set(idx), 0, [], None
+    with _pyav_open(source) as c:
         stream = _video_stream(c, name)
         stream.codec_context.thread_count = 1  # as decord's num_threads=1: loader workers are the parallelism
         for i, frame in enumerate(c.decode(stream)):
-            if i in wanted:
-                graph = graph or _decord_filters(stream, frame.rotation, size)
-                graph.push(frame)
-                got[i] = graph.pull().to_ndarray()
-                if len(got) == len(wanted):
-                    break
-    if len(got) < len(wanted):
-        raise SkipSample("bad_video", f"{name}: decoding ended before frame {min(wanted - got.keys())}")
-    return np.stack([got[i] for i in idx])
+            if i not in wanted:
+                continue
+            graph = graph or _decord_filters(stream, frame.rotation, size)
+            graph.push(frame)
+            rgb = graph.pull().to_ndarray()
+            while pos < len(idx) and idx[pos] == i:  # an index asked for twice gives the frame twice
+                out.append(rgb)
+                pos += 1
+            if len(out) == (chunk or len(idx)):
+                yield np.stack(out)
+                out = []
+            if pos == len(idx):
+                break
+    if pos < len(idx):
+        raise SkipSample("bad_video", f"{name}: decoding ended before frame {idx[pos]}")
+    if out:
+        yield np.stack(out)
+
+
+def _pyav_open(source):
+    return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _pyav_count(source, name):
+    """(frames, fps) as decord counts them: the video stream's packets and its average rate (demuxed, not
+    decoded). A cut mp4 is SkipSample `bad_video`, as decord refuses it."""
+    with _pyav_open(source) as c:
+        stream = _video_stream(c, name)
+        if "mp4" in c.format.name.split(",") and _boxes_end(source) > _size(source):
+            raise SkipSample("bad_video", f"{name}: truncated (its boxes run past the end)")  # decord raises too
+        return sum(1 for p in c.demux(stream) if p.size), float(stream.average_rate or 0)
 
 
 def _size(source):

@@ -38,12 +38,11 @@ from tqdm import tqdm
 
 import eval_readers
 import lmms_protocol
-from benchmark import score_batch
+from benchmark import question_text, score_batch
 from collate import pad_frames
 from config import MODES, EvalProtocol
 from frames import Media, SkipSample, load_clip, load_image_frames, segment_indices
 from model import load_checkpoint
-from tokenization import option_targets
 
 DEFAULT_MAX_NEW_TOKENS = 128  # when a task's generation_kwargs give none (lmms-eval's qwen2_vl default)
 # lmms-eval 0.7.x's evaluator passes every model output through unwrap_generation_output (api/instance.py),
@@ -124,17 +123,18 @@ class FVLM(lmms):
     def _score(self, questions):
         """Lists of one question's requests -> per question its options' scores, and whether greedy decoding
         gives each option's scored tokens."""
-        pairs, targets = [], []
+        triples = []
         p = self.protocol
         for reqs in questions:
             ctx, _, _, doc_id, task, _ = reqs[0].args
             options = [continuation(r, self.task_dict).lstrip() for r in reqs]
-            pairs.append((eval_readers.MCQ(f"{task} doc {doc_id}", ctx, options, -1, None), self._frames(reqs[0])))
-            targets.append([option_targets(self.tokenizer, ctx, o, p.scoring, p.system_prompt)[0] for o in options])
-        records = score_batch(self.model, self.tokenizer, pairs, p)
-        frames, frame_mask = pad_frames([{"frames": f} for _, f in pairs])
+            q = eval_readers.MCQ(f"{task} doc {doc_id}", ctx, options, -1, None)
+            triples.append((q, question_text(self.tokenizer, q, p), self._frames(reqs[0])))
+        records = score_batch(self.model, triples, p)
+        targets = [text.options for _, text, _ in triples]
+        frames, frame_mask = pad_frames([{"frames": f} for _, _, f in triples])
         longest = max(len(t) for ts in targets for t in ts)
-        prompts = [q.prompt for q, _ in pairs]
+        prompts = [q.prompt for q, _, _ in triples]
         greedy = lmms_protocol.generate_ids(self.model, self.tokenizer, frames, frame_mask, prompts, p, self.mode,
                                             longest, eos_token_id=None).tolist()  # [Q, <= longest]
         return ([r["modes"][self.mode]["scores"] for r in records],

@@ -93,8 +93,8 @@ def mvbench_answer(text):
 ANSWER_PHRASES = ("the answer is", "answer is", "the correct answer is", "correct answer is", "the best answer is",
                   "best answer is", "the correct option is", "correct option is", "the best option is",
                   "best option is", "the choice is", "choice is", "the correct choice is", "correct choice is",
-                  "i choose", "i select", "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은", "답:",
-                  "答案是", "答案为", "选", "答えは")
+                  "i choose", "i select", "i pick", "my answer is", "my choice is", "옵션", "정답은", "답은",
+                  "답:", "答案是", "答案为", "选", "答えは")
 LETTER_FORMATS = (("({})", 6), ("{}.", 5), ("{}:", 4), ("{})", 3), ("{} ", 2))  # (format, priority)
 
 
@@ -215,6 +215,12 @@ def generate(model, tokenizer, frames, frame_mask, prompts, protocol, mode, max_
     says do_sample=True."""
     out = generate_ids(model, tokenizer, frames, frame_mask, prompts, protocol, mode, max_new_tokens, **sampling)
     return [cut(tokenizer.decode(row, skip_special_tokens=True), until) for row in out.tolist()]
+
+
+def text_tokens(tokenizer, q, protocol, task):
+    """The most text tokens a question is read with: its prompt and the longest answer allowed (what the LLM's
+    context must hold beside the frames)."""
+    return len(prompt_ids(tokenizer, task.prompt(q.doc), protocol.system_prompt)) + task.max_new_tokens
 
 
 def score_batch(model, tokenizer, questions, protocol, task):

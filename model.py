@@ -10,6 +10,8 @@ t+1. The visual tokens of each mode:
 Then one LLM pass reads [visual tokens, text]. Batches are variable length (layout.py): padded frames
 (frame_mask False) are never encoded, and a sample gives the same outputs alone or in any padded batch.
 DINOv2 runs once per distinct frame: consecutive identical frames (a replicated image) are encoded once.
+At inference (no gradient) a video longer than `chunk_frames` is read a chunk at a time into the LLM's KV cache
+(streaming.py: constant memory, the same values); `model.stream(...)` reads one as it comes, a live stream too.
 """
 
 import contextlib
@@ -25,6 +27,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 from transformers import DynamicCache
 
 import checkpoint
+import streaming
 from config import MODES, PARAM_GROUPS, InputSettings, ModelSettings
 from encoder import FoveatedEncoder
 from frames import normalise_pixels
@@ -68,6 +71,7 @@ class FoveatedVLM(nn.Module):
         self.tokenizer = None  # from_pretrained sets the folder's; lets generate / score_options take strings
         self.inputs = None  # config.InputSettings the model was trained with (from_pretrained, train.py); None: unknown
         self._size_warned = False  # frames of another size than the trained one are warned of once
+        self.chunk_frames = None  # inference: longer videos go through streaming.py (None: config.CHUNK_FRAMES)
 
     @classmethod
     def from_config(cls, settings):
@@ -227,15 +231,22 @@ class FoveatedVLM(nn.Module):
         `encoded`, this model's `encode(frames, frame_mask)` (or encode_pixels), lets several modes share one DINO
         pass; `plan`, the batch's layout.Plan (collate makes one), spares the host syncs that find its sizes."""
         check_modes([mode])
-        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
-        _check_rows(counts, input_ids.shape[0], "input_ids")
+        if encoded is None:
+            frames, frame_mask = prepare_frames(frames, frame_mask, self.encoder.patch_size)
+        _check_rows(encoded[2] if encoded is not None else frame_mask.sum(1), input_ids.shape[0], "input_ids")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         loss_mask = attention_mask if loss_mask is None else loss_mask * attention_mask
         text, dest = self._text(input_ids, attention_mask)
         weights = text_weights(dest, loss_mask)
         lambda_coarse = self.settings.lambda_coarse if mode == "coarse_fine" else 0.0
-        vis, coarse_h = self.visual_tokens(kv, frame_idx, counts, mode, text if lambda_coarse > 0 else None, plan)
-        _, h = self._llm(vis, counts, text, plan)
+        if encoded is None and self._streamed(frame_mask):
+            states = streaming.text_states(self, frames, frame_mask, text, (mode,), coarse=lambda_coarse > 0)
+            h, coarse_h = states[mode], states.get("coarse")
+        else:
+            kv, frame_idx, counts = encoded if encoded is not None else self._encode(frames, frame_mask)
+            vis, coarse_h = self.visual_tokens(kv, frame_idx, counts, mode, text if lambda_coarse > 0 else None,
+                                               plan)
+            _, h = self._llm(vis, counts, text, plan)
         loss = self._ce(h, text.ids, weights, plan)
         if coarse_h is not None:
             loss = loss + lambda_coarse * self._ce(coarse_h, text.ids, weights, plan)
@@ -313,19 +324,33 @@ class FoveatedVLM(nn.Module):
             input_ids, attention_mask = prompt_batch(input_ids, tokenizer, self.q_init.device,
                                                      self._use().system_prompt)
             eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        kv, frame_idx, counts = encoded if encoded is not None else self._encode(*self._inference_frames(frames,
-                                                                                                         frame_mask))
-        _check_rows(counts, input_ids.shape[0], "input_ids")
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p)
+        if encoded is None:
+            frames, frame_mask = self._inference_frames(frames, frame_mask)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         text, _ = self._text(input_ids, attention_mask)
+        if encoded is None and self._streamed(frame_mask):
+            _check_rows(frame_mask.sum(1), input_ids.shape[0], "input_ids")
+            yield from streaming.generate(self, frames, frame_mask, text, mode, max_new_tokens, eos_token_id,
+                                          **sampling)
+            return
+        kv, frame_idx, counts = encoded if encoded is not None else self._encode(frames, frame_mask)
+        _check_rows(counts, input_ids.shape[0], "input_ids")
         vis = visual if visual is not None else self.visual_tokens(kv, frame_idx, counts, mode)[0]
         embeds, mask, _, _ = pack(pad_packed(vis, counts)[0], counts, text.embeds, text.n)
         cache = DynamicCache(config=self.llm.config)
         h = self._llm_hidden(embeds, mask, None, cache)
         last, next_pos = gather_rows(h, (counts + text.n - 1).clamp(min=0)[:, None])[:, 0], counts + text.n
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        yield from self._decode(last, mask, next_pos, cache, max_new_tokens, eos_token_id, **sampling)
+
+    def _decode(self, last, mask, next_pos, cache, max_new_tokens, eos_token_id=None, do_sample=False,
+                temperature=1.0, top_p=1.0):
+        """generate's token-by-token loop: last [B, D] the states at each row's last prompt token, mask [B, L]
+        the cached positions, next_pos [B] the next token's position. Yields the new ids so far [B, n] after each
+        step (a single [B, 0] when max_new_tokens is 0)."""
+        done = torch.zeros(last.shape[0], dtype=torch.bool, device=last.device)
         if max_new_tokens <= 0:
-            yield input_ids.new_zeros(input_ids.shape[0], 0)
+            yield next_pos.new_zeros(last.shape[0], 0)
         out = []
         for _ in range(max_new_tokens):
             tok = _pick(self._logits(last).float(), do_sample, temperature, top_p)
@@ -353,10 +378,16 @@ class FoveatedVLM(nn.Module):
         coarse_only's pass is coarse_fine's coarse pass. `encoded` as in forward."""
         modes = check_modes(modes)
         prompts, options = question_ids(prompts, options)
-        kv, frame_idx, counts = encoded if encoded is not None else self.encode(frames, frame_mask)
+        if encoded is None:
+            frames, frame_mask = prepare_frames(frames, frame_mask, self.encoder.patch_size)
+            if self._streamed(frame_mask):
+                _check_rows(frame_mask.sum(1), len(prompts), "prompts")
+                text, source, target = self._option_text(prompts, options, frames.device)
+                states = streaming.text_states(self, frames, frame_mask, text, modes)
+                return self._option_nll(states, modes, options, source, target)
+        kv, frame_idx, counts = encoded if encoded is not None else self._encode(frames, frame_mask)
         _check_rows(counts, len(prompts), "prompts")
-        ids, branch, n_txt, source, target = option_tree(prompts, options, counts.device)
-        text = _Text(ids, self.llm.get_input_embeddings()(ids), n_txt, branch)
+        text, source, target = self._option_text(prompts, options, counts.device)
         states = {}
         if "coarse_fine" in modes:
             vis, states["coarse_only"] = self.visual_tokens(kv, frame_idx, counts, "coarse_fine",
@@ -364,6 +395,15 @@ class FoveatedVLM(nn.Module):
             states["coarse_fine"] = self._llm(vis, counts, text)[1]
         for mode in set(modes) - set(states):
             states[mode] = self._llm(self.visual_tokens(kv, frame_idx, counts, mode)[0], counts, text)[1]
+        return self._option_nll(states, modes, options, source, target)
+
+    def _option_text(self, prompts, options, device):
+        """MCQ text as option trees (layout.option_tree) -> (_Text, source [K], target [K])."""
+        ids, branch, n_txt, source, target = option_tree(prompts, options, device)
+        return _Text(ids, self.llm.get_input_embeddings()(ids), n_txt, branch), source, target
+
+    def _option_nll(self, states, modes, options, source, target):
+        """{mode: states at the option trees [Q, S, D]} -> option_nll's {mode: [Q] lists of [n_options] NLLs}."""
         h = torch.cat([states[mode].flatten(0, 1)[source] for mode in modes])  # [modes * K, D], K option tokens
         nll = iter(F.cross_entropy(self._logits(h).float(), target.repeat(len(modes)), reduction="none")
                    .split([len(option) for _ in modes for question in options for option in question]))
@@ -378,8 +418,8 @@ class FoveatedVLM(nn.Module):
         (tokenization.option_targets: the original benchmark's rule). option_nll scores a batch of questions."""
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         prompt, options, weights = mcq_ids(prompt, options, tokenizer, self._use().system_prompt)
-        encoded = self._encode(*self._inference_frames(frames, frame_mask))
-        nll = self.option_nll(None, [prompt], [options], modes, encoded=encoded)
+        frames, frame_mask = self._inference_frames(frames, frame_mask)
+        nll = self.option_nll(frames, [prompt], [options], modes, frame_mask)
         return {mode: torch.stack([(t * w.to(t)).sum() / len(w) for t, w in zip(per_question[0], weights)])
                 for mode, per_question in nll.items()}
 
@@ -403,6 +443,20 @@ class FoveatedVLM(nn.Module):
             grid[:, frame_mask] = torch.stack(maps)
             out[name] = grid
         return out
+
+    def stream(self, modes=("autoregressive",), chunk_frames=None):
+        """A streaming.VideoStream reading a video into the LLM's KV cache of each mode a chunk at a time (DINOv2
+        once per chunk, then dropped): `add_frames(frames)` as they come, then `ask(question)`, `generate(ids)` or
+        `option_nll(prompt, options)` at any moment, without encoding a past frame again. An hour at 1 fps is
+        3,600 tokens: constant memory besides the cache. `chunk_frames`: default model.chunk_frames."""
+        return streaming.VideoStream(self, modes, chunk_frames or self.chunk_frames)
+
+    def _streamed(self, frame_mask):
+        """Whether frames go through streaming.py: at inference (no gradient), a sample longer than a chunk. (Under
+        autograd nothing is read from the device: training makes no host sync here.)"""
+        if torch.is_grad_enabled() or not frame_mask.numel():
+            return False
+        return int(frame_mask.sum(1).max()) > streaming.chunk_size(self.chunk_frames, frame_mask.device)
 
     # ---------------------------------------------------------------- training helpers
     def param_groups(self):

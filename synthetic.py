@@ -22,6 +22,17 @@ moves toward, which the tiny model can read. Layout under --out:
   mvbench/video/<task>/<name>.mp4     with tasks colour, shape, direction
 
 Usage: python synthetic.py --out data/synthetic --seed 0
+
+`--niah` writes instead a needle-in-a-haystack set (V-NIAH, LongVA: Zhang et al., 2024) at 1 fps: haystacks of
+grey shapes on the grey background, one held for a few seconds after another, and one frame (the needle) of one
+coloured shape at a given depth; the question asks the needle's colour or its shape, as a multiple choice.
+
+  train/niah-*.tar, val/niah-*.tar     short haystacks (--niah-train-frames): mp4 + json {messages} asking
+                                       the colour and the shape (training, as stage 2)
+  eval/niah.json                       {video, question, candidates, answer, task, length, depth} per question,
+  eval/video/<length>s_d<depth>_<i>.mp4  for every haystack length (1 minute to 1 hour) and needle depth (0-100%)
+
+Usage: python synthetic.py --niah --out data/niah --seed 0   (benchmark.py --niah data/niah/eval scores it)
 """
 
 import argparse
@@ -45,11 +56,21 @@ def parse_args(argv=None):
                    help="share of stage-2 samples that ask every question as one multi-turn chat (the rest ask "
                         "one); all of them by default: three answers per video teach the tiny quickstart model more "
                         "per step (README, Quickstart)")
+    p.add_argument("--niah", action="store_true", help="write the needle-in-a-haystack set instead (module docstring)")
+    p.add_argument("--niah-lengths", type=int, nargs="+", default=[60, 300, 900, 1800, 3600],
+                   help="evaluation haystacks, in frames at 1 fps")
+    p.add_argument("--niah-depths", type=int, nargs="+", default=[0, 25, 50, 75, 100], help="needle depths, in %%")
+    p.add_argument("--niah-videos", type=int, default=4, help="evaluation videos per length and depth (each asks "
+                   "the colour and the shape)")
+    p.add_argument("--niah-train", type=int, default=4000, help="training haystacks")
+    p.add_argument("--niah-train-frames", type=int, nargs=2, default=[4, 16], metavar=("MIN", "MAX"),
+                   help="training haystack lengths, in frames")
+    p.add_argument("--niah-size", type=int, default=32, help="frame side of the haystacks (even)")
     p.add_argument("--shuffle-options", action="store_true",
                    help="list the MCQ options in a random order (harder: the letter must be read from the prompt)")
     args = p.parse_args(argv)
-    if args.size % 2:
-        p.error("--size must be even (yuv420p)")
+    if args.size % 2 or args.niah_size % 2:
+        p.error("--size and --niah-size must be even (yuv420p)")
     return args
 
 
@@ -237,6 +258,69 @@ def write_mvbench(root, rng, n_per_task, args):
             json.dump(records, f, indent=1)
 
 
+# ---------------------------------------------------------------- needle in a haystack
+NIAH_QUESTIONS = {"colour": "What colour is the coloured shape in the video?",
+                  "shape": "What shape is the coloured object in the video?"}
+GREYS = (30, 150, 210)  # the haystack's shapes: achromatic, darker and lighter than the BACKGROUND
+
+
+def haystack(rng, frames, size, needle_at, needle):
+    """uint8 [frames, size, size, 3]: a grey shape of a random kind, grey and place held for 2-8 frames, then
+    another, and at frame `needle_at` the needle {colour, shape} in its colour at a random place."""
+    r, out, t = size * 0.27, np.full((frames, size, size, 3), BACKGROUND, dtype=np.uint8), 0
+    while t < frames:
+        hold, grey = rng.randint(2, 8), rng.choice(GREYS)
+        cx, cy = rng.uniform(r, size - 1 - r), rng.uniform(r, size - 1 - r)
+        out[t:t + hold][:, shape_mask(rng.choice(SHAPES), size, cx, cy, r)] = grey
+        t += hold
+    cx, cy = rng.uniform(r, size - 1 - r), rng.uniform(r, size - 1 - r)
+    out[needle_at] = BACKGROUND
+    out[needle_at][shape_mask(needle["shape"], size, cx, cy, r)] = COLOURS[needle["colour"]]
+    return out
+
+
+def niah_video(rng, frames, depth, size):
+    """(mp4 bytes at 1 fps, the needle) of a haystack of `frames` frames with the needle at `depth` (0-1)."""
+    needle = {"colour": rng.choice(list(COLOURS)), "shape": rng.choice(SHAPES)}
+    return encode_mp4(haystack(rng, frames, size, round(depth * (frames - 1)), needle), 1), needle
+
+
+def niah_samples(rng, n, args, tag):
+    """Training samples: haystacks of args.niah_train_frames frames, needle anywhere, both questions asked."""
+    out = []
+    for i in range(n):
+        mp4, needle = niah_video(rng, rng.randint(*args.niah_train_frames), rng.random(), args.niah_size)
+        turns = []
+        for task in rng.sample(list(NIAH_QUESTIONS), 2):
+            candidates = list(VALUES[task])
+            turns += [{"role": "user", "content": format_mcq(NIAH_QUESTIONS[task], candidates)},
+                      {"role": "assistant", "content": mcq_answer(candidates, candidates.index(needle[task]))}]
+        out.append((f"{tag}{i:06d}", {"mp4": mp4, "json": {"messages": turns, "source": "niah"}}))
+    return out
+
+
+def write_niah(args):
+    """The needle-in-a-haystack set under args.out: training and validation shards, and the evaluation questions
+    for every length and depth (see the module's docstring)."""
+    rngs = {name: random.Random(f"{args.seed}-niah-{name}") for name in ("train", "val", "eval")}
+    write_shards(f"{args.out}/train", "niah", niah_samples(rngs["train"], args.niah_train, args, "n"), args.per_shard)
+    write_shards(f"{args.out}/val", "niah", niah_samples(rngs["val"], args.val, args, "nv"), args.val)
+    records, rng = [], rngs["eval"]
+    os.makedirs(f"{args.out}/eval/video", exist_ok=True)
+    for length in args.niah_lengths:
+        for depth in args.niah_depths:
+            for i in range(args.niah_videos):
+                mp4, needle = niah_video(rng, length, depth / 100, args.niah_size)
+                name = f"{length}s_d{depth:03d}_{i}.mp4"
+                with open(f"{args.out}/eval/video/{name}", "wb") as f:
+                    f.write(mp4)
+                for task, question in NIAH_QUESTIONS.items():
+                    records.append({"video": name, "question": question, "candidates": list(VALUES[task]),
+                                    "answer": needle[task], "task": task, "length": length, "depth": depth})
+    with open(f"{args.out}/eval/niah.json", "w") as f:
+        json.dump(records, f, indent=1)
+
+
 def write_all(args):
     """Write every part of the set. Each part has its own random stream, so sizes don't change the others."""
     rngs = {name: random.Random(f"{args.seed}-{name}") for name in
@@ -258,7 +342,7 @@ def write_all(args):
 def main(argv=None, args=None):
     args = args or parse_args(argv)
     start = time.time()
-    write_all(args)
+    write_niah(args) if args.niah else write_all(args)
     print(f"wrote the synthetic set to {args.out} in {time.time() - start:.1f}s")
 
 

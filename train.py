@@ -51,6 +51,7 @@ from layout import Plan  # noqa: E402
 from logger import Logger  # noqa: E402
 from model import FoveatedVLM  # noqa: E402
 from pretrained import check_backbone_configs, load_tokenizer  # noqa: E402
+from streaming import chunk_size  # noqa: E402
 from text_interleave import interleave  # noqa: E402
 
 # What model.forward / forward_dpo take of a batch besides its frames (those come encoded: `encode`).
@@ -87,14 +88,34 @@ def encode(model, batch):
     return model.encode(batch["frames"], batch["frame_mask"])
 
 
+def longest_clip(batch):
+    """The most frames a sample of the batch has (the plan's, when collate made one: no host sync)."""
+    return batch["plan"].T if "plan" in batch else batch["frame_mask"].shape[1]
+
+
+def with_frames(batch):
+    """A loader batch with its frames laid out per sample (frames [B, T, 3, H, W] uint8, instead of the distinct
+    pixels): what the model's streamed path reads, a chunk at a time, for clips longer than a chunk. A batch of
+    frames already (hand-made) is returned as it is."""
+    if "pixels" not in batch:
+        return batch
+    pixels, mask = batch["pixels"], batch["frame_mask"]
+    frames = pixels.new_zeros(*mask.shape, *pixels.shape[1:])
+    frames[mask] = pixels[batch["frame_idx"]]
+    return {**{k: v for k, v in batch.items() if k not in ("pixels", "frame_idx")}, "frames": frames}
+
+
 def model_outputs(model, dpo, batch, mode, encoded=None):
     """model.forward (CE: {"loss"}) or, with `dpo`, model.forward_dpo (the answers' log-probs) of a batch, with
-    its plan when collate made one (layout.Plan); `encoded`, the model's `encode` of the batch, when made."""
-    encoded = encoded if encoded is not None else encode(model, batch)
-    plan = batch.get("plan")
+    its plan when collate made one (layout.Plan); `encoded`, the model's `encode` of the batch, when made. A batch
+    of frames (hand-made, or `with_frames`) not encoded goes to the model as frames."""
+    if encoded is None and "frames" not in batch:
+        encoded = encode(model, batch)
+    frames, plan = batch.get("frames") if encoded is None else None, batch.get("plan")
     if dpo:
-        return model.forward_dpo(None, **{k: batch[k] for k in DPO_KEYS}, mode=mode, encoded=encoded, plan=plan)
-    return model(None, **{k: batch[k] for k in CE_KEYS}, mode=mode, return_logits=False, encoded=encoded, plan=plan)
+        return model.forward_dpo(frames, **{k: batch[k] for k in DPO_KEYS}, mode=mode, encoded=encoded, plan=plan)
+    return model(frames, **{k: batch[k] for k in CE_KEYS}, mode=mode, return_logits=False, encoded=encoded,
+                 plan=plan)
 
 
 class StepModule(nn.Module):
@@ -158,6 +179,7 @@ def build_model(cfg, dev, model=None):
         reference = copy.deepcopy(model).to(dev, reference_dtype(dev, cfg.training.dtype))
         reference.eval().requires_grad_(False)
     model.set_trainable(frozen=[group for group in PARAM_GROUPS if m.frozen(group)])
+    model.chunk_frames = cfg.data.chunk_frames  # validation reads longer videos a chunk at a time
     if m.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model.to(dev).train(), reference
@@ -275,8 +297,11 @@ def evaluate(step_module, reference, loader, cfg, dist):
     for batch in loader:
         batch = to_device(batch, dist.device)
         n = batch["frame_mask"].shape[0]
+        long = longest_clip(batch) > chunk_size(inner.model.chunk_frames, dist.device)
+        if long:  # through the model's streamed path, a chunk at a time (FoveatedVLM._streamed)
+            batch = with_frames(batch)
         with distributed.autocast(dist.device, cfg.training.dtype):
-            encoded = [encode(m, batch) if m is not None else None
+            encoded = [encode(m, batch) if m is not None and not long else None
                        for m in (inner.model, reference)]  # DINO once per batch, whatever the modes
             for i, mode in enumerate(modes):
                 loss, _ = compute_loss(inner, reference, batch, cfg, mode, encoded)

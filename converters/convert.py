@@ -98,8 +98,8 @@ def check_worker(parent):
 
 
 def with_checks(events, workers, max_frames):
-    """(event, fields or SkipSample; None for a SkipSample event) in input order; with workers > 1 the checks run in a process
-    pool, at most 2 per worker ahead of the writer (Pool.imap would read the whole input ahead)."""
+    """(event, fields or SkipSample; None for a SkipSample event) in input order; with workers > 1 the checks run in
+    a process pool, at most 2 per worker ahead of the writer (Pool.imap would read the whole input ahead)."""
     def now(e):
         return None if isinstance(e, SkipSample) else checked(e.media, max_frames) if e.media else {}
 

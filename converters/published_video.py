@@ -90,7 +90,8 @@ def read_openvid(args, found, after):
                     if event is not None:
                         yield event
         except (zipfile.BadZipFile, OSError, EOFError) as e:
-            yield SkipSample("unreadable_file", f"{label} ({', '.join(map(os.path.basename, pieces))}): {e}", pos=(z, i + 1))
+            names = ", ".join(map(os.path.basename, pieces))
+            yield SkipSample("unreadable_file", f"{label} ({names}): {e}", pos=(z, i + 1))
     col = index.header.index("video")
     for r, _, fields in index.records():
         if len(fields) != len(index.header):

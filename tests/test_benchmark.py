@@ -4,6 +4,7 @@ DINO work per question."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -79,6 +80,7 @@ class FirstOptionModel(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.frames_seen = []
+        self.llm = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))  # the context read
 
     def option_nll(self, frames, prompts, options, modes=("coarse_fine",), frame_mask=None):
         self.frames_seen.append(frames.shape)
@@ -154,7 +156,7 @@ def test_no_benchmark_data_is_a_usage_error_naming_the_flags(tmp_path):
     (an empty table with status 0 would look like a result)."""
     assert script_error("benchmark.py", "--checkpoint", tmp_path) == (
         "error: no benchmark data given: pass --data-config FILE or a data root flag "
-        "(--mvbench, --videomme, --scienceqa, --pope, --shards)\n")
+        "(--mvbench, --videomme, --scienceqa, --pope, --shards, --niah)\n")
 
 
 # ---------------------------------------------------------------- Video-MME, ScienceQA, POPE

@@ -9,10 +9,10 @@ import pytest
 
 from conftest import ROOT, script_error, tiny_model_kwargs
 
-COMMANDS = {  # a command line each that argparse accepts up to the flags under test
-    "train.py": [], "generate.py": [], "benchmark.py": [], "attention_viz.py": [], "bench.py": ["step"],
-    "data.py": [], "prepare.py": ["openvid"], "synthetic.py": [], "demo.py": [],
-}
+COMMANDS = [  # a command line each that argparse accepts up to the flags under test
+    ["train.py"], ["generate.py"], ["benchmark.py"], ["attention_viz.py"], ["bench.py", "step"], ["bench.py", "long"],
+    ["data.py"], ["prepare.py", "openvid"], ["synthetic.py"], ["demo.py"], ["live.py"],
+]
 PROBE = """
 import runpy, sys
 sys.argv = [{script!r}] + {args!r}
@@ -31,11 +31,12 @@ def probe(script, args):
     return lines[-2], lines[-1], out.stderr
 
 
-@pytest.mark.parametrize("script", COMMANDS)
-def test_help_and_flag_errors_answer_before_torch_loads(script):
-    exit_, loaded, _ = probe(script, COMMANDS[script] + ["--help"])
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_and_flag_errors_answer_before_torch_loads(command):
+    script, args = command[0], command[1:]
+    exit_, loaded, _ = probe(script, args + ["--help"])
     assert exit_ == "exit 0" and loaded == "loaded", (script, loaded)
-    exit_, loaded, err = probe(script, COMMANDS[script] + ["--no-such-flag"])
+    exit_, loaded, err = probe(script, args + ["--no-such-flag"])
     assert exit_ == "exit 2" and loaded == "loaded" and "error:" in err, (script, loaded)
 
 

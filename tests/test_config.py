@@ -98,16 +98,20 @@ SHIPPED = sorted(set(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))) - {EVAL
 def test_shipped_configs_match_the_schema(path):
     cfg = config.load(path)  # keys and types; the data paths exist only after downloading
     loss = {1: "text_ce_all", 2: "text_ce_answer_only", 3: "dpo"}[cfg.stage]
-    assert cfg.loss.type == loss and (cfg.stage == 1) == (cfg.model.init_from is None)
+    assert cfg.loss.type == loss
+    if not os.path.basename(path).startswith("niah"):  # the recipe's stages chain; niah.yaml trains from scratch
+        assert (cfg.stage == 1) == (cfg.model.init_from is None)
     if os.path.basename(path).startswith("quickstart"):  # fast on the CPU: no autocast there (README, Throughput)
         assert cfg.training.dtype == "float32" and cfg.training.device == "cpu"
 
 
 def test_the_eval_data_yaml_the_help_names_lists_every_benchmark():
+    """Every published benchmark; the needle-in-a-haystack set is synthetic (synthetic.py --niah, --niah DIR)."""
     import benchmark
 
     roots = benchmark.load_roots(EVAL_DATA)
-    assert sorted(roots) == sorted(benchmark.READERS) and all(r.startswith("data/eval/") for r in roots.values())
+    assert sorted(roots) == sorted(set(benchmark.READERS) - {"NIAH"})
+    assert all(r.startswith("data/eval/") for r in roots.values())
     assert "configs/eval_data.yaml" in benchmark.__doc__
 
 

@@ -146,7 +146,8 @@ def test_follow_up_questions_reuse_the_video_and_continue_the_conversation(sessi
         first = ask(session, "What moves?", source=clip, progress=lambda *args: told.append(args))
     chat, history, animation, status, box = first[-1]
     assert dino.frames > 0 and "Answered" in status and box == ""
-    assert told == [(None, "decoding clip.mp4"), (1.0, "encoding frame 6 of 6 with DINOv2"),
+    assert told == [(None, "decoding clip.mp4"), (1.0, "decoding frame 6 of 6 of clip.mp4"),
+                    (1.0, "encoding frame 6 of 6 with DINOv2"),
                     (None, "the autoregressive visual tokens")]
     assert history == [("What moves?", chat[-1]["content"])] and os.path.dirname(animation) == str(tmp_path)
     assert len(first) > 2 and all(len(s[0]) == 2 for s in first[:-1])  # the answer grew in the page

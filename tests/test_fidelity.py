@@ -134,7 +134,8 @@ def test_the_command_line_scores_a_checkpoint_as_the_original(tmp_path, tokenize
     assert saved["protocol"] == {"name": "original", "modes": list(benchmark.MODES), "scoring": "original",
                                  "dtype": "float32", "frame_size": 224, "max_frames": None, "batch_size": 3,
                                  "system_prompt": "You are a helpful AI assistant.", "yes_no": False,
-                                 "frame_sampling": "uniform", "sample_fps": 1.0, "replicate_image_frames": 8}
+                                 "frame_sampling": "uniform", "sample_fps": 1.0, "replicate_image_frames": 8,
+                                 "fps": None, "chunk_frames": None}
     records = {r["id"]: r for r in saved["questions"]["shards"]}
     for key, expected in EXPECTED.items():
         for mode in MODES:

@@ -13,9 +13,9 @@ LAYERS = [  # lowest first
     ["config"],  # settings, choice lists and defaults: imports nothing of the project, nor torch
     ["cli", "distributed", "layout", "collate", "text_interleave", "logger", "shards", "schedule", "frames",
      "tokenization", "pretrained", "checkpoint"],  # one concern each, over the libraries
-    ["inputs", "encoder", "model"],  # the model
+    ["inputs", "encoder", "streaming", "model"],  # the model
     ["data", "eval_readers", "lmms_protocol"],  # what training and evaluation read, and how lmms-eval asks
-    ["train", "memory", "benchmark", "generate", "attention_viz", "demo", "bench", "synthetic", "prepare",
+    ["train", "memory", "benchmark", "generate", "live", "attention_viz", "demo", "bench", "synthetic", "prepare",
      "converters", "lmms_adapter"],  # the commands (memory: bench.py memory's estimate, over train.py's step)
 ]
 

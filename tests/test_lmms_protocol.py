@@ -3,6 +3,7 @@ on hand-made cases (tests/test_lmms_adapter.py checks them against lmms-eval's o
 the records and figures a run gives, and generation with the tiny model (batched as alone)."""
 
 import json
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -23,7 +24,8 @@ SIZE = 56  # the tiny DINO's image size
 
 def test_prompts():
     mv = {"question": "What moves?", "candidates": ["a ball", "a cube"]}
-    assert lp.mvbench_prompt(mv) == "Question:What moves?\nOption:\n(A) a ball\n(B) a cube\nOnly give the best option.\n"
+    assert lp.mvbench_prompt(mv) == ("Question:What moves?\nOption:\n(A) a ball\n(B) a cube\n"
+                                     "Only give the best option.\n")
     vm = {"question": "How many?", "options": ["A. One.", "B. Two."]}
     assert lp.videomme_prompt(vm) == (
         "Select the best answer to the following multiple-choice question based on the video and the subtitles. "
@@ -82,6 +84,7 @@ class ScriptedModel(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.tokenizer, self.answers, self.batches = tokenizer, answers, []
+        self.llm = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))  # the context benchmark fits
 
     def generate(self, frames, input_ids, attention_mask, frame_mask, max_new_tokens, mode, eos_token_id=None):
         self.batches.append((frames.shape[0], frame_mask.sum(1).tolist(), mode, max_new_tokens))
@@ -116,7 +119,7 @@ def test_mvbench_records_and_accuracy(mvbench_root, tokenizer):
                                   frame_size=SIZE, batch_size=3)
     questions = er.read_mvbench(mvbench_root)
     result, records = benchmark.evaluate(model, tokenizer, questions, protocol,
-                                         score=lambda *a: lp.score_batch(*a, task=lp.TASKS["MVBench"]))
+                                         task=lp.TASKS["MVBench"])
     assert [b[1] for b in model.batches] == [[6, 16, 26], [6, 16, 26], [32], [32]]  # up to 32 frames a video
     assert {b[3] for b in model.batches} == {16}
     r = records[0]
@@ -141,7 +144,7 @@ def test_pope_records_and_metrics(tmp_path, tokenizer):
     model = ScriptedModel(tokenizer, answers)
     protocol = EvalProtocol(name="lmms-eval", modes=("autoregressive",), frame_size=SIZE)
     result, records = benchmark.evaluate(model, tokenizer, questions, protocol,
-                                         score=lambda *a: lp.score_batch(*a, task=lp.TASKS["POPE"]))
+                                         task=lp.TASKS["POPE"])
     assert [r["modes"]["autoregressive"]["prediction"] for r in records] == [0, 0, -1, 1]
     assert {b[3] for b in model.batches} == {128} and model.batches[0][1] == [8]  # an image: 8 frames
     s = result["modes"]["autoregressive"]
@@ -172,7 +175,7 @@ def test_generation_batched_equals_alone_and_generate(mvbench_root, tokenizer):
     task = lp.TASKS["MVBench"]
     runs = [benchmark.evaluate(model, tokenizer, questions, EvalProtocol(
         name="lmms-eval", modes=("autoregressive", "coarse_fine"), max_frames=8, frame_size=SIZE, batch_size=b),
-        score=lambda *a: lp.score_batch(*a, task=task))[1] for b in (1, 4)]
+        task=task)[1] for b in (1, 4)]
     assert runs[0] == runs[1]
     texts = [r["modes"][m]["text"] for r in runs[0] for m in r["modes"]]
     assert all(texts) and len(set(texts)) > 1, texts

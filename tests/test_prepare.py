@@ -1,6 +1,6 @@
 """prepare.py (converters/) on tiny folders in each published layout (as converters/published.py and
-published_video.py read them): exact counts by reason, sample kinds and turns, frames through the loader, resume after a crash, --limit, and a
-training start."""
+published_video.py read them): exact counts by reason, sample kinds and turns, frames through the loader, resume
+after a crash, --limit, and a training start."""
 
 import csv
 import io
