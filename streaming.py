@@ -77,14 +77,18 @@ class VideoStream:
     def read(self, chunks, total=None, desc="frames", leave=True):
         """add_frames for each chunk of an iterator (frames.stream_clip's), with a progress bar showing frames/s
         of decoding (the iterator's time) and of encoding (add_frames's). Returns the seconds of each, wall clock
-        and CPU (this process's): {"decode": s, "encode": s, "decode_cpu": s, "encode_cpu": s}."""
+        and CPU (this process's): {"decode": s, "encode": s, "decode_cpu": s, "encode_cpu": s}, and "chunks": each
+        chunk's (frames, encoding seconds), which show whether encoding slows as the cache grows."""
         seconds = dict.fromkeys(("decode", "encode", "decode_cpu", "encode_cpu"), 0.0)
+        seconds["chunks"] = []
         bar = tqdm(total=total, desc=desc, unit="frame", dynamic_ncols=True, leave=leave)
         clock = (time.perf_counter(), time.process_time())
         for chunk in chunks:
             clock = _lap(seconds, "decode", clock)
             self.add_frames(chunk)
+            before = seconds["encode"]
             clock = _lap(seconds, "encode", clock)
+            seconds["chunks"].append((chunk.shape[0], seconds["encode"] - before))
             bar.set_postfix_str(", ".join(f"{k} {(bar.n + chunk.shape[0]) / max(seconds[k], 1e-9):.1f} frames/s"
                                           for k in ("decode", "encode")), refresh=False)
             bar.update(chunk.shape[0])

@@ -105,6 +105,10 @@ def test_chunked_equals_one_shot(mode):
         model.chunk_frames = chunk
         tokens[chunk] = model.generate(x, ids, attention, frame_mask, max_new_tokens=8, mode=mode, eos_token_id=7)
     assert torch.equal(*tokens.values()) and len(set(tokens[None][0].tolist())) > 2  # tokens that vary
+    steps = list(model.generate_stream(x[:1], ids[:1], attention[:1], frame_mask[:1], max_new_tokens=8, mode=mode,
+                                       eos_token_id=7))  # streamed, one sample: the answer as it is written
+    assert [s.shape[1] for s in steps] == list(range(1, steps[-1].shape[1] + 1))
+    assert torch.equal(steps[-1], tokens[24][:1, :steps[-1].shape[1]])
 
 
 def test_training_keeps_its_path():
