@@ -397,7 +397,13 @@ def batches_for(cfg, args, dev, vocab):
             f"random batches: {frames} frames x {args.text_tokens} tokens{' (chosen and rejected)' if dpo else ''}")
 
 
-def report(s, times, flops, peak, source):
+def peak_gb(dev):
+    """The process's peak resident memory so far (and CUDA's peak allocation on a GPU), as text."""
+    text = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB resident"
+    return text + (f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GB CUDA" if dev.type == "cuda" else "")
+
+
+def report(s, times, flops, peak, source, memory):
     cfg, n = s.cfg, len(times)
     mean = {k: sum(t[k] for t in times) / n for k in times[0]}
     step = mean["data"] + mean["fwd_bwd"] + mean["optimizer"]
@@ -414,8 +420,7 @@ def report(s, times, flops, peak, source):
         f"model FLOPs    {flops / 1e9:.1f} GFLOP per step (forward+backward)",
         f"matmul peak    {peak / 1e9:.1f} GFLOP/s measured",
         f"MFU            {100 * flops / (mean['fwd_bwd'] + mean['optimizer'] + mean['data']) / peak:.1f}%",
-        f"peak memory    {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB resident (this process)"
-        + (f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GB CUDA" if s.dev.type == "cuda" else ""),
+        f"peak memory    {memory} (the training steps, before the FLOP count)",
     ]
     return "\n".join(lines)
 
@@ -471,10 +476,12 @@ def throughput(args):
     for i in range(args.steps + 1):  # the first is a warm-up
         took, batch = timed_step(s, batches)
         print(f"  {'warm-up' if not i else f'step {i}/{args.steps}'}: "
-              f"{took['data'] + took['fwd_bwd'] + took['optimizer']:.2f} s", flush=True)
+              f"{took['data'] + took['fwd_bwd'] + took['optimizer']:.2f} s, peak memory so far {peak_gb(s.dev)}",
+              flush=True)
         times += [took] if i else []
+    memory = peak_gb(s.dev)
     print("  counting the step's FLOPs", flush=True)
-    return report(s, times, step_flops(s, batch), peak, source)
+    return report(s, times, step_flops(s, batch), peak, source, memory)
 
 
 # ---------------------------------------------------------------- GPU memory of a config's step (memory.py)

@@ -107,6 +107,15 @@ class DinoCounter:
         self._handle.remove()
 
 
+@pytest.fixture(params=["decord", "pyav"])
+def decoder(request, monkeypatch):
+    """Run a test with each video decoder: decord (where installed) and the PyAV path used where it is not."""
+    if request.param == "decord":
+        pytest.importorskip("decord")
+    monkeypatch.setattr("frames.VIDEO_DECODER", request.param)
+    return request.param
+
+
 def rand_frames(B, T, size=56, seed=0):
     """Random frames [B, T, 3, size, size] within the ImageNet-normalised range the model accepts."""
     return torch.rand(B, T, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 4 - 2

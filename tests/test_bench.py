@@ -113,4 +113,5 @@ def test_throughput_is_quick_by_default_and_says_so(capsys, monkeypatch):
     bench.main(["throughput", "--config", "configs/quickstart.yaml", "--random-data", "--text-tokens", "8"])
     out = capsys.readouterr().out
     assert "quick run: batch 1 (config 16), 2 timed steps; --full for the config's own" in out
-    assert re.search(r"warm-up: \d+\.\d\d s\n.*step 1/2: .*\n.*step 2/2: ", out) and "batch 1 |" in out
+    assert re.search(r"warm-up: \d+\.\d\d s, peak memory so far [\d.]+ GB resident\n.*step 1/2: .*\n.*step 2/2: ", out)
+    assert "batch 1 |" in out

@@ -53,15 +53,6 @@ def solid_jpg(value):
     return encode_jpg(np.full((40, 40, 3), value, dtype=np.uint8))
 
 
-@pytest.fixture(params=["decord", "pyav"])
-def decoder(request, monkeypatch):
-    """Run a test with each video decoder: decord (where installed) and the PyAV path used where it is not."""
-    if request.param == "decord":
-        pytest.importorskip("decord")
-    monkeypatch.setattr("frames.VIDEO_DECODER", request.param)
-    return request.param
-
-
 def video_frames(data, size, max_frames):
     """Frames of encoded video bytes, sampled as in training (a shard sample's mp4)."""
     return load_clip(Media(fields={"mp4": data}), FrameConfig(frame_size=size, max_frames=max_frames)).frames

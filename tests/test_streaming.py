@@ -19,14 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # one-token LLM steps: threa
 CAMERA = dict(camera=True, width=64)  # x264 with B-frames: decode order differs from presentation order
 
 
-@pytest.fixture(params=["decord", "pyav"])
-def decoder(request, monkeypatch):
-    if request.param == "decord":
-        pytest.importorskip("decord")
-    monkeypatch.setattr("frames.VIDEO_DECODER", request.param)
-    return request.param
-
-
 def varied_model(**overrides):
     """A tiny model whose greedy tokens vary with the frames (a wide random init), so equal tokens mean something."""
     torch.manual_seed(0)
