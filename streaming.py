@@ -185,9 +185,7 @@ class VideoStream:
 
     def generate(self, input_ids, mode=None, max_new_tokens=64, eos_token_id=None, **sampling):
         """generate_steps' whole answer: new token ids [<= max_new_tokens]."""
-        for out in self.generate_steps(input_ids, mode, max_new_tokens, eos_token_id, **sampling):
-            pass
-        return out
+        return _last(self.generate_steps(input_ids, mode, max_new_tokens, eos_token_id, **sampling))
 
     def ask(self, question, mode=None, max_new_tokens=64, tokenizer=None, **sampling):
         """The answer (text) to `question` (a user message, chat-formatted as in training) about the frames so
@@ -218,6 +216,13 @@ def _lap(seconds, part, clock):
     seconds[part] += now[0] - clock[0]
     seconds[part + "_cpu"] += now[1] - clock[1]
     return now
+
+
+def _last(steps):
+    """The last of a generator's steps (the whole answer), without keeping the others."""
+    for out in steps:
+        pass
+    return out
 
 
 def _crop(cache, length):
@@ -265,7 +270,7 @@ def generate(model, frames, frame_mask, text, mode, max_new_tokens, eos_token_id
         for out in steps(0, next(streams(model, frames, frame_mask, (mode,)))):
             yield out[None]
         return
-    rows = [list(steps(b, stream))[-1] for b, stream in enumerate(streams(model, frames, frame_mask, (mode,)))]
+    rows = [_last(steps(b, stream)) for b, stream in enumerate(streams(model, frames, frame_mask, (mode,)))]
     L = max(len(r) for r in rows)
     fill = eos_token_id if eos_token_id is not None else 0
     yield torch.stack([torch.cat([r, r.new_full((L - len(r),), fill)]) for r in rows])
